@@ -1,0 +1,1 @@
+"""Host-side rubric elicitation: chat client, prompt templates, propose / refine (RTD) / verify."""
