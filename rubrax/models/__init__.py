@@ -1,0 +1,27 @@
+"""Llama-family causal LMs in Flax, Hugging Face checkpoints and tokenizers.
+
+    config = ModelConfig.tiny()                      # or load_pretrained(path)
+    params = init_params(config, jax.random.key(0))
+    logits_BxTxV = forward(params, tokens_BxT, config=config, mask_BxT=mask_BxT)
+"""
+
+from rubrax.models.checkpoint import load_pretrained, save_pretrained
+from rubrax.models.config import ModelConfig
+from rubrax.models.llama import (
+    forward,
+    hidden_states,
+    init_cache,
+    init_params,
+    lm_logits,
+)
+
+__all__ = [
+    "ModelConfig",
+    "forward",
+    "hidden_states",
+    "init_cache",
+    "init_params",
+    "lm_logits",
+    "load_pretrained",
+    "save_pretrained",
+]

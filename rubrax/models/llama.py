@@ -1,0 +1,306 @@
+"""Llama-family decoder (Llama 3, SmolLM2, Qwen2/2.5, Qwen3) in Flax linen.
+
+Why linen: its modules are pure functions of an explicit params PyTree, so params are a
+plain nested dict (`init_params` returns it, `forward` takes it) that jits, shards and
+checkpoints like any other PyTree; no module state crosses the jit boundary.
+
+Layout of the params PyTree (kernels are [in, out]; the layer stack has a leading axis
+L = num_hidden_layers because the layers run under `nn.scan`, so a 30-layer model
+compiles one layer body instead of 30):
+
+    embed_tokens/embedding                  [V, D]
+    layers/input_layernorm/scale            [L, D]
+    layers/self_attn/{q,k,v,o}_proj/kernel  [L, D, H*Dh] ... [L, H*Dh, D]
+    layers/self_attn/{q,k,v}_proj/bias      [L, H*Dh]   (attention_bias; Qwen2)
+    layers/self_attn/o_proj/bias            [L, D]      (attention_out_bias)
+    layers/self_attn/{q,k}_norm/scale       [L, Dh]     (qk_norm; Qwen3)
+    layers/post_attention_layernorm/scale   [L, D]
+    layers/mlp/{gate,up,down}_proj/kernel   [L, D, F] ... [L, F, D]
+    norm/scale                              [D]
+    lm_head/kernel                          [D, V]      (absent when tied)
+
+Math (per layer, HF LlamaDecoderLayer):
+    h = h + o_proj(Attn(RoPE(q), RoPE(k), v))      on RMSNorm(h)
+    h = h + down(silu(gate(x)) * up(x))            on x = RMSNorm(h)
+    RMSNorm(x) = scale * x / sqrt(mean(x^2) + eps)  (computed in float32)
+    RoPE rotates pairs (i, i + Dh/2) by angle pos * theta^(-2i/Dh) (HF "rotate_half").
+Grouped-query attention shares each K/V head among H/K query heads.
+
+Masks: `mask_BxT` is 1 for real tokens and 0 for padding on either side. Attention is
+causal in array order and never attends to padding keys. Positions default to
+cumsum(mask) - 1 clipped at 0, so a left-padded sequence gets the same positions (and
+the same logits at its real tokens) as the unpadded one.
+
+The same layer code serves full-sequence forward passes and KV-cached decoding
+(`forward_with_cache`): the cache holds K/V for S slots, new K/V are written at
+`cache_index`, and query t at absolute slot cache_index + t attends to slots
+j <= cache_index + t with kv_mask[j] = 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rubrax.models.config import ModelConfig
+
+Params = dict[str, Any]
+_DTYPE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives no NaN
+
+
+def jnp_dtype(name: str):
+    return _DTYPE[name]
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies theta^(-2i/Dh), with HF's "linear" and "llama3" scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling_dict or {}
+    rope_type = config.rope_type
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate between.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rope_cos_sin(positions_BxT: jax.Array, config: ModelConfig):
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _apply_rope(x_BxTxHxD, cos_BxTxD, sin_BxTxD):
+    half = x_BxTxHxD.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxTxHxD[..., half:], x_BxTxHxD[..., :half]], axis=-1)
+    cos, sin = cos_BxTxD[:, :, None, :], sin_BxTxD[:, :, None, :]
+    return (x_BxTxHxD * cos.astype(x_BxTxHxD.dtype) + rotated * sin.astype(x_BxTxHxD.dtype))
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Dense(nn.Module):
+    features: int
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.02),
+                            (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, cos, sin, bias_BxTxS, cache_index, kv):
+        c = self.config
+        dt, pdt = jnp_dtype(c.dtype), jnp_dtype(c.param_dtype)
+        B, T, _ = x_BxTxD.shape
+        H, K, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        dense = functools.partial(Dense, dtype=dt, param_dtype=pdt)
+        q = dense(H * Dh, c.attention_bias, name="q_proj")(x_BxTxD).reshape(B, T, H, Dh)
+        k = dense(K * Dh, c.attention_bias, name="k_proj")(x_BxTxD).reshape(B, T, K, Dh)
+        v = dense(K * Dh, c.attention_bias, name="v_proj")(x_BxTxD).reshape(B, T, K, Dh)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, dt, pdt, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, dt, pdt, name="k_norm")(k)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if kv is not None:
+            cache_k, cache_v = kv
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
+            kv = (k, v)
+        q = q.reshape(B, T, K, H // K, Dh)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt),
+                            preferred_element_type=jnp.float32) / math.sqrt(Dh)
+        scores = scores + bias_BxTxS[:, None, None, :, :]
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(B, T, H * Dh)
+        out = dense(c.hidden_size, c.attention_out_bias, name="o_proj")(out)
+        return out, kv
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dense = functools.partial(Dense, use_bias=False, dtype=jnp_dtype(c.dtype),
+                                  param_dtype=jnp_dtype(c.param_dtype))
+        gate = dense(c.intermediate_size, name="gate_proj")(x)
+        up = dense(c.intermediate_size, name="up_proj")(x)
+        return dense(c.hidden_size, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h, cos, sin, bias, cache_index, kv):
+        c = self.config
+        dt, pdt = jnp_dtype(c.dtype), jnp_dtype(c.param_dtype)
+        x = RMSNorm(c.rms_norm_eps, dt, pdt, name="input_layernorm")(h)
+        attn, kv = Attention(c, name="self_attn")(x, cos, sin, bias, cache_index, kv)
+        h = h + attn
+        x = RMSNorm(c.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(h)
+        return h + MLP(c, name="mlp")(x), kv
+
+
+class CausalLM(nn.Module):
+    """Embedding -> scanned decoder layers -> final norm; `logits` applies the LM head."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        dt, pdt = jnp_dtype(c.dtype), jnp_dtype(c.param_dtype)
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=pdt,
+                                     embedding_init=nn.initializers.normal(0.02))
+        self.layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=c.num_hidden_layers,
+        )(c)
+        self.norm = RMSNorm(c.rms_norm_eps, dt, pdt)
+        if not c.tie_word_embeddings:
+            self.lm_head = Dense(c.vocab_size, False, dt, pdt)
+
+    def __call__(self, tokens_BxT, positions_BxT, bias_BxTxS, cache_index, cache):
+        """Returns (h_BxTxD after the final norm, updated cache or None)."""
+        h = self.embed_tokens(tokens_BxT)
+        cos, sin = rope_cos_sin(positions_BxT, self.config)
+        h, cache = self.layers(h, cos, sin, bias_BxTxS, cache_index, cache)
+        return self.norm(h), cache
+
+    def logits(self, h_BxTxD):
+        """float32 logits; the matmul accumulates in float32 even for bf16 compute."""
+        if self.config.tie_word_embeddings:
+            w_VxD = self.embed_tokens.embedding.astype(h_BxTxD.dtype)
+            return jnp.einsum("btd,vd->btv", h_BxTxD, w_VxD, preferred_element_type=jnp.float32)
+        w_DxV = self.lm_head.variables["params"]["kernel"].astype(h_BxTxD.dtype)
+        return jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV, preferred_element_type=jnp.float32)
+
+    def init_all(self, tokens_BxT):
+        pos = jnp.zeros(tokens_BxT.shape, jnp.int32)
+        T = tokens_BxT.shape[1]
+        h, _ = self(tokens_BxT, pos, jnp.zeros((tokens_BxT.shape[0], T, T)), 0, None)
+        if not self.config.tie_word_embeddings:
+            self.lm_head(h)
+        return h
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> Params:
+    """Random-init params (normal(0.02) weights, unit norms, zero biases) as a nested dict."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.jit(functools.partial(CausalLM(config).init, method=CausalLM.init_all))(
+        key, tokens)
+    return flax.core.unfreeze(variables["params"])
+
+
+def default_positions(mask_BxT: jax.Array) -> jax.Array:
+    """Position of each token among the real tokens: cumsum(mask) - 1, clipped at 0."""
+    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_bias(kv_mask_BxS: jax.Array, T: int, cache_index) -> jax.Array:
+    """Additive bias [B, T, S]: 0 where query slot cache_index+t may see key slot j."""
+    S = kv_mask_BxS.shape[1]
+    q_slot = cache_index + jnp.arange(T)[:, None]
+    allowed = (jnp.arange(S)[None, :] <= q_slot)[None] & (kv_mask_BxS[:, None, :] > 0)
+    return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
+
+
+def _prepare(tokens_BxT, mask_BxT, positions_BxT):
+    if mask_BxT is None:
+        mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+    if positions_BxT is None:
+        positions_BxT = default_positions(mask_BxT)
+    return mask_BxT, positions_BxT
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def hidden_states(params: Params, tokens_BxT: jax.Array, *, config: ModelConfig,
+                  mask_BxT: jax.Array | None = None,
+                  positions_BxT: jax.Array | None = None) -> jax.Array:
+    """Final-norm hidden states h_BxTxD (compute dtype), e.g. for a reward head."""
+    mask_BxT, positions_BxT = _prepare(tokens_BxT, mask_BxT, positions_BxT)
+    bias = attention_bias(mask_BxT, tokens_BxT.shape[1], 0)
+    h, _ = CausalLM(config).apply({"params": params}, tokens_BxT, positions_BxT, bias, 0, None)
+    return h
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def forward(params: Params, tokens_BxT: jax.Array, *, config: ModelConfig,
+            mask_BxT: jax.Array | None = None,
+            positions_BxT: jax.Array | None = None) -> jax.Array:
+    """float32 logits_BxTxV; logits[:, t] predicts token t+1. Padding rows are garbage."""
+    model = CausalLM(config)
+    h = hidden_states(params, tokens_BxT, config=config, mask_BxT=mask_BxT,
+                      positions_BxT=positions_BxT)
+    return model.apply({"params": params}, h, method=CausalLM.logits)
+
+
+def lm_logits(params: Params, h_BxTxD: jax.Array, *, config: ModelConfig) -> jax.Array:
+    """float32 logits from final hidden states (the LM head alone)."""
+    return CausalLM(config).apply({"params": params}, h_BxTxD, method=CausalLM.logits)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int):
+    """Zeroed KV cache (k, v), each [L, B, S, K, Dh] in the compute dtype."""
+    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads,
+             config.head_dim)
+    dt = jnp_dtype(config.dtype)
+    return jnp.zeros(shape, dt), jnp.zeros(shape, dt)
+
+
+def forward_with_cache(params: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array,
+                       kv_mask_BxS: jax.Array, cache, cache_index, *, config: ModelConfig):
+    """Run T new tokens at cache slots [cache_index, cache_index + T).
+
+    kv_mask_BxS marks which cache slots hold real tokens (including the new ones).
+    Returns (h_BxTxD, updated cache). Not jitted itself: it is traced inside the sampler.
+    """
+    bias = attention_bias(kv_mask_BxS, tokens_BxT.shape[1], cache_index)
+    return CausalLM(config).apply({"params": params}, tokens_BxT, positions_BxT, bias,
+                                  cache_index, cache)

@@ -1,0 +1,247 @@
+"""The policy as pure functions: per-token log-probabilities and batched sampling.
+
+    logp_BxT = logprobs(params, tokens_BxT, mask_BxT, config=config)
+    out = sample(params, prompt_BxP, prompt_mask_BxP, key, SampleConfig(...), config=config)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rubrax.models import llama
+from rubrax.models.config import ModelConfig
+
+
+def token_logprobs(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+    """log softmax(logits)[target] = logit[target] - logsumexp(logits), in float32.
+
+    Uses a gather and a logsumexp instead of a full log-softmax, so no second [B, T, V]
+    array is materialised.
+    """
+    logits = logits_BxTxV.astype(jnp.float32)
+    chosen = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+    return chosen - jax.nn.logsumexp(logits, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def logprobs(params, tokens_BxT: jax.Array, mask_BxT: jax.Array, *,
+             config: ModelConfig) -> jax.Array:
+    """Per-token log-probabilities logp[:, t] = log p(tokens[:, t] | tokens[:, :t]), float32.
+
+    logp is 0 where mask is 0 and at each row's first real token (nothing precedes it;
+    with left padding that is not t = 0), so a padded row gives the same values at its
+    real tokens as the unpadded row. mask may pad on either side.
+    """
+    mask_BxT = mask_BxT.astype(jnp.int32)
+    logits = llama.forward(params, tokens_BxT, config=config, mask_BxT=mask_BxT)
+    logp_next = token_logprobs(logits[:, :-1], tokens_BxT[:, 1:])
+    logp_BxT = jnp.pad(logp_next, ((0, 0), (1, 0)))
+    has_context = (mask_BxT > 0) & (jnp.cumsum(mask_BxT, axis=-1) > 1)
+    return jnp.where(has_context, logp_BxT, 0.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """Sampling settings (static: each distinct config compiles its own sampler).
+
+    temperature 0 is greedy decoding (argmax, deterministic). top_k = 0 and top_p = 1.0
+    disable those filters. stop_token_ids=None uses the model config's eos_token_id; ()
+    disables stopping. Shapes are padded to buckets before the jitted call so that varying
+    batches reuse compilations: prompt length up to a multiple of prompt_bucket, rows
+    (batch * n) up to a multiple of batch_bucket. max_length caps prompt + completion
+    (defaults to the model's max_position_embeddings).
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    n: int = 1
+    stop_token_ids: tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    prompt_bucket: int = 32
+    batch_bucket: int = 1
+    max_length: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop_token_ids, list):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        checks = {
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": self.temperature >= 0.0,
+            "top_k": self.top_k >= 0,
+            "top_p": 0.0 < self.top_p <= 1.0,
+            "n": self.n >= 1,
+            "prompt_bucket": self.prompt_bucket >= 1,
+            "batch_bucket": self.batch_bucket >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"SampleConfig.{name}={getattr(self, name)!r} is out of range")
+
+
+class SampleOutput(NamedTuple):
+    """Completions, rows prompt-major (row i * n + j is sample j of prompt i).
+
+    tokens_BxL: generated tokens, pad_token_id after a stop token.
+    logprobs_BxL: log p(token | prefix) under the model at temperature 1 without top-k/top-p
+        truncation (equal to `logprobs` of the full sequence at these tokens); 0 where masked.
+    mask_BxL: 1 for generated tokens including the stop token, 0 after it.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+
+
+def filter_logits(logits_RxV: jax.Array, *, temperature: float, top_k: int,
+                  top_p: float) -> jax.Array:
+    """Logits of the sampling distribution: divided by temperature, tokens outside the top-k
+    and outside the top-p nucleus (smallest set of most likely tokens with mass >= top_p)
+    set to -inf."""
+    logits = logits_RxV / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        probs = jax.nn.softmax(logits, axis=-1)
+        sorted_desc = -jnp.sort(-probs, axis=-1)
+        mass_before = jnp.cumsum(sorted_desc, axis=-1) - sorted_desc
+        # The smallest kept probability: the last sorted token whose preceding mass < top_p.
+        n_keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+        logits = jnp.where(probs < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def _choose(logits_RxV, key, step, cfg: SampleConfig):
+    """Next token per row; each row's randomness is fold_in(key, row, step) so it does not
+    depend on the batch composition, prompt padding or bucket sizes."""
+    if cfg.temperature == 0.0:
+        return jnp.argmax(logits_RxV, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits_RxV, temperature=cfg.temperature, top_k=cfg.top_k,
+                             top_p=cfg.top_p)
+    rows = jnp.arange(logits_RxV.shape[0])
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), step))(rows)
+    return jax.vmap(jax.random.categorical)(row_keys, filtered).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "config"))
+def _sample_rows(params, tokens_RxP, mask_RxP, key, *, cfg: SampleConfig,
+                 config: ModelConfig) -> SampleOutput:
+    """The jitted sampler on already repeated, bucketed, left-padded rows."""
+    R, P = tokens_RxP.shape
+    N = cfg.max_new_tokens
+    stop_ids = jnp.asarray(_stop_ids(cfg, config) or (-1,), jnp.int32)
+    pad_id = _pad_id(cfg, config)
+    mask_RxP = mask_RxP.astype(jnp.int32)
+    kv_mask_RxS = jnp.concatenate([mask_RxP, jnp.ones((R, N), jnp.int32)], axis=1)
+    cache = llama.init_cache(config, R, P + N)
+    h, cache = llama.forward_with_cache(params, tokens_RxP, llama.default_positions(mask_RxP),
+                                        kv_mask_RxS, cache, 0, config=config)
+    logits_RxV = llama.lm_logits(params, h[:, -1:], config=config)[:, 0]
+    next_pos_R = jnp.sum(mask_RxP, axis=-1)
+
+    def emit(state, logits_RxV):
+        i, cache, out_tok, out_logp, done = state
+        tok = _choose(logits_RxV, key, i, cfg)
+        logp = token_logprobs(logits_RxV, tok)
+        tok = jnp.where(done, pad_id, tok)
+        out_tok = out_tok.at[:, i].set(tok)
+        out_logp = out_logp.at[:, i].set(jnp.where(done, 0.0, logp))
+        out_mask_col = ~done
+        done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        return (i + 1, cache, out_tok, out_logp, done), out_mask_col
+
+    def body(carry):
+        state, out_mask = carry
+        i, cache = state[0], state[1]
+        prev = state[2][:, i - 1]
+        h, cache = llama.forward_with_cache(params, prev[:, None], (next_pos_R + i - 1)[:, None],
+                                            kv_mask_RxS, cache, P + i - 1, config=config)
+        logits = llama.lm_logits(params, h, config=config)[:, 0]
+        state, col = emit((i, cache) + tuple(state[2:]), logits)
+        return state, out_mask.at[:, i].set(col)
+
+    def cond(carry):
+        state, _ = carry
+        return (state[0] < N) & ~jnp.all(state[4])
+
+    init = (0, cache, jnp.full((R, N), pad_id, jnp.int32), jnp.zeros((R, N), jnp.float32),
+            jnp.zeros((R,), bool))
+    state, col0 = emit(init, logits_RxV)
+    out_mask = jnp.zeros((R, N), bool).at[:, 0].set(col0)
+    state, out_mask = jax.lax.while_loop(cond, body, (state, out_mask))
+    return SampleOutput(state[2], state[3], out_mask.astype(jnp.int32))
+
+
+def _stop_ids(cfg: SampleConfig, config: ModelConfig) -> tuple[int, ...]:
+    return config.eos_token_ids if cfg.stop_token_ids is None else cfg.stop_token_ids
+
+
+def _pad_id(cfg: SampleConfig, config: ModelConfig) -> int:
+    if cfg.pad_token_id is not None:
+        return cfg.pad_token_id
+    return config.pad_token_id if config.pad_token_id is not None else 0
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def sample(params, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, cfg: SampleConfig, *,
+           config: ModelConfig) -> SampleOutput:
+    """Sample cfg.n completions of cfg.max_new_tokens tokens per left-padded prompt.
+
+    Host-side wrapper around one jitted sampler: repeats each prompt n times (prompt-major
+    rows), strips all-padding columns, pads the prompt length and row count up to their
+    buckets (one compilation per bucket), prefills a preallocated KV cache of
+    P + max_new_tokens slots, then decodes in a `lax.while_loop` that exits as soon as every
+    row has emitted a stop token. Returns a SampleOutput of shape (B * n) x max_new_tokens.
+
+    Raises ValueError if the longest prompt plus max_new_tokens exceeds cfg.max_length (or
+    config.max_position_embeddings), or if prompts are not left-padded.
+    """
+    tokens = np.asarray(prompt_tokens_BxP, np.int32)
+    mask = np.asarray(prompt_mask_BxP, np.int32)
+    if tokens.ndim != 2 or tokens.shape != mask.shape:
+        raise ValueError(f"prompt tokens {tokens.shape} and mask {mask.shape} must be equal 2-D")
+    lengths = mask.sum(-1)
+    if (lengths == 0).any():
+        raise ValueError(f"prompt rows {np.flatnonzero(lengths == 0).tolist()} are empty")
+    if not (mask[:, -1] == 1).all() or (np.diff(mask, axis=-1) < 0).any():
+        raise ValueError("prompts must be left-padded (mask 0...0 1...1 in every row)")
+    limit = cfg.max_length or config.max_position_embeddings
+    longest = int(lengths.max())
+    if longest + cfg.max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={cfg.max_new_tokens} exceeds the "
+            f"cache limit of {limit} tokens (SampleConfig.max_length or "
+            f"max_position_embeddings); shorten the prompt or lower max_new_tokens")
+    P = min(_round_up(longest, cfg.prompt_bucket), max(limit - cfg.max_new_tokens, longest))
+    tokens, mask = _left_fit(tokens, mask, P, _pad_id(cfg, config))
+    tokens, mask = np.repeat(tokens, cfg.n, axis=0), np.repeat(mask, cfg.n, axis=0)
+    R = tokens.shape[0]
+    R_pad = _round_up(R, cfg.batch_bucket)
+    if R_pad > R:  # filler rows copy row 0; their outputs are dropped
+        tokens = np.concatenate([tokens, np.repeat(tokens[:1], R_pad - R, 0)])
+        mask = np.concatenate([mask, np.repeat(mask[:1], R_pad - R, 0)])
+    out = _sample_rows(params, jnp.asarray(tokens), jnp.asarray(mask), key, cfg=cfg,
+                       config=config)
+    return jax.tree.map(lambda x: x[:R], out)
+
+
+def _left_fit(tokens_BxP, mask_BxP, P: int, pad_id: int):
+    """Left-pad or strip leading padding columns so the prompt block is exactly P wide."""
+    B, width = tokens_BxP.shape
+    if width >= P:
+        return tokens_BxP[:, width - P:], mask_BxP[:, width - P:]
+    pad = P - width
+    return (np.concatenate([np.full((B, pad), pad_id, np.int32), tokens_BxP], axis=1),
+            np.concatenate([np.zeros((B, pad), np.int32), mask_BxP], axis=1))

@@ -1,0 +1,123 @@
+"""Policy-gradient losses: PPO-clipped surrogate, KL estimators, entropy, aggregation.
+
+Notation (per completion token t of sample i, samples drawn from the behaviour
+policy mu that produced the rollouts):
+
+    rho_it = exp(log pi_theta(y_t | .) - log mu(y_t | .))          importance ratio
+    l_it   = -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i)   (Schulman et al. 2017)
+
+`eps_high > eps_low` is DAPO's asymmetric "clip-higher" (Yu et al. 2025). With one
+PPO epoch on fresh on-policy samples rho = 1 and the loss is plain REINFORCE with a
+group baseline; the clip matters for extra epochs/minibatches and for the
+one-step-off-policy loop.
+
+KL(pi || pi_ref) is estimated per token from samples y ~ pi with
+log_r = log pi_ref(y) - log pi(y) (Schulman 2020, "Approximating KL divergence"):
+
+    k1 = -log_r                     unbiased, high variance, can be negative
+    k2 = log_r^2 / 2                biased, low variance
+    k3 = exp(log_r) - 1 - log_r     unbiased, >= 0, low variance (GRPO's choice)
+
+Aggregation of a per-token quantity x_it over the mask m_it of one (mini)batch:
+
+    "token"     sum_it m x / sum_it m                 (DAPO: every token counts the same)
+    "sequence"  mean_i [sum_t m x / sum_t m]          (original GRPO: per-sample mean first)
+    "dr_grpo"   sum_it m x / (N_seq * T_max)          (Dr. GRPO: no length normalisation)
+
+The denominators can be passed in explicitly so that micro-batches of one minibatch
+sum exactly to the minibatch loss (gradient accumulation is then exact).
+All functions are pure jnp, float32, mask-aware.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jnp.ndarray
+
+AGGREGATIONS = ("token", "sequence", "dr_grpo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def token_logprobs(logits_BxTxV: Array, tokens_BxT: Array) -> Array:
+    """logp[:, t] = log softmax(logits[:, t-1])[tokens[:, t]]; 0 at t = 0 (no context).
+
+    Same alignment as `rubrax.policy.logprobs`. Gathers from a float32 log-softmax.
+    """
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
+    picked_BxT = jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(picked_BxT, ((0, 0), (1, 0)))
+
+
+def token_entropy(logits_BxTxV: Array) -> Array:
+    """H[:, t] = -sum_v p log p of the distribution that predicts tokens[:, t]; 0 at t = 0."""
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
+    ent_BxT = -jnp.sum(jnp.exp(logp_BxTxV) * logp_BxTxV, axis=-1)
+    return jnp.pad(ent_BxT, ((0, 0), (1, 0)))
+
+
+def kl_estimate(logp_BxT: Array, ref_logp_BxT: Array, estimator: str = "k3") -> Array:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (see module docstring)."""
+    log_r = ref_logp_BxT.astype(jnp.float32) - logp_BxT.astype(jnp.float32)
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r**2
+    if estimator == "k3":
+        # expm1 keeps precision when pi ~ pi_ref (log_r ~ 0), where k3 ~ log_r^2 / 2.
+        return jnp.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def ppo_clipped_objective(
+    logp_BxT: Array, behaviour_logp_BxT: Array, adv_B: Array, *, clip_low: float, clip_high: float
+) -> tuple[Array, Array, Array]:
+    """Per-token PPO loss l = -min(rho A, clip(rho, 1-clip_low, 1+clip_high) A).
+
+    Returns (loss_BxT, ratio_BxT, clipped_BxT) where clipped marks tokens whose
+    gradient the clip switched off.
+    """
+    ratio_BxT = jnp.exp(logp_BxT - behaviour_logp_BxT)
+    adv_Bx1 = adv_B[:, None].astype(jnp.float32)
+    unclipped = ratio_BxT * adv_Bx1
+    clipped = jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high) * adv_Bx1
+    loss_BxT = -jnp.minimum(unclipped, clipped)
+    was_clipped_BxT = ((adv_Bx1 > 0) & (ratio_BxT > 1.0 + clip_high)) | ((adv_Bx1 < 0) & (ratio_BxT < 1.0 - clip_low))
+    return loss_BxT, ratio_BxT, was_clipped_BxT
+
+
+def aggregate(
+    x_BxT: Array,
+    mask_BxT: Array,
+    mode: str,
+    *,
+    num_sequences: Array | float | None = None,
+    num_tokens: Array | float | None = None,
+    max_len: int | None = None,
+) -> Array:
+    """Masked reduction of a per-token quantity to a scalar (see module docstring).
+
+    Defaults: num_tokens = sum(mask), num_sequences = number of rows with a token,
+    max_len = T. Pass the minibatch's values when reducing one micro-batch of it.
+    """
+    m = mask_BxT.astype(jnp.float32)
+    total = jnp.sum(x_BxT * m)
+    lengths_B = m.sum(axis=1)
+    if num_sequences is None:
+        num_sequences = jnp.sum(lengths_B > 0)
+    if mode == "token":
+        denom = m.sum() if num_tokens is None else num_tokens
+        return total / jnp.maximum(denom, 1.0)
+    if mode == "sequence":
+        per_seq_B = jnp.sum(x_BxT * m, axis=1) / jnp.maximum(lengths_B, 1.0)
+        return per_seq_B.sum() / jnp.maximum(num_sequences, 1.0)
+    if mode == "dr_grpo":
+        t_max = x_BxT.shape[1] if max_len is None else max_len
+        return total / (jnp.maximum(num_sequences, 1.0) * t_max)
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {AGGREGATIONS}")
+
+
+def sequence_sum(x_BxT: Array, mask_BxT: Array) -> Array:
+    """sum_t m x per sequence (e.g. the sequence-level KL folded into the reward)."""
+    return jnp.sum(x_BxT * mask_BxT.astype(jnp.float32), axis=1)

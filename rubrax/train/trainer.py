@@ -1,0 +1,350 @@
+"""The supervised trainer shared by SFT and the Bradley-Terry reward model.
+
+Functional core, imperative shell:
+- device: `TrainState(params, opt_state, step)` and one pure step
+  `step(state, batch) -> (state, metrics)`, jitted once per run with the state donated.
+  A batch arrives as [A, M, ...] (A = gradient-accumulation micro-batches of M
+  examples); gradients are averaged over the A micro-batches with `lax.scan`, then
+  one AdamW update is applied. Frozen parameters (trainable mask False) get zero
+  gradient, so XLA drops their backward pass.
+- host: in-memory arrays -> shuffled batches (epoch e uses permutation
+  rng(seed, e), so the data order is a function of the step and a resumed run sees
+  the same batches), periodic held-out evaluation, orbax checkpoints, JSONL metrics
+  fetched one step late (the device never waits for the host), a tqdm progress bar.
+
+Exact resume: the checkpoint holds params, optimizer state and step; the data order is
+derived from (seed, step); so "stop after k steps and resume" gives bit-identical
+parameters to an uninterrupted run (tests/test_train.py checks this).
+
+Task-specific code provides two pure functions:
+    loss_fn(params, batch) -> (loss, metrics)       batch: dict of [M, ...] arrays
+    eval_fn(params, batch) -> sums                  dict of summed values incl. "count";
+                                                    batch has "example_weight" [M]
+                                                    (0 for padding rows)
+and the host reports eval metric k as sum_k / sum_count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from rubrax.train import checkpoint
+from rubrax.train.metrics import MetricsWriter
+from rubrax.train.optim import OptimConfig, make_optimizer, make_schedule
+
+Batch = Mapping[str, Any]
+LossFn = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+EvalFn = Callable[[Any, Batch], dict[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Settings of one supervised run (the optimizer lives in `optim`).
+
+    `batch_size` examples (pairs for BT) make one optimizer update; with
+    `grad_accum_steps` A they are processed as A micro-batches of batch_size / A.
+    Total updates S = min(num_epochs * floor(N / batch_size), max_steps); the schedule is
+    laid out over S. `eval_every=0` evaluates at the end of each epoch (and at the end).
+    `checkpoint_every=0` checkpoints at the end only (when a checkpoint folder is given).
+    `data_parallel` shards each micro-batch over all local devices (params replicated).
+    `eval_at_start` also evaluates the initial params (step 0) of a fresh run.
+    """
+
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    num_epochs: int = 1
+    max_steps: int | None = None
+    eval_every: int = 0
+    eval_batch_size: int | None = None
+    log_every: int = 10
+    checkpoint_every: int = 0
+    keep_checkpoints: int | None = 2
+    seed: int = 0
+    progress: bool = True
+    data_parallel: bool = False
+    eval_at_start: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.optim, OptimConfig):
+            raise TypeError(f"optim must be an OptimConfig, got {type(self.optim).__name__}")
+        for name in ("batch_size", "grad_accum_steps", "num_epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of grad_accum_steps={self.grad_accum_steps}"
+            )
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1 or None, got {self.keep_checkpoints}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum_steps
+
+    def steps_per_epoch(self, num_examples: int) -> int:
+        return num_examples // self.batch_size
+
+    def total_steps(self, num_examples: int) -> int:
+        per_epoch = self.steps_per_epoch(num_examples)
+        if per_epoch == 0:
+            raise ValueError(f"{num_examples} training examples are fewer than batch_size={self.batch_size}")
+        total = self.num_epochs * per_epoch
+        return total if self.max_steps is None else min(total, self.max_steps)
+
+
+@struct.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32 scalar: optimizer updates done
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    params: Any
+    state: TrainState
+    eval_history: tuple[dict[str, float], ...]  # one dict per evaluation, with "step"
+    last_metrics: dict[str, float]  # train metrics of the last step
+
+
+# --------------------------------------------------------------------------- device side
+
+
+def make_train_step(
+    loss_fn: LossFn, tx: optax.GradientTransformation, trainable_mask: Any | None = None
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure update step, jitted with the state donated. Batch leaves are [A, M, ...]."""
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch_AxM: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        def micro(grads_acc, batch_M):
+            (loss, metrics), grads = grad_fn(state.params, batch_M)
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            return grads_acc, {"loss": loss, **metrics}
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        grads, metrics_A = jax.lax.scan(micro, zeros, batch_AxM)
+        num_micro = jax.tree.leaves(batch_AxM)[0].shape[0]
+        grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grads, state.params)
+        if trainable_mask is not None:
+            grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable_mask)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32)), metrics_A)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _num_examples(data: Mapping[str, np.ndarray]) -> int:
+    if not data:
+        raise ValueError("training data is empty (no arrays)")
+    sizes = {k: len(v) for k, v in data.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"data arrays have different leading sizes: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Example order of epoch `epoch`: a pure function of (seed, epoch), for exact resume."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _train_batch(data: Mapping[str, np.ndarray], cfg: TrainConfig, step: int, n: int) -> dict[str, np.ndarray]:
+    per_epoch = cfg.steps_per_epoch(n)
+    epoch, i = divmod(step, per_epoch)
+    idx = epoch_permutation(cfg.seed, epoch, n)[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+    a, m = cfg.grad_accum_steps, cfg.micro_batch_size
+    return {k: np.asarray(v[idx]).reshape(a, m, *v.shape[1:]) for k, v in data.items()}
+
+
+def _eval_batches(data: Mapping[str, np.ndarray], batch_size: int):
+    """All examples in fixed-size batches; the last one is padded with weight-0 rows."""
+    n = _num_examples(data)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        weight = (idx < n).astype(np.float32)
+        idx = np.minimum(idx, n - 1)
+        batch = {k: np.asarray(v[idx]) for k, v in data.items()}
+        batch["example_weight"] = weight
+        yield batch
+
+
+class _Sharder:
+    """Places batches (and replicates params) over a 1-D data mesh, or does nothing."""
+
+    def __init__(self, enabled: bool, micro_batch_size: int):
+        self.mesh = None
+        if enabled and jax.device_count() > 1:
+            n = jax.device_count()
+            if micro_batch_size % n:
+                raise ValueError(f"micro batch size {micro_batch_size} is not divisible by {n} devices")
+            self.mesh = jax.make_mesh((n,), ("data",))
+
+    def batch(self, batch: dict[str, np.ndarray], axis: int) -> Any:
+        if self.mesh is None:
+            return batch
+        spec = jax.sharding.PartitionSpec(*([None] * axis), "data")
+        return jax.device_put(batch, jax.sharding.NamedSharding(self.mesh, spec))
+
+    def replicate(self, tree: Any) -> Any:
+        if self.mesh is None:
+            return tree
+        return jax.device_put(tree, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+
+
+def evaluate(params: Any, eval_fn: EvalFn, data: Mapping[str, np.ndarray], batch_size: int, *, _jitted=None) -> dict[str, float]:
+    """Runs `eval_fn` over all of `data` and returns {k: sum_k / sum_count} (plus "count")."""
+    fn = _jitted or jax.jit(eval_fn)
+    totals: dict[str, float] = {}
+    for batch in _eval_batches(data, batch_size):
+        sums = jax.device_get(fn(params, batch))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    if "count" not in totals:
+        raise KeyError("eval_fn must return a 'count' entry (the denominator)")
+    count = totals["count"]
+    out = {k: (v / count if count else math.nan) for k, v in totals.items() if k != "count"}
+    out["count"] = count
+    return out
+
+
+def train(
+    loss_fn: LossFn,
+    params: Any,
+    train_data: Mapping[str, np.ndarray],
+    cfg: TrainConfig,
+    *,
+    eval_fn: EvalFn | None = None,
+    eval_data: Mapping[str, np.ndarray] | None = None,
+    trainable_mask: Any | None = None,
+    ckpt_dir: str | os.PathLike | None = None,
+    metrics_path: str | os.PathLike | None = None,
+    tensorboard_dir: str | os.PathLike | None = None,
+    stop_at: int | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Trains `params` on in-memory arrays; resumes from `ckpt_dir` when it has a checkpoint.
+
+    `train_data` is a dict of arrays with a common leading size N (examples).
+    `trainable_mask` is a PyTree of bools like `params` (None = train everything).
+    `stop_at` stops after that many updates (a pre-emption): the schedule still spans
+    the full run and a later call with the same `ckpt_dir` continues it exactly.
+    """
+    n = _num_examples(train_data)
+    total = cfg.total_steps(n)
+    stop = total if stop_at is None else min(stop_at, total)
+    tx = make_optimizer(cfg.optim, total, trainable_mask)
+    schedule = make_schedule(cfg.optim, total)
+    sharder = _Sharder(cfg.data_parallel, cfg.micro_batch_size)
+    # A copy: the step donates its state, and the caller's params must stay usable.
+    state = init_state(jax.tree.map(jnp.copy, sharder.replicate(params)), tx)
+    history: list[dict[str, float]] = []
+    if ckpt_dir is not None and checkpoint.latest_step(ckpt_dir) is not None:
+        restored, extra = checkpoint.restore(ckpt_dir, _state_dict(state))
+        state = TrainState(**restored)
+        history = list(extra.get("eval_history", []))
+    start = int(state.step)
+    step_fn = make_train_step(loss_fn, tx, trainable_mask)
+    eval_jit = jax.jit(eval_fn) if eval_fn is not None else None
+    eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
+    per_epoch = cfg.steps_per_epoch(n)
+    writer = MetricsWriter(metrics_path, tensorboard_dir) if metrics_path else None
+    last: dict[str, float] = {}
+
+    def log(step: int, metrics: dict[str, Any]) -> None:
+        nonlocal last
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        last["lr"] = float(schedule(step - 1))
+        if writer:
+            writer.write(step, {f"train/{k}": v for k, v in last.items()})
+        bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+
+    def run_eval(step: int) -> None:
+        if eval_jit is None or eval_data is None:
+            return
+        result = evaluate(state.params, eval_fn, eval_data, eval_bs, _jitted=eval_jit)
+        history.append({"step": step, **result})
+        if writer:
+            writer.write(step, {f"eval/{k}": v for k, v in result.items()})
+
+    def save(step: int) -> None:
+        if ckpt_dir is None or step in checkpoint.all_steps(ckpt_dir):
+            return
+        extra = {"step": step, "total_steps": total, "eval_history": history, "config": _config_dict(cfg)}
+        checkpoint.save(ckpt_dir, step, _state_dict(state), extra, max_to_keep=cfg.keep_checkpoints)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
+    pending: tuple[int, Any] | None = None
+    t0 = time.perf_counter()
+    try:
+        if cfg.eval_at_start and start == 0 and stop > 0:
+            run_eval(0)
+        for s in range(start, stop):
+            batch = sharder.batch(_train_batch(train_data, cfg, s, n), axis=1)
+            state, metrics = step_fn(state, batch)
+            # Fetch the previous step's metrics only now, so the device stays busy.
+            if pending is not None:
+                log(*pending)
+                pending = None
+            done = s + 1
+            if done % cfg.log_every == 0 or done == stop:
+                pending = (done, metrics)
+            bar.update(1)
+            epoch_end = done % per_epoch == 0
+            if (cfg.eval_every and done % cfg.eval_every == 0) or (not cfg.eval_every and epoch_end):
+                run_eval(done)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                save(done)
+        if pending is not None:
+            log(*pending)
+        if stop == total and start < total and (not history or history[-1]["step"] != total):
+            run_eval(total)
+        if start < stop:
+            save(stop)
+        if writer and start < stop:
+            elapsed = time.perf_counter() - t0
+            writer.write(stop, {"time/steps_per_s": (stop - start) / elapsed})
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
+    return TrainResult(params=state.params, state=state, eval_history=tuple(history), last_metrics=last)
+
+
+def _state_dict(state: TrainState) -> dict[str, Any]:
+    return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,216 @@
+"""The update step: parity of its gradient with a per-sample reference loss, exact
+gradient accumulation, 1 device vs 8 (replicated and FSDP), one compilation.
+
+The policy here is a bigram table (logits of the next token = W[current token]):
+the step never looks inside the model, and a tiny model keeps compile times low.
+Tests that need a real transformer live in test_rl_learning.py.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rubrax.rl import losses as L
+from rubrax.rl.state import TrainState
+from rubrax.rl.step import RLConfig, RolloutBatch, Trainer, make_mesh, update
+
+V, T, G, P = 8, 6, 4, 4  # vocab, sequence length, group size, prompts
+B = G * P
+PROMPT = 2
+
+
+def bigram_logits(params, tokens_BxT, mask_BxT):
+    return params["w"][tokens_BxT]
+
+
+def make_params(seed=0):
+    return {"w": jax.random.normal(jax.random.PRNGKey(seed), (V, V)) * 0.5}
+
+
+def make_rollouts(seed=0, invalid=(3,)) -> RolloutBatch:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, V, (B, T)).astype(np.int32)
+    lengths = rng.integers(1, T - PROMPT + 1, B)
+    loss_mask = np.zeros((B, T), np.int32)
+    for i, n in enumerate(lengths):
+        loss_mask[i, PROMPT : PROMPT + n] = 1
+    mask = loss_mask.copy()
+    mask[:, :PROMPT] = 1
+    behaviour = np.where(loss_mask, rng.normal(-2.0, 0.3, (B, T)), 0.0).astype(np.float32)
+    rewards = rng.integers(0, 3, B).astype(np.float32)
+    valid = np.ones(B, bool)
+    valid[list(invalid)] = False
+    return RolloutBatch(tokens, mask, loss_mask, behaviour, rewards, valid)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_loss(w, ref_w, batch: RolloutBatch, cfg: RLConfig) -> float:
+    """Straightforward per-sample, per-token loops in float64 numpy (one epoch, one minibatch)."""
+    b = jax.tree.map(np.asarray, batch)
+
+    def dist(table, i, t):  # log-probs and probs of the distribution predicting token t of row i
+        z = table[b.tokens_BxT[i, t - 1]] / cfg.temperature
+        logp = z - np.log(np.exp(z).sum())
+        return logp, np.exp(logp)
+
+    def kl(lr):  # lr = log pi_ref - log pi
+        return {"k1": -lr, "k2": lr**2 / 2, "k3": np.exp(lr) - 1 - lr}[cfg.kl_estimator]
+
+    rewards = b.rewards_B.astype(np.float64)
+    if cfg.kl_in_reward:
+        for i in range(B):
+            for t in range(1, T):
+                if b.loss_mask_BxT[i, t] and b.valid_B[i]:
+                    rewards[i] -= cfg.kl_coef * kl(dist(ref_w, i, t)[0][b.tokens_BxT[i, t]] - b.behaviour_logp_BxT[i, t])
+    adv = np.zeros(B)
+    for s in range(0, B, G):
+        idx = [i for i in range(s, s + G) if b.valid_B[i]]
+        vals = rewards[idx]
+        for i in idx:
+            if len(idx) >= 2 and vals.std() > cfg.adv_eps:
+                adv[i] = {"grpo": (rewards[i] - vals.mean()) / vals.std(), "dr_grpo": rewards[i] - vals.mean(),
+                          "rloo": rewards[i] - (vals.sum() - rewards[i]) / (len(idx) - 1)}[cfg.advantage]
+    rows = [i for i in range(B) if b.valid_B[i] and b.loss_mask_BxT[i].sum() > 0]
+    n_tokens = sum(int(b.loss_mask_BxT[i].sum()) for i in rows)
+    total = 0.0
+    for i in rows:
+        seq = 0.0
+        for t in range(1, T):
+            if not b.loss_mask_BxT[i, t]:
+                continue
+            logp, probs = dist(w, i, t)
+            lp = logp[b.tokens_BxT[i, t]]
+            ratio = np.exp(lp - b.behaviour_logp_BxT[i, t])
+            term = -min(ratio * adv[i], np.clip(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high) * adv[i])
+            if cfg.kl_coef and not cfg.kl_in_reward:
+                term += cfg.kl_coef * kl(dist(ref_w, i, t)[0][b.tokens_BxT[i, t]] - lp)
+            term -= cfg.entropy_coef * -np.sum(probs * logp)
+            seq += term
+        if cfg.loss_aggregation == "sequence":
+            total += seq / b.loss_mask_BxT[i].sum() / len(rows)
+        elif cfg.loss_aggregation == "token":
+            total += seq / n_tokens
+        else:
+            total += seq / (len(rows) * T)
+    return total
+
+
+def numeric_grad(f, w, h=1e-5):
+    g = np.zeros_like(w)
+    for idx in np.ndindex(*w.shape):
+        d = np.zeros_like(w)
+        d[idx] = h
+        g[idx] = (f(w + d) - f(w - d)) / (2 * h)
+    return g
+
+
+CASES = {
+    "grpo_token_kl3": dict(advantage="grpo", loss_aggregation="token", kl_coef=0.1, kl_estimator="k3"),
+    "rloo_sequence_entropy": dict(advantage="rloo", loss_aggregation="sequence", entropy_coef=0.05, clip_high=0.28),
+    "drgrpo_kl1_in_reward_temp": dict(advantage="dr_grpo", loss_aggregation="dr_grpo", kl_coef=0.2, kl_estimator="k1",
+                                      kl_in_reward=True, temperature=0.7),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_update_gradient_matches_per_sample_reference(case):
+    cfg = RLConfig(group_size=G, **CASES[case])
+    params, ref_params = make_params(0), make_params(1)
+    batch = make_rollouts()
+    tx = optax.sgd(1.0)  # params_new = params - grad: exposes the gradient exactly
+    state = TrainState.create(params, tx, seed=0)
+    new_state, metrics = jax.jit(lambda s, b, r: update(s, b, r, cfg=cfg, logits_fn=bigram_logits, tx=tx))(
+        state, jax.tree.map(jnp.asarray, batch), ref_params
+    )
+    w, ref_w = np.asarray(params["w"], np.float64), np.asarray(ref_params["w"], np.float64)
+    ref_loss = lambda x: reference_loss(x, ref_w, batch, cfg)
+    np.testing.assert_allclose(metrics["loss"], ref_loss(w), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(params["w"] - new_state.params["w"], numeric_grad(ref_loss, w), rtol=1e-3, atol=2e-5)
+    assert int(metrics["reward_invalid"]) == 1
+    assert int(new_state.step) == 1
+
+
+def test_invalid_samples_do_not_move_the_params():
+    cfg = RLConfig(group_size=G)
+    tx = optax.sgd(1.0)
+    all_invalid = make_rollouts(invalid=range(B))
+    state = TrainState.create(make_params(), tx, seed=0)
+    new_state, metrics = jax.jit(lambda s, b: update(s, b, None, cfg=cfg, logits_fn=bigram_logits, tx=tx))(
+        state, jax.tree.map(jnp.asarray, all_invalid)
+    )
+    np.testing.assert_array_equal(new_state.params["w"], state.params["w"])
+    assert int(metrics["reward_invalid"]) == B
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def _run(cfg, n_devices, *, fsdp=False, steps=2, tx=None):
+    tx = tx or optax.adam(1e-2)
+    mesh = make_mesh(jax.devices()[:n_devices])
+    state = TrainState.create(make_params(), tx, seed=3)
+    ref = make_params(1)
+    trainer = Trainer(cfg, bigram_logits, tx, state, ref, mesh=mesh, fsdp=fsdp)
+    state, ref = trainer.place_state(state), trainer.place_ref(ref)
+    history = []
+    for s in range(steps):
+        state, metrics = trainer(state, make_rollouts(seed=s), ref)
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state), history, trainer
+
+
+PPO_CFG = RLConfig(group_size=G, kl_coef=0.05, ppo_epochs=2, num_minibatches=2, grad_accum=1, clip_low=0.1)
+
+
+def test_grad_accumulation_is_exact():
+    s1, h1, _ = _run(PPO_CFG, 1)
+    s4, h4, _ = _run(dataclasses.replace(PPO_CFG, grad_accum=4), 1)
+    np.testing.assert_allclose(s4.params["w"], s1.params["w"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h4[-1]["loss"], h1[-1]["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_one_device_equals_eight(fsdp):
+    assert len(jax.devices()) >= 8, "conftest must provide 8 CPU devices"
+    s1, h1, _ = _run(PPO_CFG, 1)
+    s8, h8, trainer = _run(PPO_CFG, 8, fsdp=fsdp)
+    np.testing.assert_allclose(s8.params["w"], s1.params["w"], rtol=1e-5, atol=1e-6)
+    for k in h1[-1]:
+        np.testing.assert_allclose(h8[-1][k], h1[-1][k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert int(s8.step) == int(s1.step) == 2
+    if fsdp:  # the param really is split over the 8 devices
+        assert trainer.state_shardings.params["w"].spec == jax.sharding.PartitionSpec("data", None)
+
+
+def test_step_compiles_exactly_once():
+    _, history, trainer = _run(PPO_CFG, 8, steps=4)
+    assert trainer.update_fn._cache_size() == 1
+    assert len({round(float(h["loss"]), 6) for h in history}) == 4  # really different batches
+
+
+def test_minibatch_shuffle_is_keyed_by_step():
+    # same batch, two different steps -> different minibatch orders -> different params
+    tx = optax.sgd(0.5)
+    cfg = dataclasses.replace(PPO_CFG, kl_coef=0.0)
+    batch = jax.tree.map(jnp.asarray, make_rollouts())
+    s0 = TrainState.create(make_params(), tx, seed=0)
+    step = jax.jit(lambda s: update(s, batch, None, cfg=cfg, logits_fn=bigram_logits, tx=tx)[0])
+    a, b, c = step(s0), step(s0.replace(step=jnp.int32(5))), step(s0)
+    assert not np.allclose(a.params["w"], b.params["w"])
+    np.testing.assert_array_equal(a.params["w"], c.params["w"])
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="loss_aggregation"):
+        RLConfig(group_size=4, loss_aggregation="mean")
+    with pytest.raises(ValueError, match="advantage"):
+        RLConfig(group_size=4, advantage="ppo")
+    with pytest.raises(ValueError, match="group_size"):
+        RLConfig(group_size=0)
+    with pytest.raises(ValueError, match="divide"):
+        update(TrainState.create(make_params(), optax.sgd(1.0), seed=0), jax.tree.map(jnp.asarray, make_rollouts()),
+               None, cfg=RLConfig(group_size=G, num_minibatches=3), logits_fn=bigram_logits, tx=optax.sgd(1.0))
