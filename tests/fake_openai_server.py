@@ -16,7 +16,8 @@ Scripting:
   gets the fault on its first `attempts` arrivals, then is served normally.
   Kinds: "429" (with Retry-After), "500", "timeout" (sleeps `delay` seconds),
   "malformed" (HTTP 200, body not JSON), "partial" (valid body whose content is
-  truncated JSON), "wrong_ids" (verifier answers with criterion ids that were not asked).
+  truncated JSON), "wrong_ids" (verifier answers with criterion ids that were not asked),
+  "401" (not retryable), "reject_json" (400 when the request asks for JSON output).
 - Counters: `requests`, `ok`, `ok_keys` (Counter of request keys answered with 200),
   `seen_keys` (Counter of request keys received), `status` (Counter of status codes).
 
@@ -112,7 +113,7 @@ def auto_responder(body: dict[str, Any]) -> str:
 
 @dataclasses.dataclass
 class Fault:
-    kind: str  # 429 | 500 | timeout | malformed | partial | wrong_ids
+    kind: str  # 429 | 500 | 401 | timeout | malformed | partial | wrong_ids | reject_json
     rate: float = 1.0
     attempts: int = 1
     retry_after: float = 0.05
@@ -156,6 +157,9 @@ class FakeOpenAIServer:
         self.seen_keys: Counter[str] = Counter()
         self.status: Counter[int] = Counter()
         self.batch_creates = 0
+        self.inflight = 0
+        self.max_inflight = 0
+        self.auth_headers: list[str] = []
 
     @property
     def base_url(self) -> str:
@@ -174,6 +178,15 @@ class FakeOpenAIServer:
         key = request_key(body)
         seen = self.seen_keys[key]
         self.seen_keys[key] += 1
+        self.auth_headers.append(request.headers.get("Authorization", ""))
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            return await self._answer(body, key, seen, len(raw))
+        finally:
+            self.inflight -= 1
+
+    async def _answer(self, body: dict[str, Any], key: str, seen: int, size: int) -> web.StreamResponse:
         if self.latency:
             await asyncio.sleep(self.latency)
         for fault in self.faults:
@@ -190,7 +203,7 @@ class FakeOpenAIServer:
         self.status[200] += 1
         self.ok += 1
         self.ok_keys[key] += 1
-        return web.json_response(completion(content, body.get("model", "?"), len(raw)))
+        return web.json_response(completion(content, body.get("model", "?"), size))
 
     async def _fault(self, fault: Fault, body: dict[str, Any]) -> web.StreamResponse | None:
         if fault.kind == "429":
@@ -200,6 +213,10 @@ class FakeOpenAIServer:
         if fault.kind == "timeout":
             await asyncio.sleep(fault.delay)
             return web.json_response({"error": {"message": "too late"}}, status=504)
+        if fault.kind == "401":
+            return web.json_response({"error": {"message": "invalid api key"}}, status=401)
+        if fault.kind == "reject_json" and "response_format" in body:
+            return web.json_response({"error": {"message": "response_format is not supported"}}, status=400)
         if fault.kind == "malformed":
             return web.Response(status=200, text='{"id": "chatcmpl-x", "choices": [{"message": ', content_type="application/json")
         return None  # content faults: served with a corrupted content
@@ -263,7 +280,7 @@ class FakeOpenAIServer:
         return web.json_response(self._batch_obj(b))
 
     async def _stats(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"requests": self.requests, "ok": self.ok, "unique_ok": len(self.ok_keys), "status": {str(k): v for k, v in self.status.items()}})
+        return web.json_response({"requests": self.requests, "ok": self.ok, "unique_ok": len(self.ok_keys), "cpu_s": time.process_time(), "status": {str(k): v for k, v in self.status.items()}})
 
     async def _config(self, request: web.Request) -> web.StreamResponse:
         args = await request.json()

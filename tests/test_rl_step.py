@@ -7,6 +7,7 @@ Tests that need a real transformer live in test_rl_learning.py.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +51,19 @@ def make_rollouts(seed=0, invalid=(3,)) -> RolloutBatch:
 # --------------------------------------------------------------------------- reference
 
 
-def reference_loss(w, ref_w, batch: RolloutBatch, cfg: RLConfig) -> float:
-    """Straightforward per-sample, per-token loops in float64 numpy (one epoch, one minibatch)."""
+def reference_loss(w, ref_w, batch: RolloutBatch, cfg: RLConfig, base_w=None) -> float:
+    """Straightforward per-sample, per-token loops in float64 numpy (one epoch, one minibatch).
+
+    base_w: the params at the start of the update, which give the behaviour logprobs
+    when cfg.behaviour_logprobs == "recompute" (held fixed while w varies)."""
     b = jax.tree.map(np.asarray, batch)
+    if cfg.behaviour_logprobs == "recompute":
+        behaviour = np.zeros((B, T))
+        for i in range(B):
+            for t in range(1, T):
+                z = base_w[b.tokens_BxT[i, t - 1]] / cfg.temperature
+                behaviour[i, t] = z[b.tokens_BxT[i, t]] - np.log(np.exp(z).sum())
+        b = b.replace(behaviour_logp_BxT=behaviour)
 
     def dist(table, i, t):  # log-probs and probs of the distribution predicting token t of row i
         z = table[b.tokens_BxT[i, t - 1]] / cfg.temperature
@@ -114,7 +125,8 @@ CASES = {
     "grpo_token_kl3": dict(advantage="grpo", loss_aggregation="token", kl_coef=0.1, kl_estimator="k3"),
     "rloo_sequence_entropy": dict(advantage="rloo", loss_aggregation="sequence", entropy_coef=0.05, clip_high=0.28),
     "drgrpo_kl1_in_reward_temp": dict(advantage="dr_grpo", loss_aggregation="dr_grpo", kl_coef=0.2, kl_estimator="k1",
-                                      kl_in_reward=True, temperature=0.7),
+                                      kl_in_reward=True, temperature=0.7,
+                                      behaviour_logprobs="recompute"),
 }
 
 
@@ -129,7 +141,7 @@ def test_update_gradient_matches_per_sample_reference(case):
         state, jax.tree.map(jnp.asarray, batch), ref_params
     )
     w, ref_w = np.asarray(params["w"], np.float64), np.asarray(ref_params["w"], np.float64)
-    ref_loss = lambda x: reference_loss(x, ref_w, batch, cfg)
+    ref_loss = lambda x: reference_loss(x, ref_w, batch, cfg, base_w=w)
     np.testing.assert_allclose(metrics["loss"], ref_loss(w), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(params["w"] - new_state.params["w"], numeric_grad(ref_loss, w), rtol=1e-3, atol=2e-5)
     assert int(metrics["reward_invalid"]) == 1
@@ -149,8 +161,9 @@ def test_invalid_samples_do_not_move_the_params():
     assert np.isfinite(float(metrics["loss"]))
 
 
-def _run(cfg, n_devices, *, fsdp=False, steps=2, tx=None):
-    tx = tx or optax.adam(1e-2)
+@functools.lru_cache(maxsize=None)  # the 1-device baseline is shared by several tests
+def _run(cfg, n_devices, *, fsdp=False, steps=2):
+    tx = optax.adam(1e-2)
     mesh = make_mesh(jax.devices()[:n_devices])
     state = TrainState.create(make_params(), tx, seed=3)
     ref = make_params(1)

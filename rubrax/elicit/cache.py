@@ -22,10 +22,14 @@ from typing import Any
 CACHE_FILE = "chat_cache.sqlite"
 
 
+def canonical_json(body: Mapping[str, Any]) -> bytes:
+    """The request body as canonical JSON bytes (sorted keys, no spaces); what is hashed and sent."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
 def request_key(body: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of a chat-completions request body."""
-    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
 class ResponseCache:

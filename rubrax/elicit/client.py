@@ -45,7 +45,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rubrax.elicit.cache import ResponseCache, request_key
+import hashlib
+
+from rubrax.elicit.cache import ResponseCache, canonical_json, request_key
 
 # List prices, US$ per million tokens (input, output), as published by OpenAI for the
 # paper's models; pass `price_per_mtok` for any other model (cost is None otherwise).
@@ -181,11 +183,12 @@ class ChatClient:
             if config.base_url is None and "OPENAI_BASE_URL" not in os.environ:
                 raise ChatError(f"no API key: set the {config.api_key_env} environment variable")
             key = "EMPTY"  # local servers (vLLM, SGLang) accept any key
-        self.__key = key
+        self._key = _Secret(key)
         self._sdk_client: Any = None
         self._session: Any = None
         self.cache = ResponseCache(config.cache_dir)
         self.stats = ClientStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._sem = asyncio.Semaphore(config.concurrency)
         self._inflight: dict[str, asyncio.Future] = {}
         self._json_ok = config.json_mode
@@ -195,6 +198,20 @@ class ChatClient:
         if self._prices is None:
             self.stats.cost_usd = None
 
+    def _bind_loop(self) -> None:
+        """Connections, the semaphore and in-flight futures belong to one event loop. A
+        synchronous caller (`RubricReward.__call__` runs `asyncio.run` per batch) brings a
+        new loop each time: start fresh connection state for it (the cache is kept)."""
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return
+        if self._loop is not None:
+            _abandon(self._session)
+            self._session = self._sdk_client = None
+            self._sem = asyncio.Semaphore(self.config.concurrency)
+            self._inflight = {}
+        self._loop = loop
+
     @property
     def _sdk(self) -> Any:
         """The openai SDK client (built on first use: Batch API, or transport="sdk")."""
@@ -202,11 +219,11 @@ class ChatClient:
             import openai
 
             # Retries are ours (backoff, Retry-After, counting), so the SDK's are off.
-            self._sdk_client = openai.AsyncOpenAI(api_key=self.__key, base_url=self.base_url, max_retries=0, timeout=self.config.timeout_s)
+            self._sdk_client = openai.AsyncOpenAI(api_key=self._key.value, base_url=self.base_url, max_retries=0, timeout=self.config.timeout_s)
         return self._sdk_client
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Authorization": f"Bearer {self.__key}", "Content-Type": "application/json"}
+        headers = {"Authorization": f"Bearer {self._key.value}", "Content-Type": "application/json"}
         for env, header in (("OPENAI_ORG_ID", "OpenAI-Organization"), ("OPENAI_PROJECT_ID", "OpenAI-Project")):
             if os.environ.get(env):
                 headers[header] = os.environ[env]
@@ -240,8 +257,10 @@ class ChatClient:
 
     async def chat(self, messages: Sequence[Mapping[str, str]], *, json_output: bool = False, **sampling: Any) -> str:
         """The assistant text for `messages`; raises ChatError when the call failed for good."""
+        self._bind_loop()
         body = self.body(messages, json_output=json_output, **sampling)
-        key = request_key(body)
+        data = canonical_json(body)
+        key = hashlib.sha256(data).hexdigest()
         if self._collect is not None:
             self._collect[key] = body
             raise _Collected(key)
@@ -256,7 +275,7 @@ class ChatClient:
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
-            result = await self._send(body, key)
+            result = await self._send(body, key, data)
         except BaseException as err:
             fut.set_exception(err)
             fut.exception()  # mark retrieved: waiters (if any) re-raise it
@@ -282,7 +301,7 @@ class ChatClient:
             delay = retry_after + self._rng.uniform(0.0, 0.1 * retry_after + 0.01)
         return delay
 
-    async def _send(self, body: dict[str, Any], key: str) -> dict[str, Any]:
+    async def _send(self, body: dict[str, Any], key: str, data: bytes | None = None) -> dict[str, Any]:
         last = "no attempt made"
         for attempt in range(self.config.max_retries + 1):
             if attempt:
@@ -290,7 +309,7 @@ class ChatClient:
             try:
                 async with self._sem:
                     self.stats.attempts += 1
-                    result = await self._post(body)
+                    result = await self._post(body, data)
             except _Retryable as err:
                 last = str(err)
                 if err.retry_after is not None and err.retry_after > self.config.retry_after_max_s:
@@ -312,10 +331,10 @@ class ChatClient:
         self.stats.failures += 1
         raise ChatError(f"request failed after {self.config.max_retries + 1} attempts: {last}")
 
-    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, body: dict[str, Any], data: bytes | None = None) -> dict[str, Any]:
         if self.config.transport == "sdk":
             return await self._post_sdk(body)
-        return await self._post_aiohttp(body)
+        return await self._post_aiohttp(body, data if data is not None else canonical_json(body))
 
     def _status_error(self, status: int, headers: Mapping[str, str] | None, message: str, body: Mapping[str, Any]) -> Exception:
         if status in _RETRY_STATUS or status >= 500:
@@ -324,7 +343,7 @@ class ChatClient:
             return _JsonModeRejected()
         return ChatError(f"HTTP {status}: {_short(message)}")
 
-    async def _post_aiohttp(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post_aiohttp(self, body: dict[str, Any], data: bytes) -> dict[str, Any]:
         import aiohttp
 
         if self._session is None:
@@ -333,7 +352,7 @@ class ChatClient:
             )
         try:
             async with self._session.post(
-                self.base_url + "/chat/completions", data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                self.base_url + "/chat/completions", data=data,
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
             ) as resp:
                 text = await resp.text(errors="replace")
@@ -447,6 +466,36 @@ class ChatClient:
 
 class _JsonModeRejected(Exception):
     pass
+
+
+def _abandon(session: Any) -> None:
+    """Drops an aiohttp session whose event loop has ended, closing its sockets directly
+    (the loop that owned them cannot run the usual async close any more)."""
+    if session is None:
+        return
+    connector, session._connector = session.connector, None
+    if connector is None:
+        return
+    for conns in list(getattr(connector, "_conns", {}).values()):
+        for proto, _ in conns:
+            transport = getattr(proto, "transport", None)
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            with contextlib.suppress(Exception):
+                sock.close()
+    connector._conns = {}
+    connector._closed = True
+
+
+class _Secret:
+    """Holds the API key so that no repr, vars() dump or log line shows it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<redacted>"
 
 
 def _short(text: str, n: int = 200) -> str:

@@ -342,9 +342,12 @@ class LLMJudge:
     def swapped(self, key: str) -> bool:
         return hashlib.sha256(f"{self.seed}:{key}".encode()).digest()[0] % 2 == 1
 
-    async def compare(self, prompt: str, response_a: str, response_b: str, *, key: str) -> str | None:
-        """"a" or "b" (the better one), or None when the judge failed."""
-        swap = self.swapped(key)
+    async def compare(self, prompt: str, response_a: str, response_b: str, *, key: str, swap: bool | None = None) -> str | None:
+        """"a" or "b" (the better one), or None when the judge failed.
+
+        `swap` forces the display order (True: b is shown first); None draws it from `key`.
+        """
+        swap = self.swapped(key) if swap is None else swap
         first, second = (response_b, response_a) if swap else (response_a, response_b)
         messages = self.templates.judge.render(prompt=fence(prompt), response_1=fence(first), response_2=fence(second))
         try:

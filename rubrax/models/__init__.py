@@ -5,8 +5,10 @@
     logits_BxTxV = forward(params, tokens_BxT, config=config, mask_BxT=mask_BxT)
 """
 
+from rubrax.models.tokenizer import HFTokenizer, load_tokenizer
 from rubrax.models.checkpoint import load_pretrained, save_pretrained
 from rubrax.models.config import ModelConfig
+from rubrax.models.gguf import smollm2_checkpoint
 from rubrax.models.llama import (
     forward,
     hidden_states,
@@ -16,6 +18,9 @@ from rubrax.models.llama import (
 )
 
 __all__ = [
+    "HFTokenizer",
+    "load_tokenizer",
+    "smollm2_checkpoint",
     "ModelConfig",
     "forward",
     "hidden_states",

@@ -198,7 +198,13 @@ async def grade_response(verifier: Any, rubric: Rubric, completion: str, *, k: i
         calls = [detailed(rubric, completion, sample=i) for i in range(k)]
     else:
         calls = [verifier.grade(rubric, completion) for _ in range(k)]
-    results = await asyncio.gather(*calls, return_exceptions=True)
+    if k == 1:  # no extra task per completion: a simulated verifier stays as cheap as a call
+        try:
+            results = [await calls[0]]
+        except Exception as err:
+            results = [err]
+    else:
+        results = await asyncio.gather(*calls, return_exceptions=True)
     gradings, failures = [], []
     for r in results:
         if isinstance(r, BaseException):
@@ -252,6 +258,19 @@ class RubricReward(RewardFnBase):
         self.verifier = verifier
         self.mode = mode
         self.k = k
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> RewardBatch:
+        """Synchronous form. Runs on one event loop kept for this reward, so that an LLM
+        verifier's connections live across batches (a fresh `asyncio.run` per batch would
+        drop them)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            if self._loop is None or self._loop.is_closed():
+                self._loop = asyncio.new_event_loop()
+            return self._loop.run_until_complete(self.acall(prompts, completions, **columns))
+        return super().__call__(prompts, completions, **columns)
 
     async def acall(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> RewardBatch:
         n = _check_lengths(prompts, completions, columns)

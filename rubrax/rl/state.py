@@ -45,6 +45,16 @@ class TrainState:
         return step_key(self.key, self.step if step is None else step)
 
 
+# Independent streams derived from one step key: fold_in(step_key, stream).
+UPDATE_STREAM = 0  # minibatch shuffles of the update (then fold_in(., epoch))
+SAMPLE_STREAM = 1  # the rollouts of this step
+
+
 def step_key(root_key: jax.Array, step: int | jax.Array) -> jax.Array:
     """The key of RL iteration `step`: fold_in(root, step). Same on host and device."""
     return jax.random.fold_in(root_key, step)
+
+
+def stream_key(root_key: jax.Array, step: int | jax.Array, stream: int) -> jax.Array:
+    """fold_in(fold_in(root, step), stream): e.g. the sampling key of a step."""
+    return jax.random.fold_in(step_key(root_key, step), stream)

@@ -8,7 +8,7 @@ out prompt-major). Inside, all on device and jitted once:
  2. reference logprobs (only when kl_coef > 0);
  3. rewards r_i, optionally minus kl_coef * sum_t KL_t (KL folded into the reward);
  4. advantages by name over each group (`rubrax.rl.advantages`), invalid samples 0;
- 5. `ppo_epochs` passes; each shuffles the batch (key fold_in(fold_in(root, step), e))
+ 5. `ppo_epochs` passes; each shuffles the batch (key fold_in(update key of the step, e))
     into `num_minibatches` minibatches, one optimizer update each; a minibatch is
     split into `grad_accum` micro-batches whose gradients are summed. Loss
     normalisers are taken over the whole minibatch, so accumulation is exact;
@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rubrax.rl import advantages as adv_lib
 from rubrax.rl import losses
-from rubrax.rl.state import TrainState, step_key
+from rubrax.rl.state import UPDATE_STREAM, TrainState, stream_key
 
 LogitsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 DATA_AXIS = "data"
@@ -67,7 +67,9 @@ class RLConfig:
         sampling time; required when rollouts may be stale) or "recompute" (with the
         params at the start of the update: use when the sampler's distribution differs
         from the model's, e.g. top-k/top-p truncation).
-    temperature: logits are divided by it before every log-softmax, matching sampling.
+    temperature: logits are divided by it before every log-softmax (TRL's convention).
+        `rubrax.policy.sample` records temperature-1 logprobs, so a temperature other
+        than 1 requires behaviour_logprobs="recompute".
     """
 
     group_size: int
@@ -105,6 +107,10 @@ class RLConfig:
             raise ValueError(f"RLConfig.behaviour_logprobs must be 'sampler' or 'recompute', got {self.behaviour_logprobs!r}")
         if not self.temperature > 0:
             raise ValueError(f"RLConfig.temperature must be > 0, got {self.temperature}")
+        if self.temperature != 1.0 and self.behaviour_logprobs == "sampler":
+            # rubrax.policy.sample records temperature-1 logprobs; a tempered numerator
+            # against them would be a biased ratio.
+            raise ValueError("RLConfig.temperature != 1 needs behaviour_logprobs='recompute'")
 
     @property
     def optimizer_steps_per_update(self) -> int:
@@ -163,6 +169,16 @@ def make_batch(
 
 
 # --------------------------------------------------------------------------- the step
+
+
+def model_logits_fn(config: Any) -> LogitsFn:
+    """logits_fn of a rubrax.models causal LM: (params, tokens_BxT, mask_BxT) -> logits_BxTxV."""
+    from rubrax import models
+
+    def logits_fn(params, tokens_BxT, mask_BxT):
+        return models.forward(params, tokens_BxT, config=config, mask_BxT=mask_BxT)
+
+    return logits_fn
 
 
 def _logp_and_entropy(logits_fn: LogitsFn, params: Any, tokens_BxT, mask_BxT, temperature: float):
@@ -270,7 +286,7 @@ def update(
             metrics["reward_kl_penalty"] = _masked_mean(cfg.kl_coef * seq_kl_B, valid_B)
     data["adv"] = adv_lib.compute_advantages(cfg.advantage, rewards_B, valid_B, group_size=cfg.group_size, eps=cfg.adv_eps)
 
-    key = step_key(state.key, state.step)
+    key = stream_key(state.key, state.step, UPDATE_STREAM)
     step_mb = functools.partial(_minibatch_update, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=mesh)
 
     def epoch(carry, e):

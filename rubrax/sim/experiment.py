@@ -514,17 +514,20 @@ def run_sft_arm(ctx: SeedContext, cfg: SimConfig, log: Log) -> list[dict[str, An
 
 
 def agreement_rows(ctx: SeedContext, cfg: SimConfig, proxies: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Agreement of each proxy's preference with the gold preference (Table 2 analogue).
+    """Agreement of each proxy's preference with the gold preference (Table 2 analogue),
+    through rubrax.eval.agreement.rubric_agreement.
 
-    Pool per prompt: base samples, good and great responses (as many of each as the
-    base pool). Pairs are drawn within the high-gold half (both above the pool's
-    median gold) and within the low-gold half; pairs with equal gold are skipped.
-    Agreement = mean of [sign(proxy_a - proxy_b) = sign(gold_a - gold_b)], a proxy tie
-    counting 1/2 (a coin flip's expected agreement).
+    Pool per prompt: base samples, good and great responses. Pairs are drawn within the
+    high-gold half (both above the pool's median gold) and within the low-gold half;
+    pairs with equal gold are skipped. The gold preference is the exact gold order (the
+    judge's noise would only pull every proxy toward 50%). A proxy tie earns no credit
+    (the shared convention), and the tie rate is reported beside it.
     """
+    from rubrax.eval.agreement import Pair, rubric_agreement
+
     rng = np.random.default_rng([ctx.seed, 6])
     m = cfg.eval.agreement_pairs_per_prompt
-    pairs: dict[str, list[tuple[int, str, str, float, float]]] = {"high": [], "low": []}
+    pairs: list[Pair] = []
     names = sorted(ctx.great)
     for i, p in enumerate(ctx.world.prompts):
         k = min(len(ctx.base_samples[i]), 32)
@@ -537,20 +540,16 @@ def agreement_rows(ctx: SeedContext, cfg: SimConfig, proxies: Mapping[str, Any])
             for _ in range(m):
                 a, b = rng.choice(sel, 2, replace=False)
                 if gold[a] != gold[b]:
-                    pairs[region].append((i, pool[a], pool[b], gold[a], gold[b]))
+                    pairs.append(Pair(p.id, p.text, pool[a], pool[b], "a" if gold[a] > gold[b] else "b",
+                                      float(gold[a]), float(gold[b]), region=region))
     rows = []
     for arm, proxy in proxies.items():
-        for region, ps in pairs.items():
-            if not ps:
-                continue
-            idx = np.array([i for i, *_ in ps for _ in (0, 1)])
-            texts = [t for _, a, b, _, _ in ps for t in (a, b)]
-            s, v = score_proxy(proxy, ctx, idx, texts)
-            s, v = s.reshape(-1, 2), v.reshape(-1, 2).all(axis=1)
-            g = np.array([(ga, gb) for *_, ga, gb in ps])
-            agree = np.where(s[:, 0] == s[:, 1], 0.5, (np.sign(s[:, 0] - s[:, 1]) == np.sign(g[:, 0] - g[:, 1])).astype(float))
-            rows.append({"seed": ctx.seed, "arm": arm, "region": region, "agreement": float(agree[v].mean()), "pairs": int(v.sum()),
-                         "proxy_ties": float((s[v, 0] == s[v, 1]).mean())})
+        res = asyncio.run(rubric_agreement(proxy, pairs))
+        for region in ("high", "low"):
+            if region in res and res[region]["n"]:
+                r = res[region]
+                rows.append({"seed": ctx.seed, "arm": arm, "region": region, "agreement": float(r["agreement"]),
+                             "pairs": int(r["n"]), "proxy_ties": r["ties"] / r["n"]})
     return rows
 
 

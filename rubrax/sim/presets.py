@@ -118,7 +118,7 @@ class BTSettings:
 class RLSettings:
     steps: int = 40
     group_size: int = 8
-    lr: float = 3e-3
+    lr: float = 1e-3
     kl_coef: float = 0.01
     temperature: float = 1.0
     max_new_tokens: int = 24

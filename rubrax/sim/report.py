@@ -349,7 +349,7 @@ def write_report(
            "![win rate vs KL](fig4_winrate_vs_kl.png)", "", "![proxy vs gold](proxy_vs_gold.png)", ""]
     md += ["## Table 2 analogue: agreement with gold preferences (%)", "",
            "Pairs drawn within the high-gold half and within the low-gold half of a pool of base, good and great "
-           "responses per prompt; a proxy tie counts 1/2.", "",
+           "responses per prompt (exact gold order; `rubrax.eval.agreement`, a proxy tie earns no credit).", "",
            "| proxy | high-reward pairs | low-reward pairs | ties (high / low) |", "|---|---|---|---|"]
     for r in t2:
         md.append(f"| {r['label']} | {_fmt(r['high_mean'], r['high_sd'])} | {_fmt(r['low_mean'], r['low_sd'])} | "

@@ -26,12 +26,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import gammaln, xlogy
+from jax.scipy.special import gammaln
 
 from rubrax.theory import quadrature
 from rubrax.theory._checks import check_finite, check_no_nan_result, float_dtype, is_concrete
 from rubrax.theory.misspec import Map
-from rubrax.theory.tilted import TiltedStats, _kinks_of, _mid_cdf, tilt_stats
+from rubrax.theory.tilted import TiltedStats, _kinks_of, _mid_cdf, tie_ranks, tilt_stats
 
 __all__ = ["best_of_n_kl_bound", "best_of_n_probs", "best_of_n", "best_of_n_unbiased", "best_of_n_uniform"]
 
@@ -69,11 +69,8 @@ def _validate_samples(where: str, gold: Any, proxy: Any, valid: Any) -> jnp.ndar
 
 def _counts(proxy_PxM: jnp.ndarray, valid_PxM: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Per sample: #valid with proxy < r_i, #valid with proxy <= r_i, and m = #valid."""
-    def one(r, v):
-        s = jnp.sort(jnp.where(v, r, jnp.inf))
-        return jnp.searchsorted(s, r, side="left"), jnp.searchsorted(s, r, side="right"), jnp.sum(v)
-    lt, le, m = jax.vmap(one)(proxy_PxM, valid_PxM)
-    return lt, le, m[:, None]
+    lt, le = tie_ranks(proxy_PxM, valid_PxM)
+    return lt, le, jnp.sum(valid_PxM, axis=-1, keepdims=True)
 
 
 def _log_ratio(lt, le, m, n_K):
@@ -190,10 +187,11 @@ def best_of_n_unbiased(gold: Any, proxy: Any, n: Any, *, valid: Any = None) -> j
 def _uniform_impl(f, n_K, kinks, panels):
     dtype = n_K.dtype
     u_N, w_N = quadrature.nodes(kinks, dtype, panels=panels)
-    fu_N = jnp.clip(jnp.asarray(f(u_N), dtype), 0, 1)
-    # Selected-gold density n f(u)^{n-1}: weights w e^{(n-1) log f(u)}, normalised in tilt_stats.
-    x_KxN = xlogy(n_K[:, None] - 1, fu_N[None, :])
-    (reward,), kl = tilt_stats(x_KxN, w_N, (u_N,))
+    fu_N = jnp.asarray(f(u_N), dtype)
+    # Selected-gold density n f(u)^{n-1} = n e^{log f(u) / beta} with beta = 1/(n - 1): a
+    # tilt of log f. The floor on f only moves points where f = 0, whose weight is 0 anyway.
+    log_f = jnp.log(jnp.clip(fu_N, jnp.finfo(dtype).tiny, 1))
+    (reward,), kl = tilt_stats(log_f, w_N, (u_N,), 1 / (n_K - 1))
     return reward, kl
 
 

@@ -141,37 +141,63 @@ def beta_for_kl(kl: Any) -> jnp.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
-def tilt_stats(x_KxN: jnp.ndarray, w_N: jnp.ndarray, values: tuple[jnp.ndarray, ...]) -> tuple[tuple[jnp.ndarray, ...], jnp.ndarray]:
-    """Means of `values` under p ∝ w e^x and KL(p || w), reducing the last axis.
+def _expm1_minus_x(y: jnp.ndarray) -> jnp.ndarray:
+    """e^y - 1 - y without cancellation (Taylor series for |y| <= 1/4, direct above)."""
+    small = jnp.abs(y) <= 0.25
+    ys = jnp.where(small, y, 0)
+    poly = jnp.zeros_like(ys)
+    for k in range(12, 1, -1):  # sum_{k=2}^{12} y^k / k!, truncation < 1e-16 relative
+        poly = (poly + 1 / math.factorial(k)) * ys
+    return jnp.where(small, poly * ys, jnp.expm1(y) - y)
 
-    w >= 0 are base weights (normalised here). x may be -inf (that point is never picked).
-    Two formulations, chosen per row: when the spread of x over the support is < 1
-    (large beta), x is centred at its base mean xbar and, with y = x - xbar,
-        KL = A / (1 + B) - log1p(B),  A = E_w[y expm1(y)],  B = E_w[expm1(y) - y],
-    which has no cancellation as KL -> 0; otherwise x is shifted by its maximum m
-    (log-sum-exp) and KL = E_p[x - m] - log E_w[e^{x - m}].
+
+def tilt_stats(r_PxN: jnp.ndarray, w_PxN: jnp.ndarray, values: tuple[jnp.ndarray, ...],
+               beta_K: jnp.ndarray) -> tuple[tuple[jnp.ndarray, ...], jnp.ndarray]:
+    """Means of `values` under p_k ∝ w e^{r / beta_k} and KL(p_k || w), for every beta_k.
+
+    r, w, values: [..., N] (leading axes P, e.g. prompts); w >= 0 are base weights
+    (normalised here; zero-weight points are ignored). Returns arrays [K, ...].
+    r is centred at its base mean, rc = r - E_w[r]; one elementwise pass over
+    y = rc/beta - s feeds a single contraction with the columns [w, w rc, w v...].
+    Two regimes, chosen per row:
+      * spread of rc/beta < 2 (large beta, KL -> 0): s = 0 and M = e^y - 1 - y, so
+        E_w[e^y] = 1 + D and E_w[y e^y] = N with D = ybar + E_w[M],
+        N = ybar + E_w[y^2] + E_w[y M] (ybar = E_w[y], ~0), and
+            KL = N - log1p(D) - N D / (1 + D),
+        which keeps full relative precision even in float32 (KL ~ Var(y)/2);
+      * otherwise s = max(rc)/beta (log-sum-exp shift) and M = e^y <= 1, so with
+        Z = E_w[e^y]:  KL = E_w[e^y (rc - max rc)] / (beta Z) - log Z.
     """
-    w = w_N / jnp.sum(w_N, axis=-1, keepdims=True)
+    w = w_PxN / jnp.sum(w_PxN, axis=-1, keepdims=True)
     live = w > 0
-    xmax = jax.lax.stop_gradient(jnp.max(jnp.where(live, x_KxN, -jnp.inf), axis=-1, keepdims=True))
-    xmin = jnp.min(jnp.where(live, x_KxN, jnp.inf), axis=-1, keepdims=True)
-    spread = jax.lax.stop_gradient(xmax - xmin)
-    y = jnp.where(live, x_KxN - xmax, -jnp.inf)
-    e = w * jnp.exp(y)
-    z = jnp.sum(e, axis=-1, keepdims=True)
-    p = e / z
-    means = tuple(jnp.sum(p * v, axis=-1) for v in values)
-    kl_shift = jnp.sum(jnp.where(e > 0, p * y, 0), axis=-1) - jnp.log(z[..., 0])
-
-    centred = spread[..., 0] < 1
-    xs = jnp.where(live & centred[..., None], x_KxN, 0)
-    yc = xs - jnp.sum(w * xs, axis=-1, keepdims=True)
-    yc = jnp.clip(yc, -2, 2)  # only used where |y| < 1; the clip keeps the other rows finite
-    a = jnp.sum(w * yc * jnp.expm1(yc), axis=-1)
-    b = jnp.sum(w * (jnp.expm1(yc) - yc), axis=-1)
-    kl_centre = a / (1 + b) - jnp.log1p(b)
+    rc = r_PxN - jnp.sum(jnp.where(live, w * r_PxN, 0), axis=-1, keepdims=True)
+    rc = jnp.where(live, rc, 0)
+    rmax = jnp.max(jnp.where(live, rc, -jnp.inf), axis=-1)
+    rmin = jnp.min(jnp.where(live, rc, jnp.inf), axis=-1)
+    inv_beta = (1 / beta_K).reshape((-1,) + (1,) * rmax.ndim)  # [K, 1...]
+    centred = jax.lax.stop_gradient((rmax - rmin) * inv_beta) < 2  # [K, ...]
+    shift = jnp.where(centred, 0, rmax * inv_beta)
+    y = rc * inv_beta[..., None] - shift[..., None]
+    m = jnp.where(centred[..., None], _expm1_minus_x(jnp.where(centred[..., None], y, 0)), jnp.exp(y))
+    vals = [jnp.where(live, v, 0) for v in values]
+    # Column 2 is rc - max(rc) <= 0, so E_p[y] in the shifted regime has no cancellation.
+    cols = jnp.stack([w, w * rc, w * (rc - rmax[..., None])] + [w * v for v in vals], axis=-1)  # [..., N, J]
+    s = jnp.einsum("k...n,...nj->k...j", m, cols)
+    s0, s1, s2 = s[..., 0], s[..., 1] * inv_beta, s[..., 2] * inv_beta
+    # Per-row moments of the base (no beta dependence) for the centred regime.
+    mean_rc = jnp.sum(w * rc, axis=-1)
+    var_rc = jnp.sum(w * rc * rc, axis=-1)
+    d = mean_rc * inv_beta + s0
+    n = mean_rc * inv_beta + var_rc * inv_beta**2 + s1
+    kl_centre = n - jnp.log1p(d) - n * d / (1 + d)
+    z = jnp.where(centred, 1 + d, s0)
+    kl_shift = s2 / z - jnp.log(z)
     kl = jnp.maximum(jnp.where(centred, kl_centre, kl_shift), 0)
-    return means, kl
+    means = []
+    for j, v in enumerate(vals):
+        base = jnp.sum(w * v, axis=-1) + jnp.sum(w * rc * v, axis=-1) * inv_beta  # E_w[(1 + y) v]
+        means.append(jnp.where(centred, base + s[..., 3 + j], s[..., 3 + j]) / z)
+    return tuple(means), kl
 
 
 def _kinks_of(f: Callable, kinks: Any) -> jnp.ndarray | None:
@@ -185,8 +211,7 @@ def _tilted_impl(f: Callable, beta: jnp.ndarray, kinks: jnp.ndarray | None, pane
     if fu_N.shape != u_N.shape:
         raise ValueError(f"rubrax.theory.tilted: f must map an array of shape {u_N.shape} elementwise, "
                          f"it returned shape {fu_N.shape}")
-    beta_K = beta.reshape(-1, 1)
-    (reward_K,), kl_K = tilt_stats(fu_N[None, :] / beta_K, w_N, (u_N,))
+    (reward_K,), kl_K = tilt_stats(fu_N, w_N, (u_N,), beta.reshape(-1))
     reward = reward_K.reshape(beta.shape)
     # R0 ~ U(0, 1): F0(u) = u, so the win rate equals the expected gold reward.
     return TiltedStats(win_rate=reward, expected_reward=reward, kl=kl_K.reshape(beta.shape))
@@ -225,14 +250,31 @@ def tilted(f: Callable[[jnp.ndarray], jnp.ndarray], beta: Any, *, kinks: Any = N
 # ---------------------------------------------------------------------------------------
 
 
+def tie_ranks(x_PxN: jnp.ndarray, valid_PxN: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per entry: #valid entries of its row strictly below it, and #valid entries <= it.
+
+    One stable argsort per row; tie groups are found on the sorted row with running
+    max / min of group boundaries (O(n log n), no binary searches).
+    """
+    def one(x, v):
+        n = x.shape[0]
+        order = jnp.argsort(jnp.where(v, x, jnp.inf), stable=True)
+        s = jnp.where(v, x, jnp.inf)[order]
+        idx = jnp.arange(n)
+        differs = s[1:] != s[:-1]
+        first = jax.lax.cummax(jnp.where(jnp.concatenate([jnp.array([True]), differs]), idx, 0))
+        last = jax.lax.cummin(jnp.where(jnp.concatenate([differs, jnp.array([True])]), idx, n - 1), reverse=True)
+        lt = jnp.zeros(n, idx.dtype).at[order].set(first)
+        le = jnp.zeros(n, idx.dtype).at[order].set(last + 1)
+        return lt, le
+    return jax.vmap(one)(x_PxN, valid_PxN)
+
+
 def _mid_cdf(gold_PxN: jnp.ndarray, valid_PxN: jnp.ndarray) -> jnp.ndarray:
     """Empirical CDF of gold at each sample with ties counted half: (#< + #<=) / (2 n)."""
-    def one(g, v):
-        s = jnp.sort(jnp.where(v, g, jnp.inf))
-        lt = jnp.searchsorted(s, g, side="left")
-        le = jnp.searchsorted(s, g, side="right")
-        return (lt + le) / (2 * jnp.sum(v))
-    return jax.vmap(one)(gold_PxN, valid_PxN).astype(gold_PxN.dtype)
+    lt, le = tie_ranks(gold_PxN, valid_PxN)
+    n = jnp.sum(valid_PxN, axis=-1, keepdims=True)
+    return ((lt + le) / (2 * n)).astype(gold_PxN.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
@@ -242,12 +284,16 @@ def _from_samples(gold_PxN, proxy_PxN, valid_PxN, beta_K, batch_size):
     proxy_PxN = jnp.where(valid_PxN, proxy_PxN, 0)
     gold_PxN = jnp.where(valid_PxN, gold_PxN, 0)
 
-    def one(beta):
-        (win, reward), kl = tilt_stats(proxy_PxN / beta, w_PxN, (cdf_PxN, gold_PxN))
+    def chunk(beta_C):
+        (win, reward), kl = tilt_stats(proxy_PxN, w_PxN, (cdf_PxN, gold_PxN), beta_C)
         return win, reward, kl
 
-    # lax.map bounds the memory to batch_size betas x all samples at a time.
-    return jax.lax.map(one, beta_K, batch_size=batch_size)
+    # Chunks of betas bound the memory to chunk x all samples at a time.
+    k = beta_K.shape[0]
+    pad = -k % batch_size
+    beta_CxB = jnp.concatenate([beta_K, jnp.ones((pad,), beta_K.dtype)]).reshape(-1, batch_size)
+    out = jax.lax.map(chunk, beta_CxB)
+    return tuple(o.reshape((-1,) + o.shape[2:])[:k] for o in out)
 
 
 def tilted_from_samples(gold: Any, proxy: Any, beta: Any, *, valid: Any = None) -> TiltedStats:

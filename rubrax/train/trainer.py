@@ -130,9 +130,16 @@ class TrainResult:
 
 
 def make_train_step(
-    loss_fn: LossFn, tx: optax.GradientTransformation, trainable_mask: Any | None = None
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    trainable_mask: Any | None = None,
+    lr_schedule: optax.Schedule | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure update step, jitted with the state donated. Batch leaves are [A, M, ...]."""
+    """The pure update step, jitted with the state donated. Batch leaves are [A, M, ...].
+
+    Metrics: the loss_fn metrics averaged over micro-batches, the gradient norm (after
+    masking, before clipping) and, given `lr_schedule`, the learning rate of this update.
+    """
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -151,7 +158,9 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32)), metrics_A)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        if lr_schedule is not None:
+            metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     return jax.jit(step, donate_argnums=0)
@@ -265,15 +274,16 @@ def train(
     tx = make_optimizer(cfg.optim, total, trainable_mask)
     schedule = make_schedule(cfg.optim, total)
     sharder = _Sharder(cfg.data_parallel, cfg.micro_batch_size)
-    # A copy: the step donates its state, and the caller's params must stay usable.
-    state = init_state(jax.tree.map(jnp.copy, sharder.replicate(params)), tx)
+    # Jitted: one compile instead of one per leaf, and the outputs are fresh buffers, so
+    # the step can donate its state while the caller's params stay usable.
+    state = jax.jit(init_state, static_argnums=1)(sharder.replicate(params), tx)
     history: list[dict[str, float]] = []
     if ckpt_dir is not None and checkpoint.latest_step(ckpt_dir) is not None:
         restored, extra = checkpoint.restore(ckpt_dir, _state_dict(state))
         state = TrainState(**restored)
         history = list(extra.get("eval_history", []))
     start = int(state.step)
-    step_fn = make_train_step(loss_fn, tx, trainable_mask)
+    step_fn = make_train_step(loss_fn, tx, trainable_mask, schedule)
     eval_jit = jax.jit(eval_fn) if eval_fn is not None else None
     eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
     per_epoch = cfg.steps_per_epoch(n)
@@ -283,7 +293,6 @@ def train(
     def log(step: int, metrics: dict[str, Any]) -> None:
         nonlocal last
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        last["lr"] = float(schedule(step - 1))
         if writer:
             writer.write(step, {f"train/{k}": v for k, v in last.items()})
         bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)

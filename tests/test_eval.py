@@ -1,0 +1,102 @@
+"""rubrax.eval: win rate with bootstrap intervals, Table-2 agreement, `rubrax eval winrate`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import numpy as np
+import pytest
+from fake_openai_server import FakeOpenAIServer
+
+from rubrax.cli import main as rubrax_main
+from rubrax.eval.agreement import Pair, agreement, assign_regions, preference, rubric_agreement
+from rubrax.eval.winrate import WinItem, bootstrap_ci, judge_outcome, win_rate
+from rubrax.rewards.rubric import Criterion, Rubric, RubricReward
+
+
+def test_bootstrap_matches_normal_approximation():
+    rng = np.random.default_rng(1)
+    x = (rng.random(400) < 0.3).astype(float)
+    lo, hi = bootstrap_ci(x, n_boot=4000, seed=0)
+    p, se = x.mean(), math.sqrt(x.mean() * (1 - x.mean()) / x.size)
+    assert lo == pytest.approx(p - 1.96 * se, abs=0.01) and hi == pytest.approx(p + 1.96 * se, abs=0.01)
+    assert bootstrap_ci([1.0] * 10) == (1.0, 1.0)
+
+
+def test_win_rate_excludes_and_counts_failures():
+    wr = win_rate([1, 0, None, 1, 0.5, None], n_boot=200)
+    assert wr.win_rate == pytest.approx(2.5 / 4) and wr.n == 4 and wr.failed == 2
+    assert wr.ci_low <= wr.win_rate <= wr.ci_high
+    empty = win_rate([None])
+    assert math.isnan(empty.win_rate) and empty.failed == 1
+
+
+class FirstShownJudge:
+    """Always prefers whatever is shown first: pure position bias."""
+
+    async def compare(self, prompt, a, b, *, key, swap=None):
+        swap = (hash(key) % 2 == 1) if swap is None else swap
+        return "b" if swap else "a"
+
+
+def test_both_orders_cancel_position_bias():
+    item = WinItem("k", "p", "resp", "ref")
+    assert asyncio.run(judge_outcome(FirstShownJudge(), item, both_orders=True)) == 0.5
+
+
+def test_agreement_by_region_hand_computed():
+    pairs = [
+        Pair("1", "q", "a", "b", "a", 0.9, 0.8),  # high
+        Pair("2", "q", "a", "b", "b", 0.9, 0.95),  # high
+        Pair("3", "q", "a", "b", "a", 0.2, 0.1),  # low
+        Pair("4", "q", "a", "b", "b", 0.1, 0.3),  # low
+        Pair("5", "q", "a", "b", "a", region="high"),
+    ]
+    regions = assign_regions(pairs)
+    assert regions == ["high", "high", "low", "low", "high"]
+    prefs = ["a", "tie", "a", "a", None]
+    out = agreement(prefs, pairs, regions)
+    assert out["high"] == {"agreement": 0.5, "n": 2, "ties": 1, "invalid": 1}
+    assert out["low"] == {"agreement": 0.5, "n": 2, "ties": 0, "invalid": 0}
+    assert out["all"]["agreement"] == 0.5 and out["all"]["n"] == 4
+    assert agreement(prefs, pairs, regions, tie_credit=0.5)["high"]["agreement"] == 0.75
+    assert preference(0.5, 0.5) == "tie" and preference(None, 1.0) is None
+
+
+def test_rubric_agreement_with_rubric_reward():
+    class KeywordVerifier:
+        async def grade(self, rubric, response):
+            return {c.id: "yes" if c.text in response else "no" for c in rubric.criteria}
+
+    rubric = Rubric("p", "q", (Criterion("c1", "good", 2), Criterion("c2", "great", 1)))
+    pairs = [
+        Pair("p", "q", "good great", "good", "a", region="high"),  # rubric 1.0 vs 0.67: agrees
+        Pair("p", "q", "good", "good great", "a", region="high"),  # disagrees
+        Pair("p", "q", "nothing", "good", "b", region="low"),  # agrees
+    ]
+    out = asyncio.run(rubric_agreement(RubricReward([rubric], KeywordVerifier(), k=5), pairs))
+    assert out["high"]["agreement"] == 0.5 and out["low"]["agreement"] == 1.0
+
+
+def test_cli_winrate(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    with open(tmp_path / "resp.jsonl", "w") as f, open(tmp_path / "ref.jsonl", "w") as g:
+        for i in range(20):
+            # the fake judge prefers more distinct words: responses 0..14 win, 15..19 lose
+            rich = "alpha bravo charlie delta echo" if i < 15 else "alpha"
+            f.write(json.dumps({"prompt_id": f"p{i}", "response_id": "policy", "prompt": f"q{i}", "response": rich}) + "\n")
+            g.write(json.dumps({"prompt_id": f"p{i}", "response_id": "ref", "prompt": f"q{i}", "response": "alpha bravo"}) + "\n")
+    args = ["eval", "winrate", "--responses", str(tmp_path / "resp.jsonl"), "--references", str(tmp_path / "ref.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+            "--model", "m", "--cache-dir", str(tmp_path / "c"), "--bootstrap", "500", "--no-progress"]
+    with FakeOpenAIServer() as srv:
+        assert rubrax_main([*args, "--base-url", srv.base_url]) == 0
+        first = capsys.readouterr().out.strip().splitlines()[-1]
+        assert first.startswith("win_rate=0.7500 ") and "n=20 failed=0" in first
+        calls = srv.ok
+        assert calls == 20
+        assert rubrax_main([*args, "--base-url", srv.base_url]) == 0  # resumed: nothing to do
+        assert srv.ok == calls and capsys.readouterr().out.strip().splitlines()[-1] == first
+    outcomes = [json.loads(x)["outcome"] for x in open(tmp_path / "o.jsonl")]
+    assert outcomes == [1.0] * 15 + [0.0] * 5

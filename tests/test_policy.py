@@ -1,0 +1,183 @@
+"""Policy log-probabilities and the KV-cached sampler on tiny random models."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rubrax.models import ModelConfig, forward, init_params
+from rubrax.models import llama
+from rubrax.policy import SampleConfig, _sample_rows, logprobs, sample
+
+CONFIG = ModelConfig.tiny()
+
+
+@pytest.fixture(scope="module")
+def params():
+    # Larger-than-init weights so the distribution is far from uniform and argmax is stable.
+    p = init_params(CONFIG, jax.random.key(0))
+    return jax.tree.map(lambda x: x * 4 if x.ndim >= 2 else x, p)
+
+
+def left_padded(rows, width):
+    tokens = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    return tokens, mask
+
+
+def test_logprobs_are_gathered_log_softmax(params):
+    tokens, mask = left_padded([[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]], 6)
+    logp = np.asarray(logprobs(params, tokens, mask, config=CONFIG))
+    full = np.asarray(jax.nn.log_softmax(forward(params, jnp.asarray(tokens), config=CONFIG,
+                                                 mask_BxT=jnp.asarray(mask))))
+    for b, t in [(0, 3), (0, 5), (1, 1), (1, 5)]:
+        assert logp[b, t] == pytest.approx(full[b, t - 1, tokens[b, t]], abs=1e-5)
+    # Zero on padding and on each row's first real token; padding leaves the rest unchanged.
+    np.testing.assert_array_equal(logp[0, :3], 0.0)
+    assert logp[1, 0] == 0.0
+    alone = np.asarray(logprobs(params, tokens[:1, 2:], mask[:1, 2:], config=CONFIG))
+    np.testing.assert_allclose(alone[0], logp[0, 2:], atol=1e-5)
+
+
+def test_kv_cache_decoding_equals_full_recomputation(params):
+    tokens, mask = left_padded([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25]], 10)
+    full = forward(params, jnp.asarray(tokens), config=CONFIG, mask_BxT=jnp.asarray(mask))
+    prefix = 6
+    kv_mask = jnp.asarray(mask)
+    positions = llama.default_positions(kv_mask)
+    cache = llama.init_cache(CONFIG, 2, 10)
+    h, cache = llama.forward_with_cache(params, jnp.asarray(tokens[:, :prefix]),
+                                        positions[:, :prefix], kv_mask, cache, 0, config=CONFIG)
+    steps = [llama.lm_logits(params, h, config=CONFIG)]
+    for t in range(prefix, 10):
+        h, cache = llama.forward_with_cache(params, jnp.asarray(tokens[:, t:t + 1]),
+                                            positions[:, t:t + 1], kv_mask, cache, t,
+                                            config=CONFIG)
+        steps.append(llama.lm_logits(params, h, config=CONFIG))
+    cached = jnp.concatenate(steps, axis=1)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-5)
+
+
+def test_greedy_is_argmax_deterministic_and_consistent(params):
+    tokens, mask = left_padded([[5, 6, 7], [9, 10, 11, 12, 13]], 5)
+    cfg = SampleConfig(max_new_tokens=6, temperature=0.0, n=2, stop_token_ids=(),
+                       prompt_bucket=8)
+    out = sample(params, tokens, mask, jax.random.key(0), cfg, config=CONFIG)
+    again = sample(params, tokens, mask, jax.random.key(123), cfg, config=CONFIG)
+    np.testing.assert_array_equal(out.tokens, again.tokens)
+    np.testing.assert_array_equal(out.tokens[0], out.tokens[1])  # prompt-major rows
+    np.testing.assert_array_equal(out.mask, 1)
+    # Full recomputation over prompt + completion: every generated token is the argmax
+    # and the sampler's logprobs equal `logprobs` of the sampled tokens.
+    seq = np.concatenate([np.repeat(tokens, 2, 0), np.asarray(out.tokens)], axis=1)
+    seq_mask = np.concatenate([np.repeat(mask, 2, 0), np.asarray(out.mask)], axis=1)
+    logits = np.asarray(forward(params, jnp.asarray(seq), config=CONFIG,
+                                mask_BxT=jnp.asarray(seq_mask)))
+    np.testing.assert_array_equal(logits[:, 4:-1].argmax(-1), np.asarray(out.tokens))
+    logp = np.asarray(logprobs(params, seq, seq_mask, config=CONFIG))[:, 5:]
+    np.testing.assert_allclose(np.asarray(out.logprobs), logp, atol=1e-5)
+
+
+def test_sampled_logprobs_are_untruncated_model_logprobs(params):
+    tokens, mask = left_padded([[5, 6, 7], [9, 10, 11, 12, 13]], 5)
+    cfg = SampleConfig(max_new_tokens=8, temperature=0.7, top_k=20, top_p=0.9, n=3,
+                       stop_token_ids=(), prompt_bucket=8)
+    out = sample(params, tokens, mask, jax.random.key(1), cfg, config=CONFIG)
+    assert out.tokens.shape == (6, 8)
+    seq = np.concatenate([np.repeat(tokens, 3, 0), np.asarray(out.tokens)], axis=1)
+    seq_mask = np.concatenate([np.repeat(mask, 3, 0), np.asarray(out.mask)], axis=1)
+    logp = np.asarray(logprobs(params, seq, seq_mask, config=CONFIG))[:, 5:]
+    np.testing.assert_allclose(np.asarray(out.logprobs), logp, atol=1e-5)
+    assert len({tuple(r) for r in np.asarray(out.tokens)}) > 1  # samples differ
+
+
+def test_padding_and_batching_do_not_change_samples(params):
+    cfg = SampleConfig(max_new_tokens=8, temperature=1.0, n=2, stop_token_ids=(),
+                       prompt_bucket=4, batch_bucket=4)
+    alone = sample(params, *left_padded([[5, 6, 7]], 3), jax.random.key(2), cfg, config=CONFIG)
+    # Same prompt as row 0, left-padded to width 9 next to a longer prompt; rows padded to 8.
+    batch = sample(params, *left_padded([[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [4]], 9),
+                   jax.random.key(2), cfg, config=CONFIG)
+    assert batch.tokens.shape == (6, 8)
+    np.testing.assert_array_equal(batch.tokens[:2], alone.tokens)
+    np.testing.assert_allclose(batch.logprobs[:2], alone.logprobs, atol=1e-5)
+
+
+def test_stop_tokens_end_sequences(params):
+    tokens, mask = left_padded([[5, 6, 7], [9, 10, 11, 12, 13]], 5)
+    greedy = SampleConfig(max_new_tokens=8, temperature=0.0, stop_token_ids=(), prompt_bucket=8)
+    free = np.asarray(sample(params, tokens, mask, jax.random.key(0), greedy,
+                             config=CONFIG).tokens)
+    stop = int(free[0, 2])
+    first = [int(np.flatnonzero(row == stop)[0]) if stop in row else None for row in free]
+    cfg = SampleConfig(max_new_tokens=8, temperature=0.0, stop_token_ids=(stop,),
+                       pad_token_id=255, prompt_bucket=8)
+    out = sample(params, tokens, mask, jax.random.key(0), cfg, config=CONFIG)
+    for row, f in enumerate(first):
+        end = 8 if f is None else f + 1
+        np.testing.assert_array_equal(out.tokens[row, :end], free[row, :end])
+        np.testing.assert_array_equal(out.mask[row], np.arange(8) < end)
+        np.testing.assert_array_equal(out.tokens[row, end:], 255)
+        np.testing.assert_array_equal(out.logprobs[row, end:], 0.0)
+    assert first[0] is not None and first[0] <= 2
+
+
+def constant_distribution_model(probs):
+    """An untied model whose next-token distribution is `probs` after every context."""
+    V = len(probs)
+    config = ModelConfig.tiny(vocab_size=V, tie_word_embeddings=False, eos_token_id=None)
+    params = jax.tree.map(jnp.zeros_like, init_params(config, jax.random.key(0)))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.ones_like(x) if path[-1].key in ("scale", "embedding") else x, params)
+    # Final norm of an all-ones hidden state is all ones, so logits = column sums / D * D.
+    log_p = np.log(np.asarray(probs, np.float32))
+    params["lm_head"]["kernel"] = jnp.tile(jnp.asarray(log_p)[None] / config.hidden_size,
+                                           (config.hidden_size, 1))
+    return params, config
+
+
+def test_top_k_and_top_p_never_emit_excluded_tokens():
+    probs = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    params, config = constant_distribution_model(probs)
+    tokens, mask = left_padded([[1, 2]], 2)
+    logits = forward(params, jnp.asarray(tokens), config=config)
+    np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits[0, -1])), probs, atol=1e-5)
+    # top_k=3 keeps {0,1,2}; top_p=0.75 keeps {0,1,2} (mass before token 2 is 0.65 < 0.75,
+    # before token 3 it is 0.8); top_p=0.6 with top_k=4 keeps {0,1}.
+    for top_k, top_p, kept in [(3, 1.0, 3), (0, 0.75, 3), (4, 0.6, 2)]:
+        cfg = SampleConfig(max_new_tokens=64, temperature=1.0, top_k=top_k, top_p=top_p,
+                           n=32, stop_token_ids=())
+        out = np.asarray(sample(params, tokens, mask, jax.random.key(top_k), cfg,
+                                config=config).tokens)
+        counts = np.bincount(out.ravel(), minlength=len(probs))
+        assert counts[kept:].sum() == 0, (top_k, top_p, counts)
+        expected = probs[:kept] / probs[:kept].sum() * out.size
+        assert np.all(np.abs(counts[:kept] - expected) < 5 * np.sqrt(expected)), counts
+
+
+def test_one_compilation_per_bucket(params):
+    cfg = SampleConfig(max_new_tokens=4, temperature=0.0, stop_token_ids=(), prompt_bucket=16,
+                       batch_bucket=4)
+    before = _sample_rows._cache_size()
+    for rows in ([[1, 2, 3]], [[4, 5, 6, 7, 8, 9, 10]], [[1, 2], [3, 4, 5, 6, 7, 8, 9, 10, 11]]):
+        sample(params, *left_padded(rows, 12), jax.random.key(0), cfg, config=CONFIG)
+    assert _sample_rows._cache_size() - before == 1
+
+
+def test_bad_prompts_raise_clear_errors(params):
+    cfg = SampleConfig(max_new_tokens=8, max_length=10)
+    with pytest.raises(ValueError, match=r"prompt of 5 tokens \+ max_new_tokens=8 exceeds"):
+        sample(params, *left_padded([[1, 2, 3, 4, 5]], 5), jax.random.key(0), cfg,
+               config=CONFIG)
+    right_padded = (np.array([[1, 2, 0]]), np.array([[1, 1, 0]]))
+    with pytest.raises(ValueError, match="left-padded"):
+        sample(params, *right_padded, jax.random.key(0), SampleConfig(max_new_tokens=2),
+               config=CONFIG)
+    with pytest.raises(ValueError, match="top_p"):
+        SampleConfig(max_new_tokens=2, top_p=0.0)
