@@ -9,7 +9,10 @@ flight (default 64), in both verifier modes:
   per_criterion: one call per criterion (N x C calls)
 
 Ideal time = calls x latency / concurrency; fraction of ideal = ideal / measured (target
->= 0.8). A second run on the warm cache must make zero calls. Peer, measured in the same
+>= 0.8). A second run on the warm cache must make zero calls. Also printed:
+cpu_headroom = (calls per client CPU-second) / (concurrency / latency), the margin the
+client has over the ideal call rate when it gets a whole core (on a loaded machine the
+wall-clock fraction mostly measures the other processes). Peer, measured in the same
 run: the same "all"-mode calls sent with the bare `openai` SDK (AsyncOpenAI + a semaphore,
 no cache), as a fraction of the same ideal.
 
@@ -120,6 +123,8 @@ def main() -> None:
                 print(f"{mode:>13}: CPU per call: client {1e3 * client_cpu / calls:.2f} ms, server {1e3 * server_cpu / calls:.2f} ms; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
                 ideal = calls * args.latency / args.concurrency
                 figures[f"{mode}_fraction"] = ideal / dt
+                # Load-independent: calls per client CPU-second over the rate the ideal needs.
+                figures[f"{mode}_cpu_headroom"] = (calls / client_cpu) / (args.concurrency / args.latency)
                 print(f"{mode:>13}: {calls} calls in {dt:.2f} s (ideal {ideal:.2f} s) -> {ideal / dt:.3f} of ideal, {calls / dt:.0f} calls/s", flush=True)
                 before = server_stats(port)["requests"]
                 dt_warm, warm = asyncio.run(run_grading(port, responses, rubrics, mode, cache, out + ".warm", args.concurrency))

@@ -77,7 +77,7 @@ def test_429_retry_after_is_honoured(server, transport):
 def test_500_timeout_and_malformed_bodies_are_retried(server):
     server.faults = [Fault("500", attempts=1)]
     assert asyncio.run(chat_once(cfg(server)))[0] == "reply to hello"
-    server.faults = [Fault("timeout", attempts=1, delay=3.0)]
+    server.faults = [Fault("timeout", attempts=1, delay=1.0)]
     t0 = time.perf_counter()
     text, stats = asyncio.run(chat_once(cfg(server, timeout_s=0.3), [{"role": "user", "content": "slow"}]))
     assert text == "reply to slow" and stats.retries == 1 and time.perf_counter() - t0 < 2.5
@@ -187,3 +187,20 @@ def test_batch_api_fills_cache_and_resumes(server, tmp_path):
     assert stored == 5 and texts == [f"reply to b{i}" for i in range(5)]
     assert server.requests == 0 and stats.cache_hits == 5 and stats.calls == 0
     assert not [f for f in os.listdir(tmp_path / "cache") if f.startswith("batch-")]
+
+
+def test_cache_log_survives_a_torn_line_and_shares_between_processes(tmp_path):
+    from rubrax.elicit.cache import CACHE_FILE, ResponseCache
+
+    a = ResponseCache(tmp_path)
+    a.put("a" * 64, {"content": "one"})
+    b = ResponseCache(tmp_path)  # a second writer on the same log
+    b.put("b" * 64, {"content": "two"})
+    a.put("c" * 64, {"content": "three"})
+    assert a.get("c" * 64) == {"content": "three"} and b.get("b" * 64) == {"content": "two"}
+    with open(tmp_path / CACHE_FILE, "ab") as f:  # a crash in the middle of a line
+        f.write(b"d" * 64 + b'\t{"content": "fo')
+    c = ResponseCache(tmp_path)
+    assert sorted(c.keys()) == ["a" * 64, "b" * 64, "c" * 64] and "d" * 64 not in c
+    c.put("e" * 64, {"content": "five"})
+    assert ResponseCache(tmp_path).get("e" * 64) == {"content": "five"} and len(ResponseCache(tmp_path)) == 4

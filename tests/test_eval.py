@@ -100,3 +100,24 @@ def test_cli_winrate(tmp_path, capsys, monkeypatch):
         assert srv.ok == calls and capsys.readouterr().out.strip().splitlines()[-1] == first
     outcomes = [json.loads(x)["outcome"] for x in open(tmp_path / "o.jsonl")]
     assert outcomes == [1.0] * 15 + [0.0] * 5
+
+
+def test_cli_agreement(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    (tmp_path / "rubrics.jsonl").write_text(json.dumps({"prompt_id": "p", "prompt": "q", "rubrics": [{"criterion": 'Mentions "apple"', "weight": 2}, {"criterion": 'Mentions "pear"', "weight": 1}]}) + "\n")
+    rows = [
+        {"prompt_id": "p", "prompt": "q", "response_a": "apple pear", "response_b": "apple", "gold": "a", "region": "high"},  # agrees
+        {"prompt_id": "p", "prompt": "q", "response_a": "pear", "response_b": "apple", "gold": "a", "region": "high"},  # disagrees
+        {"prompt_id": "p", "prompt": "q", "response_a": "none", "response_b": "pear", "gold": "b", "gold_reward_a": 0.1, "gold_reward_b": 0.2, "region": "low"},
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with FakeOpenAIServer() as srv:
+        code = rubrax_main(["eval", "agreement", "--pairs", str(tmp_path / "pairs.jsonl"), "--rubrics", str(tmp_path / "rubrics.jsonl"), "--k", "3",
+                            "--base-url", srv.base_url, "--model", "m", "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+        assert code == 0 and srv.ok == 4 * 3  # 4 distinct responses x 3 votes (seeded, so distinct requests)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "high_agreement=0.5000 high_n=2" in last and "low_agreement=1.0000 low_n=1" in last
+    rows[0]["gold"] = "c"
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert rubrax_main(["eval", "agreement", "--pairs", str(tmp_path / "bad.jsonl"), "--rubrics", str(tmp_path / "rubrics.jsonl"), "--model", "m", "--base-url", "http://127.0.0.1:9/v1"]) == 2
+    assert "bad.jsonl:1: field 'gold'" in capsys.readouterr().err

@@ -40,8 +40,8 @@ def run(steps, *, rl=None, reward=None, prompts=None, mesh=ONE_DEVICE, **loop_kw
 
 @pytest.mark.slow
 def test_reward_rises_and_high_kl_keeps_policy_near_reference():
-    free = run(30, rl=RLConfig(group_size=G, kl_coef=1e-4))
-    tied = run(30, rl=RLConfig(group_size=G, kl_coef=1.0))
+    free = run(20, rl=RLConfig(group_size=G, kl_coef=1e-4))
+    tied = run(20, rl=RLConfig(group_size=G, kl_coef=1.0))
     r_free = [h["reward_mean"] for h in free.history]
     r_tied = [h["reward_mean"] for h in tied.history]
     # chance level is 1/26 per word; the free policy learns to say "yes" almost always
@@ -54,7 +54,7 @@ def test_reward_rises_and_high_kl_keeps_policy_near_reference():
     held_out = load_prompts(toy_prompts(8, seed=9), TOK, max_prompt_tokens=8)
     hook = reward_eval_hook(held_out, TargetWordReward(target="yes"), TOK, CONFIG,
                             SampleConfig(max_new_tokens=6, n=1, temperature=0.0, prompt_bucket=8), max_prompt_tokens=8)
-    assert hook(30, free.state.params)["reward_mean"] > 0.9
+    assert hook(20, free.state.params)["reward_mean"] > 0.9
 
 
 DEVICE_KEYS = ("reward_mean", "loss", "kl", "entropy", "grad_norm", "clip_frac", "response_len_mean")
@@ -63,20 +63,21 @@ DEVICE_KEYS = ("reward_mean", "loss", "kl", "entropy", "grad_norm", "clip_frac",
 @pytest.mark.parametrize("overlap", ["sync", "one_step_off_policy"])
 def test_stop_and_resume_matches_uninterrupted(tmp_path, overlap):
     rl = RLConfig(group_size=G, kl_coef=0.05, ppo_epochs=2, num_minibatches=2)
-    full = run(4, rl=rl, overlap=overlap, out_dir=str(tmp_path / "full"), checkpoint_every=2)
-    first = run(4, rl=rl, overlap=overlap, out_dir=str(tmp_path / "cut"), checkpoint_every=2, stop_after=2)
+    full = run(3, rl=rl, overlap=overlap, out_dir=str(tmp_path / "full"), checkpoint_every=2)
+    first = run(3, rl=rl, overlap=overlap, out_dir=str(tmp_path / "cut"), checkpoint_every=2, stop_after=2)
     assert int(first.state.step) == 2
-    resumed = run(4, rl=rl, overlap=overlap, out_dir=str(tmp_path / "cut"), checkpoint_every=2)
-    assert [h["step"] for h in resumed.history] == [2, 3]
+    resumed = run(3, rl=rl, overlap=overlap, out_dir=str(tmp_path / "cut"), checkpoint_every=2)
+    assert [h["step"] for h in resumed.history] == [2]
     a = {r["step"]: r for r in read_metrics(tmp_path / "full" / "metrics.jsonl")}
     b = {r["step"]: r for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")}
-    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    assert sorted(a) == sorted(b) == [0, 1, 2]
     for s in a:
         for k in DEVICE_KEYS:
             assert a[s][k] == b[s][k], (s, k)
     for x, y in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert full.trainer.update_fn._cache_size() == 1  # one compilation over the 4 steps
+    # one compilation for all three runs (and both overlap modes): same config, same shapes
+    assert resumed.trainer is full.trainer and full.trainer.update_fn._cache_size() == 1
 
 
 class FlakyJudge(RewardFnBase):

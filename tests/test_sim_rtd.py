@@ -64,7 +64,8 @@ def test_sim_agents_drive_rubric_reward_and_keep_rubric_on_failure():
     out = reward([p.text, p.text], [good, "so"], prompt_id=[p.id, p.id])
     assert out.valid.all()
     assert out.scores[0] == pytest.approx(1.0)
-    assert out.scores[1] == pytest.approx(0.0)
+    # "so": one word, no criterion met but "repeats no word more than 2 times" (weight 1)
+    assert out.scores[1] == pytest.approx(1 / sum(c.weight for c in initial.criteria))
 
 
 def test_presets_parse_and_bad_config_fails_before_training():

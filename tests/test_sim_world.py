@@ -155,6 +155,7 @@ def test_word_tokenizer_round_trip_and_chat_template(world):
         (Predicate("count", a="x", lo=1, hi=2), "x a x", "x x x"),
         (Predicate("order", a="x", b="y"), "y x y", "y x"),
         (Predicate("length", lo=2, hi=3), "a b c", "a b c d"),
+        (Predicate("max_repeat", hi=2), "x y x y", "x y x x"),
     ],
 )
 def test_predicates_check_and_round_trip(pred, yes, no):
@@ -180,6 +181,7 @@ def test_initial_proposal_knows_only_the_prompt(world):
     p = world.prompts[2]
     crit = run(SimProposer(world).propose(p.id, p.text))
     words = {w for c in crit for w in parse_predicate(c.text).words()}
+    assert Predicate("max_repeat", hi=2).text in {c.text for c in crit}  # a general norm, not a hidden requirement
     assert {p.topic, p.aspect} <= words
     assert set(p.decoys) <= words  # the plausible wrong guesses
     assert not words & (set(p.advanced) | set(p.excellent))
@@ -220,6 +222,10 @@ def test_verifier_checks_predicates_with_error_rate(world):
     flips = [noisy.grade_sync(rubric, f"{p.topic} w{i}")["c1"] == "no" for i in range(400)]
     assert 0.22 < np.mean(flips) < 0.38
     assert noisy.grade_sync(rubric, f"{p.topic} w1") == noisy.grade_sync(rubric, f"{p.topic} w1")  # deterministic
+    # word salad: 3 of 5 words are repeats (0.6 > 0.4) -> no criterion is credited
+    exact = SimVerifier(VerifierConfig(error_rate=0.0))
+    assert exact.grade_sync(rubric, f"{p.topic} {p.topic} {p.topic} {p.topic} so")["c1"] == "no"
+    assert exact.grade_sync(rubric, f"{p.topic} {p.topic} so it")["c1"] == "yes"  # 0.25: still read as an answer
 
 
 def test_sim_gold_reward_is_registered(world):

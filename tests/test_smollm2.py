@@ -1,5 +1,6 @@
-"""Real SmolLM2-135M-Instruct, converted offline from the bundled GGUF, against transformers
-loading the same GGUF itself (its own dequantization and Q/K un-permutation)."""
+"""Real SmolLM2-135M-Instruct converted offline from the bundled GGUF: the conversion against
+transformers' GGUF reader, logits and greedy completion against transformers' PyTorch Llama,
+and the tokenizer against transformers' GGUF tokenizer."""
 
 import jax
 import jax.numpy as jnp

@@ -58,8 +58,9 @@ def load_rubrics_arg(spec: str, scale: str | None = None) -> Any:
     return load_rubrics(spec, scale=scale)
 
 
-def print_summary(command: str, job: Any, *clients: Any) -> None:
-    print(f"rubrax {command}: {job.line()}", file=sys.stderr)
+def print_summary(command: str, line: str, *clients: Any) -> None:
+    """The end-of-job summary on stderr: the job's counts, then each client's calls, cache hits, tokens, cost."""
+    print(f"rubrax {command}: {line}", file=sys.stderr)
     for c in clients:
         print(f"  {c.config.model}: {c.stats.summary()}", file=sys.stderr)
 
@@ -85,7 +86,7 @@ async def _grade(args: argparse.Namespace) -> int:
                 await asyncio.gather(*(grade_response(verifier, rubrics[r.prompt_id], r.response, k=args.k) for r in responses if r.prompt_id in rubrics))
             await client.submit_batch(bodies, poll_s=args.batch_poll_s)
         job = await grade_responses(responses, rubrics, verifier, args.out, mode=args.aggregate, k=args.k, workers=_workers(args), progress=not args.no_progress)
-        print_summary("rubrics grade", job, client)
+        print_summary("rubrics grade", job.line(), client)
     return 0
 
 
@@ -107,7 +108,7 @@ async def _propose(args: argparse.Namespace) -> int:
         job = await propose_rubrics(prompts, proposer, args.out, workers=_workers(args), progress=not args.no_progress)
         for pid, reason in proposer.failures[:10]:
             print(f"  proposal failed for {pid}: {reason}", file=sys.stderr)
-        print_summary("rubrics propose", job, client)
+        print_summary("rubrics propose", job.line(), client)
     return 0
 
 
@@ -128,7 +129,7 @@ async def _refine(args: argparse.Namespace) -> int:
             rubrics, pools, proposer, verifier, args.out, lineage, rounds=args.rounds, drop_used=not args.keep_used,
             seed=args.seed, mode=args.aggregate, workers=args.workers or max(1, args.concurrency // 4), progress=not args.no_progress,
         )
-        print_summary("rubrics refine", job, pclient, vclient)
+        print_summary("rubrics refine", job.line(), pclient, vclient)
     return 0
 
 

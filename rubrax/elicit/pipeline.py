@@ -79,7 +79,7 @@ async def run_workers(items: Iterable[Any], fn: Callable[[Any], Awaitable[None]]
     await asyncio.gather(*(worker() for _ in range(max(1, workers))))
 
 
-def _progress(total: int, desc: str, initial: int = 0) -> Any:
+def progress_bar(total: int, desc: str, initial: int = 0) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="item", disable=None, dynamic_ncols=True)
@@ -129,7 +129,7 @@ async def grade_responses(
     summary = JobSummary(items=len(responses))
     todo = [r for r in responses if r.key not in sink.done or sink.done[r.key].get("failures")]
     summary.resumed = len(responses) - len(todo)
-    bar = _progress(len(responses), "grade", summary.resumed) if progress else None
+    bar = progress_bar(len(responses), "grade", summary.resumed) if progress else None
 
     async def one(r: ResponseRecord) -> None:
         rubric = rubrics.get(r.prompt_id)
@@ -168,7 +168,7 @@ async def propose_rubrics(prompts: Sequence[tuple[str, str]], proposer: Any, out
     summary = JobSummary(items=len(prompts))
     todo = [(pid, p) for pid, p in prompts if pid not in sink.done]
     summary.resumed = len(prompts) - len(todo)
-    bar = _progress(len(prompts), "propose", summary.resumed) if progress else None
+    bar = progress_bar(len(prompts), "propose", summary.resumed) if progress else None
 
     async def one(item: tuple[str, str]) -> None:
         try:
@@ -228,7 +228,7 @@ async def refine_rubrics(
     summary = JobSummary(items=len(order))
     todo = [pid for pid in order if pid not in sink.done or pid not in lineage.done]
     summary.resumed = len(order) - len(todo)
-    bar = _progress(len(order), "refine", summary.resumed) if progress else None
+    bar = progress_bar(len(order), "refine", summary.resumed) if progress else None
 
     async def one(pid: str) -> None:
         result = await iterative_rtd(proposer, verifier, rubrics[pid], pools.get(pid, ()), rounds=rounds, drop_used=drop_used, seed=seed, mode=mode)

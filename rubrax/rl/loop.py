@@ -400,6 +400,31 @@ class _Logger:
             self.wandb.finish()
 
 
+_TRAINERS: dict[tuple, Trainer] = {}
+
+
+def _cached_trainer(rl, optim, loop, model_config, logits_fn, mesh, params, ref) -> Trainer:
+    """The Trainer (hence the compiled step) of an identical earlier run in this process.
+
+    Many runs with one configuration (the arms of an experiment, a notebook re-run)
+    then compile the update once. The key holds everything the executable depends on.
+    """
+    from rubrax.train.optim import make_optimizer
+
+    shapes = lambda tree: (jax.tree.structure(tree), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(tree)))
+    total = loop.total_steps * rl.optimizer_steps_per_update
+    key = (rl, optim, total, model_config, logits_fn, tuple(mesh.devices.flat), mesh.axis_names, loop.fsdp,
+           shapes(params), shapes(ref))
+    if key not in _TRAINERS:
+        if len(_TRAINERS) >= 8:
+            _TRAINERS.pop(next(iter(_TRAINERS)))
+        tx = make_optimizer(optim, total)
+        probe = TrainState.create(params, tx, seed=0)
+        trainer = Trainer(rl, logits_fn or model_logits_fn(model_config), tx, probe, ref, mesh=mesh, fsdp=loop.fsdp)
+        _TRAINERS[key] = trainer
+    return _TRAINERS[key]
+
+
 def train(
     *,
     params: Any,
@@ -427,7 +452,6 @@ def train(
     run_config: JSON-able description of the run, stored with checkpoints and W&B.
     """
     from rubrax.train import checkpoint
-    from rubrax.train.optim import make_optimizer
 
     if sample.n != rl.group_size:
         raise ValueError(f"SampleConfig.n={sample.n} must equal RLConfig.group_size={rl.group_size}")
@@ -436,12 +460,11 @@ def train(
     data = prompts if isinstance(prompts, PromptSet) else load_prompts(
         prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
     )
-    tx = make_optimizer(optim, loop.total_steps * rl.optimizer_steps_per_update)
     ref = None
     if rl.kl_coef > 0:  # a copy: the policy's buffers are donated to the update
         ref = jax.tree.map(jnp.array, params if ref_params is None else ref_params)
-    state = TrainState.create(params, tx, seed=loop.seed)
-    trainer = Trainer(rl, logits_fn or model_logits_fn(model_config), tx, state, ref, mesh=mesh or make_mesh(), fsdp=loop.fsdp)
+    trainer = _cached_trainer(rl, optim, loop, model_config, logits_fn, mesh or make_mesh(), params, ref)
+    state = TrainState.create(params, trainer.tx, seed=loop.seed)
     state, ref = trainer.place_state(state), trainer.place_ref(ref)
 
     ckpt_dir = os.path.join(loop.out_dir, "checkpoints") if loop.out_dir else None

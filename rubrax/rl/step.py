@@ -411,7 +411,7 @@ class Trainer:
     jitted update. Holds no training state of its own besides the compiled function."""
 
     def __init__(self, cfg: RLConfig, logits_fn: LogitsFn, tx, state: TrainState, ref_params: Any, *, mesh: Mesh | None = None, fsdp: bool = False):
-        self.cfg, self.mesh = cfg, mesh or make_mesh()
+        self.cfg, self.tx, self.mesh = cfg, tx, mesh or make_mesh()
         self.state_shardings = state_sharding(state, self.mesh, fsdp=fsdp)
         self.ref_shardings = param_sharding(ref_params, self.mesh, fsdp=fsdp)
         self.update_fn = make_update(cfg, logits_fn, tx, mesh=self.mesh, state_shardings=self.state_shardings, ref_shardings=self.ref_shardings)

@@ -1,0 +1,16 @@
+"""The tail world: a synthetic testbed with a known gold reward (README's main job).
+
+    rubrax sim run --preset cpu        # every arm of the paper's comparison, ~10 min on 2 CPU cores
+
+Modules: world (tasks, tiered hidden requirements, gold reward and judge), predicates
+(the criterion language), tokenizer (word level), generators (base demonstrations,
+"good" and "great" off-policy models with artifacts), agents (simulated proposer and
+verifier for the shared RTD code), rewards ("sim_gold"), presets (frozen configs),
+experiment (the arms), report (tables, figures, CSVs), cli.
+
+Importing this package is cheap (no jax); the experiment imports jax when it runs.
+"""
+
+from rubrax.sim.world import World, WorldConfig, make_world
+
+__all__ = ["World", "WorldConfig", "make_world"]

@@ -6,9 +6,11 @@ written in the predicate language of rubrax.sim.predicates.
 
 SimProposer
 * ``propose`` (prompt alone): knows only what the prompt reveals -- "mentions
-  <topic>", "mentions <aspect>" (weight 3) -- plus plausible but wrong guesses: it
-  asks for the prompt's decoy words (weight 2) and guesses a length range
-  (``guess_length``, default 8..24 words: wrong, since gold wants <= max_len).
+  <topic>", "mentions <aspect>" (weight 3) -- general writing norms any proposer
+  states without seeing a response ("repeats no word more than 2 times", weight 1;
+  ``max_repeat_norm``, 0 = off), plus plausible but wrong guesses: it asks for the
+  prompt's decoy words (weight 2) and guesses a length range (``guess_length``,
+  default 8..24 words: partly wrong, since gold wants <= max_len).
   It cannot name hidden advanced or excellent requirements.
 * ``refine`` (a pair): judges which response is better with its own noise
   (P(a better) = sigmoid((r*(a) - r*(b)) / judge_temperature)); then for every word
@@ -30,7 +32,12 @@ SimProposer
   LLM answer, and RTD keeps the previous rubric.
 SimVerifier
 * checks each criterion's predicate exactly, then flips the verdict with
-  probability ``error_rate``; unparseable text gets "unknown".
+  probability ``error_rate``; unparseable text gets "unknown";
+* reads the response as a whole, as an LLM grader does: a degenerate response
+  (more than ``degenerate_repetition`` of its words are repeats) earns "no" on every
+  criterion -- "daka daka puno daka" does not *explain* daka, whatever its words.
+  Between the gold penalty's onset (repetition_free=0.25) and this threshold the
+  verifier still credits criteria: a deliberate, exploitable gap.
 
 Randomness is a pure function of (seed, inputs): the same call gives the same
 answer, whatever the order of concurrent calls, as an LLM at temperature 0 would.
@@ -63,6 +70,9 @@ class ProposerConfig:
     p_notice_shared=0.25: rewrites sometimes add criteria for content both responses share.
     p_fail=0.05: occasional malformed answers exercise RTD's keep-on-failure path.
     guess_length=(8, 24): a plausible, wrong length guess (gold caps at max_len=18).
+    max_repeat_norm=2: the general "do not repeat yourself" norm an LLM proposer writes
+      from the prompt alone (LLM rubrics routinely carry clarity/coherence criteria);
+      without it a predicate verifier would credit "topic topic topic ..." fully.
     """
 
     seed: int = 0
@@ -71,8 +81,11 @@ class ProposerConfig:
     p_notice_shared: float = 0.25
     p_fail: float = 0.05
     guess_length: tuple[int, int] = (8, 24)
+    max_repeat_norm: int = 2
 
     def __post_init__(self) -> None:
+        if self.max_repeat_norm < 0:
+            raise ValueError(f"ProposerConfig.max_repeat_norm must be >= 0 (0 = off), got {self.max_repeat_norm}")
         if not self.judge_temperature > 0:
             raise ValueError(f"ProposerConfig.judge_temperature must be > 0, got {self.judge_temperature}")
         for name in ("p_superficial", "p_notice_shared", "p_fail"):
@@ -111,6 +124,8 @@ class SimProposer:
         preds += [(Predicate("contains", a=w), 2.0) for w in p.decoys]
         lo, hi = self.config.guess_length
         preds.append((Predicate("length", lo=lo, hi=hi), 1.0))
+        if self.config.max_repeat_norm:
+            preds.append((Predicate("max_repeat", hi=self.config.max_repeat_norm), 1.0))
         return [Criterion(id=f"c{i + 1}", text=pr.text, weight=w) for i, (pr, w) in enumerate(preds)]
 
     async def refine(self, rubric: Rubric, response_a: str, response_b: str) -> Sequence[Criterion] | None:
@@ -175,14 +190,22 @@ class SimProposer:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VerifierConfig:
-    """Simulated verifier. error_rate=0.05: GPT-4.1-mini misgrades a simple check now and then."""
+    """Simulated verifier.
+
+    error_rate=0.05: GPT-4.1-mini misgrades a simple check now and then.
+    degenerate_repetition=0.4: above this fraction of repeated words a response is word
+      salad to a reading grader (1.0 = never; the predicates alone then decide).
+    """
 
     seed: int = 0
     error_rate: float = 0.05
+    degenerate_repetition: float = 0.4
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.error_rate <= 1.0:
-            raise ValueError(f"VerifierConfig.error_rate must be a probability in [0, 1], got {self.error_rate}")
+        for name in ("error_rate", "degenerate_repetition"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"VerifierConfig.{name} must be a probability in [0, 1], got {v}")
 
 
 class SimVerifier:
@@ -195,13 +218,14 @@ class SimVerifier:
     def grade_sync(self, rubric: Rubric, response: str) -> dict[str, Verdict]:
         self.calls += 1
         words = words_of(response)
+        degenerate = bool(words) and 1.0 - len(set(words)) / len(words) > self.config.degenerate_repetition
         out: dict[str, Verdict] = {}
         for c in rubric.criteria:
             pred = parse_predicate(c.text)
             if pred is None:
                 out[c.id] = "unknown"
                 continue
-            truth = pred.check(words)
+            truth = pred.check(words) and not degenerate
             if self.config.error_rate > 0 and _rng(self.config.seed, "grade", c.text, response).random() < self.config.error_rate:
                 truth = not truth
             out[c.id] = "yes" if truth else "no"

@@ -168,15 +168,35 @@ class Rollouts:
     tokens_BxC: np.ndarray
     mask_BxC: np.ndarray
     logp_BxC: np.ndarray
+    kl_B: np.ndarray  # sum_t log pi(y_t) - log pi_base(y_t) per response (k1)
 
 
 def sample_policy(ctx: SeedContext, cfg: SimConfig, params: Any, key: Any, n: int) -> Rollouts:
+    """n samples per prompt (prompt-major rows), drawn in chunks of rl.group_size so that
+    every call has the rollout shape: one sampler and one logprob compilation in all."""
+    import jax
+
     from rubrax.policy import sample
 
-    out = sample(params, ctx.prompt_tokens_PxL, ctx.prompt_mask_PxL, key, sample_config(cfg, ctx.tokenizer, n), config=ctx.model_config)
-    tokens = np.asarray(out.tokens)
+    g = cfg.rl.group_size
+    if n % g:
+        raise ValueError(f"sample_policy: n={n} must be a multiple of rl.group_size={g}")
+    P = len(ctx.prompt_ids)
+    scfg = sample_config(cfg, ctx.tokenizer, g)
+    chunks = []
+    for c in range(n // g):
+        out = sample(params, ctx.prompt_tokens_PxL, ctx.prompt_mask_PxL, jax.random.fold_in(key, c), scfg, config=ctx.model_config)
+        tokens, mask, logp = (np.asarray(x) for x in (out.tokens, out.mask, out.logprobs))
+        chunks.append((tokens, mask, logp, _kl_to_base(ctx, g, tokens, mask, logp)))
+
+    def merge(k: int) -> np.ndarray:  # [chunks][P*g, ...] -> [P*n, ...], prompt-major
+        x = np.stack([ch[k] for ch in chunks])
+        x = x.reshape(len(chunks), P, g, *x.shape[2:]).swapaxes(0, 1)
+        return x.reshape(P * n, *x.shape[3:])
+
+    tokens = merge(0)
     texts = [ctx.tokenizer.decode_completion(row) for row in tokens]
-    return Rollouts(texts, np.repeat(np.arange(len(ctx.prompt_ids)), n), tokens, np.asarray(out.mask), np.asarray(out.logprobs))
+    return Rollouts(texts, np.repeat(np.arange(P), n), tokens, merge(1), merge(2), merge(3))
 
 
 @functools.lru_cache(maxsize=8)
@@ -188,15 +208,14 @@ def _ref_logprob_fn(model_config: Any):
     return jax.jit(functools.partial(logprobs, config=model_config))
 
 
-def kl_to_base(ctx: SeedContext, ro: Rollouts, n: int) -> np.ndarray:
+def _kl_to_base(ctx: SeedContext, n: int, tokens_BxC: np.ndarray, mask_BxC: np.ndarray, logp_BxC: np.ndarray) -> np.ndarray:
     """Per-response k1 estimate sum_t (log pi(y_t) - log pi_base(y_t)), from the sampler's logprobs."""
     prompt = np.repeat(ctx.prompt_tokens_PxL, n, axis=0)
     pmask = np.repeat(ctx.prompt_mask_PxL, n, axis=0)
-    tokens = np.concatenate([prompt, ro.tokens_BxC], axis=1).astype(np.int32)
-    mask = np.concatenate([pmask, ro.mask_BxC], axis=1).astype(np.int32)
+    tokens = np.concatenate([prompt, tokens_BxC], axis=1).astype(np.int32)
+    mask = np.concatenate([pmask, mask_BxC], axis=1).astype(np.int32)
     ref = np.asarray(_ref_logprob_fn(ctx.model_config)(ctx.base_params, tokens, mask))[:, prompt.shape[1]:]
-    m = ro.mask_BxC.astype(np.float64)
-    return ((ro.logp_BxC - ref) * m).sum(axis=1)
+    return ((logp_BxC - ref) * mask_BxC.astype(np.float64)).sum(axis=1)
 
 
 def _sft_arrays(tokenizer: WordTokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> dict[str, np.ndarray]:
@@ -445,7 +464,7 @@ def run_rl_arm(ctx: SeedContext, cfg: SimConfig, runner: RLRunner, arm: str, pro
         ro = sample_policy(ctx, cfg, state.params, jax.random.fold_in(root, step), g)
         gold = ctx.world.gold_rewards([ctx.prompt_ids[i] for i in ro.prompt_index], ro.texts)
         scores, valid = score_proxy(proxy, ctx, ro.prompt_index, ro.texts)
-        rows.append(_step_row(ctx, arm, step, ro, gold, scores, valid, kl_to_base(ctx, ro, g)))
+        rows.append(_step_row(ctx, arm, step, ro, gold, scores, valid, ro.kl_B))
         batch = make_batch(ctx.prompt_tokens_PxL, ctx.prompt_mask_PxL, ro.tokens_BxC, ro.mask_BxC, ro.logp_BxC, scores, valid, group_size=g)
         state, _ = runner.trainer(state, batch, ref)
     rows.append(final_eval(ctx, cfg, arm, state.params, cfg.rl.steps, proxy))
@@ -464,7 +483,7 @@ def final_eval(ctx: SeedContext, cfg: SimConfig, arm: str, params: Any, step: in
     ro = sample_policy(ctx, cfg, params, jax.random.fold_in(jax.random.PRNGKey(20_000 + ctx.seed), step), n)
     gold = ctx.world.gold_rewards([ctx.prompt_ids[i] for i in ro.prompt_index], ro.texts)
     scores, valid = score_proxy(proxy, ctx, ro.prompt_index, ro.texts) if proxy is not None else (None, None)
-    row = _step_row(ctx, arm, step, ro, gold, scores, valid, kl_to_base(ctx, ro, n))
+    row = _step_row(ctx, arm, step, ro, gold, scores, valid, ro.kl_B)
     row["final"] = True
     row["samples"] = ro.texts[:: max(1, n // 2)][: 2 * len(ctx.prompt_ids)]
     return row

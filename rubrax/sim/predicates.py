@@ -8,6 +8,7 @@ Five predicates over a response (a whitespace-separated word sequence):
     count(w, lo, hi)     lo <= #occurrences of w <= hi
     order(a, b)          a occurs, b occurs, and the first a comes before the last b
     length(lo, hi)       lo <= number of words <= hi
+    max_repeat(hi)       no word occurs more than hi times
 
 Each predicate has one canonical English text (``Predicate.text``) and
 ``parse_predicate`` reads it back, so a criterion travels as plain text through
@@ -25,8 +26,8 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
-Kind = Literal["contains", "absent", "count", "order", "length"]
-KINDS: tuple[str, ...] = ("contains", "absent", "count", "order", "length")
+Kind = Literal["contains", "absent", "count", "order", "length", "max_repeat"]
+KINDS: tuple[str, ...] = ("contains", "absent", "count", "order", "length", "max_repeat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Predicate:
             raise ValueError(f"Predicate({self.kind}): field a must be one word, got {self.a!r}")
         if self.kind == "order" and (not self.b or " " in self.b or '"' in self.b):
             raise ValueError(f"Predicate(order): field b must be one word, got {self.b!r}")
+        if self.kind == "max_repeat" and self.hi < 1:
+            raise ValueError(f"Predicate(max_repeat): hi must be >= 1, got {self.hi}")
         if self.kind in ("count", "length") and not 0 <= self.lo <= self.hi:
             raise ValueError(f"Predicate({self.kind}): need 0 <= lo <= hi, got lo={self.lo} hi={self.hi}")
 
@@ -60,6 +63,8 @@ class Predicate:
             return f'mentions "{self.a}" between {self.lo} and {self.hi} times'
         if self.kind == "order":
             return f'mentions "{self.a}" before "{self.b}"'
+        if self.kind == "max_repeat":
+            return f"repeats no word more than {self.hi} times"
         return f"is between {self.lo} and {self.hi} words long"
 
     def words(self) -> tuple[str, ...]:
@@ -78,6 +83,8 @@ class Predicate:
                 return False
             last_b = len(words) - 1 - list(reversed(words)).index(self.b)
             return words.index(self.a) < last_b
+        if self.kind == "max_repeat":
+            return all(words.count(w) <= self.hi for w in set(words))
         return self.lo <= len(words) <= self.hi
 
 
@@ -87,6 +94,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r'^does not mention "([^" ]+)"$'), "absent"),
     (re.compile(r'^mentions "([^" ]+)"$'), "contains"),
     (re.compile(r"^is between (\d+) and (\d+) words long$"), "length"),
+    (re.compile(r"^repeats no word more than (\d+) times$"), "max_repeat"),
 )
 
 
@@ -106,5 +114,7 @@ def parse_predicate(text: str) -> Predicate | None:
         if kind == "length":
             lo, hi = int(g[0]), int(g[1])
             return Predicate("length", lo=lo, hi=hi) if lo <= hi else None
+        if kind == "max_repeat":
+            return Predicate("max_repeat", hi=int(g[0])) if int(g[0]) >= 1 else None
         return Predicate(kind, a=g[0])  # type: ignore[arg-type]
     return None

@@ -118,7 +118,7 @@ class BTSettings:
 class RLSettings:
     steps: int = 40
     group_size: int = 8
-    lr: float = 1e-3
+    lr: float = 5e-4
     kl_coef: float = 0.01
     temperature: float = 1.0
     max_new_tokens: int = 24
@@ -194,6 +194,12 @@ class SimConfig:
                 f"SimConfig: rl.max_new_tokens={self.rl.max_new_tokens} leaves no room for a full answer "
                 f"(world.max_len={self.world.max_len})"
             )
+        for name in ("base_samples_per_prompt", "eval_samples_per_prompt"):
+            if getattr(self.eval, name) % self.rl.group_size:
+                raise ValueError(
+                    f"SimConfig: eval.{name}={getattr(self.eval, name)} must be a multiple of rl.group_size="
+                    f"{self.rl.group_size} (samples are drawn in rollout-shaped chunks: one compilation)"
+                )
         if "rubric_4_great" in self.arms or "rubric_4_great_diverse" in self.arms:
             if self.world.n_great < 1:
                 raise ValueError("SimConfig: rubric arms on great pairs need world.n_great >= 1")

@@ -132,12 +132,18 @@ def table2(agreement: Sequence[Mapping[str, Any]], arms: Sequence[str]) -> list[
     return rows
 
 
-def theory_vs_rl(theory: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per (seed, arm): Proposition 1's win rate at the RL run's final KL (interpolated
-    along the predicted curve; NaN beyond the largest KL the base samples can express,
-    log n) next to the observed final win rate, and the predicted curve's peak."""
+def theory_vs_rl(theory: Sequence[Mapping[str, Any]], curves: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per (seed, arm): how Proposition 1's prediction compares with the GRPO run.
+
+    The prediction is a curve win(KL) for KL in [0, KL_max], KL_max <= log n (the
+    empirical base cannot express more). For every RL step whose KL falls in (0, KL_max]
+    the predicted win rate at that KL is interpolated and compared with the observed one
+    (`mean_error` = mean observed - predicted, `points` = how many steps). Also the
+    predicted peak (win rate, KL) next to the observed peak.
+    """
     out = []
     th = _by(theory, "seed", "arm")
+    cv = _by(curves, "seed", "arm")
     for r in summary:
         pts = th.get((r["seed"], r["arm"]))
         if not pts:
@@ -145,12 +151,22 @@ def theory_vs_rl(theory: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[
         pts = sorted(pts, key=lambda p: p["kl"])
         kl = np.array([p["kl"] for p in pts])
         win = np.array([p["win_rate"] for p in pts])
-        k = max(r["final_kl"], 0.0)
-        pred = float(np.interp(k, kl, win)) if k <= kl.max() else math.nan
-        out.append({"seed": r["seed"], "arm": r["arm"], "final_kl": r["final_kl"], "observed_final_win_rate": r["final_win_rate"],
-                    "predicted_win_rate_at_final_kl": pred, "predicted_peak_win_rate": float(win.max()),
-                    "predicted_peak_kl": float(kl[int(np.argmax(win))]), "max_predictable_kl": float(kl.max())})
+        steps = [c for c in cv.get((r["seed"], r["arm"]), []) if 0 < c["kl"] <= kl.max()]
+        err = [c["win_rate"] - float(np.interp(c["kl"], kl, win)) for c in steps]
+        out.append({"seed": r["seed"], "arm": r["arm"], "max_predictable_kl": float(kl.max()), "points": len(err),
+                    "mean_error": float(np.mean(err)) if err else math.nan,
+                    "mean_abs_error": float(np.mean(np.abs(err))) if err else math.nan,
+                    "predicted_peak_win_rate": float(win.max()), "predicted_peak_kl": float(kl[int(np.argmax(win))]),
+                    "observed_peak_win_rate": r["peak_win_rate"], "observed_final_win_rate": r["final_win_rate"],
+                    "final_kl": r["final_kl"]})
     return out
+
+
+def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    if len(x) < 3:
+        return math.nan
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1]) if rx.std() > 0 and ry.std() > 0 else math.nan
 
 
 # ----------------------------------------------------------------------------- figures
@@ -280,20 +296,23 @@ def _findings(t1: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, An
             f"{100 * b['final_win_rate_mean']:.1f}% (difference {100 * diff:+.1f} pts; seed sd up to {100 * spread:.1f} pts; "
             f"paired per-seed differences " + ", ".join(f"{100 * d:+.1f}" for d in paired) + " pts)."
         )
-    ok = [r for r in tvr if not math.isnan(r["predicted_win_rate_at_final_kl"])]
+    ok = [r for r in tvr if r["points"]]
     if ok:
-        err = np.array([r["observed_final_win_rate"] - r["predicted_win_rate_at_final_kl"] for r in ok])
-        obs = np.array([r["observed_final_win_rate"] for r in ok])
-        pred = np.array([r["predicted_win_rate_at_final_kl"] for r in ok])
-        corr = float(np.corrcoef(obs, pred)[0, 1]) if len(ok) > 2 and obs.std() > 0 and pred.std() > 0 else math.nan
+        err = np.array([r["mean_error"] for r in ok])
         lines.append(
-            f"Theory link: over {len(ok)} (seed, arm) runs whose final KL is within the range the base samples can "
-            f"express, observed minus predicted final win rate has mean {100 * err.mean():+.1f} pts and mean |error| "
-            f"{100 * np.abs(err).mean():.1f} pts; correlation between predicted and observed across runs {corr:.2f}."
+            f"Theory link, along the RL path where KL <= log n: observed minus predicted win rate averages "
+            f"{100 * err.mean():+.1f} pts over {len(ok)} runs (mean |error| {100 * np.mean([r['mean_abs_error'] for r in ok]):.1f} pts, "
+            f"{sum(r['points'] for r in ok)} steps)."
         )
-    skipped = len(tvr) - len(ok)
-    if skipped:
-        lines.append(f"({skipped} runs ended beyond the largest KL predictable from the base samples, log n; not compared.)")
+    arms = sorted({r["arm"] for r in tvr})
+    if len(arms) >= 3:
+        pred = [np.mean([r["predicted_peak_win_rate"] for r in tvr if r["arm"] == a]) for a in arms]
+        obs = [np.mean([r["observed_peak_win_rate"] for r in tvr if r["arm"] == a]) for a in arms]
+        fin = [np.mean([r["observed_final_win_rate"] for r in tvr if r["arm"] == a]) for a in arms]
+        lines.append(
+            f"Across the {len(arms)} proxies, Spearman correlation of the predicted peak win rate with the observed "
+            f"peak win rate: {_spearman(pred, obs):.2f}; with the observed final win rate: {_spearman(pred, fin):.2f}."
+        )
     return lines
 
 
@@ -307,7 +326,7 @@ def write_report(
     summary = per_seed_summary(curves)
     t1 = table1(summary, arms)
     t2 = table2(agreement, arms)
-    tvr = theory_vs_rl(theory, summary)
+    tvr = theory_vs_rl(theory, curves, summary)
     commit = commit or git_commit()
 
     _write_csv(out / "curves.csv", sorted(curves, key=lambda r: (r["seed"], arms.index(r["arm"]) if r["arm"] in arms else 99, r["step"])), CURVE_FIELDS)
@@ -358,11 +377,12 @@ def write_report(
            "For each proxy, `rubrax.theory.tilted_from_samples(gold, proxy, beta)` on the base samples predicts the "
            "tilted policy's win rate and KL (Proposition 1); the GRPO run's (KL, win rate) path is drawn beside it. "
            "The empirical base can only express KL up to log n.", "", "![theory vs RL](theory_vs_rl.png)", "",
-           "| arm | seed | final KL | observed final win rate | predicted at that KL | predicted peak (at KL) |", "|---|---|---|---|---|---|"]
-    for r in tvr:
-        pred = "beyond log n" if math.isnan(r["predicted_win_rate_at_final_kl"]) else f"{100 * r['predicted_win_rate_at_final_kl']:.1f}"
-        md.append(f"| {ARM_LABELS.get(r['arm'], r['arm'])} | {r['seed']} | {r['final_kl']:.2f} | {100 * r['observed_final_win_rate']:.1f} | "
-                  f"{pred} | {100 * r['predicted_peak_win_rate']:.1f} ({r['predicted_peak_kl']:.2f}) |")
+           "| arm | seed | predicted peak win rate (at KL) | observed peak | observed final (at KL) | "
+           "observed - predicted, steps with KL <= log n (steps) |", "|---|---|---|---|---|---|"]
+    for r in sorted(tvr, key=lambda r: (arms.index(r["arm"]) if r["arm"] in arms else 99, r["seed"])):
+        err = "n/a" if math.isnan(r["mean_error"]) else f"{100 * r['mean_error']:+.1f} ({r['points']})"
+        md.append(f"| {ARM_LABELS.get(r['arm'], r['arm'])} | {r['seed']} | {100 * r['predicted_peak_win_rate']:.1f} ({r['predicted_peak_kl']:.2f}) | "
+                  f"{100 * r['observed_peak_win_rate']:.1f} | {100 * r['observed_final_win_rate']:.1f} ({r['final_kl']:.1f}) | {err} |")
     md += ["", "## Findings (computed from the tables above)", ""]
     md += [f"- {line}" for line in _findings(t1, summary, tvr)]
     md += ["", "## Files", ""] + [f"- `{p.name}`" for p in figs] + [

@@ -31,7 +31,7 @@ from jax.scipy.special import gammaln
 from rubrax.theory import quadrature
 from rubrax.theory._checks import check_finite, check_no_nan_result, float_dtype, is_concrete
 from rubrax.theory.misspec import Map
-from rubrax.theory.tilted import TiltedStats, _kinks_of, _mid_cdf, tie_ranks, tilt_stats
+from rubrax.theory.tilted import TiltedStats, _kinks_of, _mid_cdf, padded_call, tie_ranks, tilt_stats
 
 __all__ = ["best_of_n_kl_bound", "best_of_n_probs", "best_of_n", "best_of_n_unbiased", "best_of_n_uniform"]
 
@@ -196,6 +196,7 @@ def _uniform_impl(f, n_K, kinks, panels):
 
 
 _uniform_jit = jax.jit(_uniform_impl, static_argnames=("panels",))
+_uniform_static_jit = jax.jit(_uniform_impl, static_argnames=("f", "panels"))
 
 
 def best_of_n_uniform(f: Callable[[jnp.ndarray], jnp.ndarray], n: Any, *, kinks: Any = None,
@@ -213,8 +214,11 @@ def best_of_n_uniform(f: Callable[[jnp.ndarray], jnp.ndarray], n: Any, *, kinks:
     _check_n(where, n)
     n = jnp.asarray(n, float_dtype(n))
     kinks = _kinks_of(f, kinks)
-    impl = _uniform_jit if isinstance(f, Map) else _uniform_impl
-    reward, kl = impl(f, n.reshape(-1), kinks, panels=panels)
-    out = TiltedStats(reward.reshape(n.shape), reward.reshape(n.shape), kl.reshape(n.shape))
+    if isinstance(f, Map):
+        run = lambda x: _uniform_jit(f, x, kinks, panels=panels)  # noqa: E731
+    else:
+        run = lambda x: _uniform_static_jit(f=f, n_K=x, kinks=kinks, panels=panels)  # noqa: E731
+    reward, kl = padded_call(run, n)
+    out = TiltedStats(reward, reward, kl)
     check_no_nan_result(where, win_rate=out.win_rate, kl=out.kl)
     return out

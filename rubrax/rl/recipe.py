@@ -1,0 +1,197 @@
+"""GRPO run recipes: a JSON config -> model, tokenizer, prompts, reward -> `loop.train`.
+
+A config file has these keys (every section optional except "model"):
+
+    model       "tiny" | "smollm2" | an HF-format folder (config.json + safetensors +
+                tokenizer files), e.g. a local copy of Qwen/Qwen3-8B-Base
+    tiny_model  ModelConfig.tiny overrides (vocab and special ids come from the tokenizer)
+    train       prompt records: JSONL path, or a `datasets` name with "dataset": true
+                ("split"); omitted = the toy task's prompts (rubrax.rl.toy, "toy_prompts")
+    eval        held-out prompt records (same forms); evaluated with "eval_sample"
+    epochs      passes over the prompts; sets loop.total_steps = ceil(epochs * N / P)
+    reward      {"name": registered reward, "kwargs": {...}}; for "rubric",
+                kwargs.verifier is {"model": ..., ClientConfig fields, "mode": "all"}
+    rl, sample, optim, loop, eval_sample
+                fields of RLConfig, SampleConfig, OptimConfig, LoopConfig, SampleConfig
+Keys starting with "_" are comments. Unknown keys are errors naming the file and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from rubrax.rl.loop import LoopConfig
+from rubrax.rl.step import RLConfig
+
+_TOP_KEYS = ("model", "tiny_model", "train", "dataset", "split", "eval", "toy_prompts", "epochs", "reward", "rl",
+             "sample", "optim", "loop", "eval_sample")
+
+
+def _build(cls, section: Mapping[str, Any], where: str, **defaults):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in section.items() if not k.startswith("_")}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} field(s) {unknown}; expected some of {sorted(fields)}")
+    for k, v in values.items():
+        if isinstance(v, list):
+            values[k] = tuple(v)
+    try:
+        return cls(**{**defaults, **values})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPORecipe:
+    """A parsed, validated config file (see module docstring)."""
+
+    model: str
+    rl: RLConfig
+    sample: Any
+    optim: Any
+    loop: Mapping[str, Any]
+    tiny_model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    train: str | None = None
+    dataset: bool = False
+    split: str = "train"
+    eval: str | None = None
+    toy_prompts: int = 64
+    epochs: float | None = None
+    reward: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"name": "target_word"})
+    eval_sample: Any = None
+    source: str = "<config>"
+
+    def loop_config(self, num_prompts: int, **overrides: Any) -> LoopConfig:
+        """LoopConfig with total_steps from `epochs` when the file does not give it."""
+        values = {**self.loop, **{k: v for k, v in overrides.items() if v is not None}}
+        if "total_steps" not in values:
+            if self.epochs is None:
+                raise ValueError(f"{self.source}: give loop.total_steps or epochs")
+            values["total_steps"] = max(1, math.ceil(self.epochs * num_prompts / values["prompts_per_step"]))
+        return _build(LoopConfig, values, f"{self.source}: loop")
+
+
+def parse_recipe(config: Mapping[str, Any], source: str = "<config>") -> GRPORecipe:
+    from rubrax.policy import SampleConfig
+    from rubrax.train.optim import OptimConfig
+
+    unknown = sorted(k for k in config if k not in _TOP_KEYS and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; expected some of {list(_TOP_KEYS)}")
+    if "model" not in config:
+        raise ValueError(f"{source}: missing key 'model'")
+    rl = _build(RLConfig, config.get("rl", {}), f"{source}: rl")
+    sample = _build(SampleConfig, config.get("sample", {}), f"{source}: sample", n=rl.group_size, max_new_tokens=64)
+    if sample.n != rl.group_size:
+        raise ValueError(f"{source}: sample.n={sample.n} must equal rl.group_size={rl.group_size}")
+    optim = _build(OptimConfig, config.get("optim", {}), f"{source}: optim")
+    loop = {k: v for k, v in config.get("loop", {}).items() if not k.startswith("_")}
+    # validate now; total_steps and out_dir are fixed at run time
+    _build(LoopConfig, {"total_steps": 1, "out_dir": "<out>", **loop}, f"{source}: loop")
+    if "epochs" not in config and "total_steps" not in loop:
+        raise ValueError(f"{source}: give loop.total_steps or epochs")
+    eval_sample = None
+    if "eval_sample" in config:
+        eval_sample = _build(SampleConfig, config["eval_sample"], f"{source}: eval_sample", max_new_tokens=sample.max_new_tokens)
+    reward = dict(config.get("reward", {"name": "target_word"}))
+    if "name" not in reward or set(reward) - {"name", "kwargs"} - {k for k in reward if k.startswith("_")}:
+        raise ValueError(f"{source}: reward must be {{\"name\": ..., \"kwargs\": {{...}}}}, got {sorted(reward)}")
+    top = {k: config[k] for k in ("tiny_model", "train", "dataset", "split", "eval", "toy_prompts", "epochs") if k in config}
+    return GRPORecipe(model=config["model"], rl=rl, sample=sample, optim=optim, loop=loop, reward=reward,
+                      eval_sample=eval_sample, source=source, **top)
+
+
+def load_recipe(path: str | os.PathLike) -> GRPORecipe:
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    return parse_recipe(config, os.fspath(path))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def load_model(recipe: GRPORecipe, seed: int):
+    """(params, model_config, tokenizer) for recipe.model."""
+    import jax
+
+    if recipe.model == "tiny":
+        from rubrax.models import ModelConfig, init_params
+        from rubrax.rl.toy import toy_tokenizer
+
+        tok = toy_tokenizer() if recipe.train is None else _words_tokenizer(recipe)
+        config = ModelConfig.tiny(**{**dict(recipe.tiny_model), "vocab_size": tok.vocab_size, "pad_token_id": tok.pad_token_id,
+                                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id})
+        return init_params(config, jax.random.PRNGKey(seed)), config, tok
+    from rubrax import models
+
+    path = models.smollm2_checkpoint() if recipe.model == "smollm2" else recipe.model
+    params, config = models.load_pretrained(path)
+    return params, config, models.load_tokenizer(path)
+
+
+def _words_tokenizer(recipe: GRPORecipe):
+    from rubrax.data.records import iter_source
+    from rubrax.sim.tokenizer import WordTokenizer
+
+    words = {w for _, _, rec in iter_source(_records(recipe.train, recipe)) for w in str(rec.get("prompt", "")).split()}
+    from rubrax.rl.toy import TOY_WORDS
+
+    return WordTokenizer(sorted(words | set(TOY_WORDS)))
+
+
+def _records(name: str, recipe: GRPORecipe, split: str | None = None):
+    if not recipe.dataset:
+        return name
+    import datasets
+
+    return datasets.load_dataset(name, split=split or recipe.split)
+
+
+def build_reward(spec: Mapping[str, Any]):
+    """The reward function of a config's "reward" section, through the registry."""
+    import rubrax.rl.toy  # noqa: F401  (registers "target_word")
+    from rubrax.rewards import get_reward
+
+    kwargs = dict(spec.get("kwargs", {}))
+    if spec["name"] == "rubric" and isinstance(kwargs.get("verifier"), Mapping):
+        from rubrax.elicit.client import ChatClient, ClientConfig
+        from rubrax.elicit.llm import LLMVerifier
+
+        v = dict(kwargs["verifier"])
+        mode = v.pop("mode", "all")
+        kwargs["verifier"] = LLMVerifier(ChatClient(ClientConfig(**v)), mode=mode)
+    return get_reward(spec["name"], **kwargs)
+
+
+def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, **loop_overrides: Any):
+    """Loads everything the recipe names and trains; returns loop.TrainResult."""
+    from rubrax.rl.loop import load_prompts, reward_eval_hook, train
+    from rubrax.rl.toy import toy_prompts
+
+    seed = int(recipe.loop.get("seed", 0))
+    params, model_config, tok = load_model(recipe, seed)
+    records = toy_prompts(recipe.toy_prompts, seed=seed) if recipe.train is None else _records(recipe.train, recipe)
+    max_prompt = int(recipe.loop.get("max_prompt_tokens", LoopConfig.max_prompt_tokens))
+    chat = bool(recipe.loop.get("chat_template", True))
+    prompts = load_prompts(records, tok, max_prompt_tokens=max_prompt, chat_template=chat)
+    loop = recipe.loop_config(len(prompts), out_dir=out_dir, **loop_overrides)
+    reward_fn = build_reward(recipe.reward)
+    hooks = []
+    if recipe.eval is not None or recipe.train is None:
+        held = toy_prompts(16, seed=seed + 1) if recipe.eval is None else _records(recipe.eval, recipe, "test")
+        eval_sample = recipe.eval_sample or dataclasses.replace(recipe.sample, n=1, temperature=0.0)
+        hooks.append(reward_eval_hook(load_prompts(held, tok, max_prompt_tokens=max_prompt, chat_template=chat), reward_fn, tok,
+                                      model_config, eval_sample, max_prompt_tokens=max_prompt))
+    run_config = {"source": recipe.source, "model": recipe.model, "rl": dataclasses.asdict(recipe.rl),
+                  "optim": dataclasses.asdict(recipe.optim), "reward": recipe.reward.get("name")}
+    return train(params=params, model_config=model_config, tokenizer=tok, reward_fn=reward_fn, prompts=prompts, rl=recipe.rl,
+                 sample=recipe.sample, optim=recipe.optim, loop=loop, eval_hooks=hooks, run_config=run_config)
