@@ -380,7 +380,7 @@ def test_best_of_n_unbiased_is_unbiased_monte_carlo(x64):
     reps, m = 4000, 32
     u = jax.random.uniform(key, (reps, m), jnp.float64)
     est = np.asarray(best_of_n_unbiased(u, u, [4, 16]))  # [2, reps]
-    np.testing.assert_allclose(est.mean(-1), [4 / 5, 16 / 17], atol=4 * est.std(-1) / np.sqrt(reps))
+    assert (np.abs(est.mean(-1) - [4 / 5, 16 / 17]) < 4 * est.std(-1) / np.sqrt(reps)).all()
 
 
 def test_best_of_n_uniform_theory(x64):

@@ -6,14 +6,11 @@ run the real models through it).
 """
 
 import dataclasses
-import json
-import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from rubrax.train import checkpoint
@@ -256,6 +253,12 @@ def test_resume_after_k_steps_is_bit_exact(tmp_path):
     # A finished run resumed again does nothing and returns the final state.
     again = train(toy_loss, toy_params(), data, cfg, ckpt_dir=tmp_path / "ck", **kw)
     np.testing.assert_array_equal(again.params["w"], full.params["w"])
+    # Resuming under settings that change the run is refused; logging settings may change.
+    with pytest.raises(ValueError, match="other training settings.*optim"):
+        train(toy_loss, toy_params(), data, dataclasses.replace(cfg, optim=OptimConfig(learning_rate=0.1)), ckpt_dir=tmp_path / "ck", **kw)
+    with pytest.raises(ValueError, match="total_steps"):
+        train(toy_loss, toy_params(), toy_data(128), cfg, ckpt_dir=tmp_path / "ck", **kw)
+    train(toy_loss, toy_params(), data, dataclasses.replace(cfg, log_every=5), ckpt_dir=tmp_path / "ck", **kw)
 
 
 def test_data_parallel_over_8_devices_matches_one_device():

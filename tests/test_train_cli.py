@@ -35,6 +35,7 @@ def _write(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+@pytest.mark.slow
 def test_cli_reward_model_tiny_then_rerun_resumes(tmp_path, capsys):
     words = "a b c d e f g h".split()
     recs = []

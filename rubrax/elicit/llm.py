@@ -3,7 +3,8 @@
 Prompt templates are package data (rubrax/elicit/templates/*.txt, our own wording) and
 can be overridden file by file with `Templates.load(directory)`. A template file has a
 `### system` and a `### user` section; `$name` placeholders are filled with
-`string.Template` (so JSON braces in the text need no escaping).
+`string.Template` (so JSON braces in the text need no escaping; write `$$` for a literal
+dollar sign).
 
 Untrusted text (prompts, responses, criterion texts) is fenced between tags; any tag
 that could close or open a fence inside it is neutralised (`<` -> `&lt;`), and criterion

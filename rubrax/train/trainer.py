@@ -230,12 +230,14 @@ class _Sharder:
         return jax.device_put(tree, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
 
 
-def evaluate(params: Any, eval_fn: EvalFn, data: Mapping[str, np.ndarray], batch_size: int, *, _jitted=None) -> dict[str, float]:
-    """Runs `eval_fn` over all of `data` and returns {k: sum_k / sum_count} (plus "count")."""
-    fn = _jitted or jax.jit(eval_fn)
+def evaluate(params: Any, eval_fn: EvalFn, data: Mapping[str, np.ndarray], batch_size: int) -> dict[str, float]:
+    """Runs `eval_fn` over all of `data` and returns {k: sum_k / sum_count} (plus "count").
+
+    `eval_fn` is called as given: pass a jitted function (the trainer does) for speed.
+    """
     totals: dict[str, float] = {}
     for batch in _eval_batches(data, batch_size):
-        sums = jax.device_get(fn(params, batch))
+        sums = jax.device_get(eval_fn(params, batch))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     if "count" not in totals:
@@ -280,6 +282,7 @@ def train(
     history: list[dict[str, float]] = []
     if ckpt_dir is not None and checkpoint.latest_step(ckpt_dir) is not None:
         restored, extra = checkpoint.restore(ckpt_dir, _state_dict(state))
+        _check_resumable(extra, cfg, total, ckpt_dir)
         state = TrainState(**restored)
         history = list(extra.get("eval_history", []))
     start = int(state.step)
@@ -300,7 +303,7 @@ def train(
     def run_eval(step: int) -> None:
         if eval_jit is None or eval_data is None:
             return
-        result = evaluate(state.params, eval_fn, eval_data, eval_bs, _jitted=eval_jit)
+        result = evaluate(state.params, eval_jit, eval_data, eval_bs)
         history.append({"step": step, **result})
         if writer:
             writer.write(step, {f"eval/{k}": v for k, v in result.items()})
@@ -349,6 +352,24 @@ def train(
         if writer:
             writer.close()
     return TrainResult(params=state.params, state=state, eval_history=tuple(history), last_metrics=last)
+
+
+# Settings that may change between a run and its resumption without changing the result.
+_RESUME_FREE = ("progress", "log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "eval_at_start")
+
+
+def _check_resumable(extra: Mapping[str, Any], cfg: TrainConfig, total: int, ckpt_dir: Any) -> None:
+    """Refuses to continue a checkpoint under settings that would change the run."""
+    saved = extra.get("config") or {}
+    now = _config_dict(cfg)
+    diff = sorted(k for k in set(saved) | set(now) if k not in _RESUME_FREE and saved.get(k) != now.get(k))
+    if extra.get("total_steps") not in (None, total):
+        diff.append(f"total_steps ({extra['total_steps']} saved, {total} now: different data size?)")
+    if diff:
+        raise ValueError(
+            f"checkpoint in {ckpt_dir} was written with other training settings ({', '.join(diff)}); "
+            "use another checkpoint folder or the same settings"
+        )
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
