@@ -295,3 +295,14 @@ def test_registry_function_factory_and_unknown_name():
 
 def test_registry_lists_bradley_terry_provider():
     assert "bradley_terry" in available_rewards()
+
+
+def test_callable_without_kwargs_gets_only_its_columns():
+    from rubrax.rewards import as_reward_fn
+
+    def length_reward(prompts, completions):
+        return [float(len(c)) for c in completions]
+
+    out = as_reward_fn(length_reward)(["p", "q"], ["ab", "abcd"], prompt_id=["1", "2"])
+    assert out.valid.tolist() == [True, True]
+    assert out.scores.tolist() == [2.0, 4.0]

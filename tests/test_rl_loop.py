@@ -12,7 +12,7 @@ import pytest
 from rubrax.models import ModelConfig, init_params
 from rubrax.policy import SampleConfig
 from rubrax.rewards.base import RewardBatch, RewardFnBase
-from rubrax.rl.loop import LoopConfig, load_prompts, reward_eval_hook, train
+from rubrax.rl.loop import LoopConfig, load_prompts, reward_eval_hook, train, winrate_eval_hook
 from rubrax.rl.step import RLConfig, make_mesh
 from rubrax.rl.toy import TargetWordReward, toy_prompts, toy_tokenizer
 from rubrax.train.metrics import read_metrics
@@ -55,6 +55,26 @@ def test_reward_rises_and_high_kl_keeps_policy_near_reference():
     hook = reward_eval_hook(held_out, TargetWordReward(target="yes"), TOK, CONFIG,
                             SampleConfig(max_new_tokens=6, n=1, temperature=0.0, prompt_bucket=8), max_prompt_tokens=8)
     assert hook(20, free.state.params)["reward_mean"] > 0.9
+    # win rate through rubrax.eval against reference answers that never say "yes"
+    judge = YesJudge()
+    wr = winrate_eval_hook(held_out, ["no"] * len(held_out), judge, TOK, CONFIG,
+                           SampleConfig(max_new_tokens=6, n=1, temperature=0.0, prompt_bucket=8), max_prompt_tokens=8)
+    before, after = wr(0, init_params(CONFIG, jax.random.PRNGKey(0))), wr(20, free.state.params)
+    assert after["win_rate"] == 1.0 and after["win_rate_failed"] == 1 and before["win_rate"] < 0.5
+    assert judge.calls and all(p.startswith("say ") for p, _, _ in judge.calls)
+
+
+class YesJudge:
+    """A pairwise judge that prefers the response with more "yes"; fails on item 0."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def compare(self, prompt, a, b, *, key, swap=False):
+        self.calls.append((prompt, a, b))
+        if key.endswith(":0"):
+            return None
+        return "a" if a.split().count("yes") > b.split().count("yes") else "b"
 
 
 DEVICE_KEYS = ("reward_mean", "loss", "kl", "entropy", "grad_norm", "clip_frac", "response_len_mean")

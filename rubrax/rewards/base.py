@@ -130,6 +130,12 @@ class CallableReward(RewardFnBase):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self._is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+        self._accepts = _accepted_columns(fn)
+
+    def _columns(self, columns: Mapping[str, Any]) -> dict[str, Any]:
+        # Pass only the columns the callable can take (all of them when it has **kwargs), so a
+        # function without **kwargs is not turned into an all-invalid batch by a TypeError.
+        return dict(columns) if self._accepts is None else {k: v for k, v in columns.items() if k in self._accepts}
 
     def _convert(self, out: Any, n: int) -> RewardBatch:
         if isinstance(out, RewardBatch):
@@ -147,7 +153,7 @@ class CallableReward(RewardFnBase):
             return _run_sync(self.acall(prompts, completions, **columns))
         n = _check_lengths(prompts, completions, columns)
         try:
-            out = self.fn(prompts=list(prompts), completions=list(completions), **columns)
+            out = self.fn(prompts=list(prompts), completions=list(completions), **self._columns(columns))
         except Exception as err:  # failures are values: the batch is invalid, the loop goes on
             return RewardBatch.invalid(n, f"{type(err).__name__}: {err}")
         return self._convert(out, n)
@@ -157,10 +163,21 @@ class CallableReward(RewardFnBase):
             return await asyncio.to_thread(self.__call__, prompts, completions, **columns)
         n = _check_lengths(prompts, completions, columns)
         try:
-            out = await self.fn(prompts=list(prompts), completions=list(completions), **columns)
+            out = await self.fn(prompts=list(prompts), completions=list(completions), **self._columns(columns))
         except Exception as err:
             return RewardBatch.invalid(n, f"{type(err).__name__}: {err}")
         return self._convert(out, n)
+
+
+def _accepted_columns(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """Names of the keyword arguments `fn` accepts, or None when it takes **kwargs."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def as_reward_fn(fn: Any) -> RewardFnBase:

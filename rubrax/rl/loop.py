@@ -534,6 +534,28 @@ def train(
     return TrainResult(state=state, history=logger.history, out_dir=loop.out_dir, trainer=trainer)
 
 
+class _EvalSampler:
+    """Completions of every held-out prompt (in batches), for eval hooks."""
+
+    def __init__(self, prompts: PromptSet, tokenizer, model_config, sample_cfg, max_prompt_tokens: int, seed: int, batch_size: int):
+        loop = LoopConfig(total_steps=1, prompts_per_step=1, max_prompt_tokens=max_prompt_tokens, seed=seed, progress=False)
+        self.sampler = _Sampler(prompts, tokenizer, model_config, sample_cfg, loop, np.asarray(jax.random.PRNGKey(seed)))
+        self.prompts, self.batch_size, self.max_prompt_tokens = prompts, batch_size, max_prompt_tokens
+
+    def __call__(self, step: int, params) -> list[Rollouts]:
+        from rubrax import policy
+
+        s, out = self.sampler, []
+        for start in range(0, len(self.prompts), self.batch_size):
+            idx = np.arange(start, min(start + self.batch_size, len(self.prompts)))
+            ptoks, pmask = left_pad([self.prompts.tokens[i] for i in idx], self.max_prompt_tokens, s.pad_id)
+            key = stream_key(s.root_key, start, SAMPLE_STREAM)  # same keys at every evaluation
+            res = jax.device_get(policy.sample(params, ptoks, pmask, key, s.sample_cfg, config=s.model_config))
+            texts = [decode_completion(s.tokenizer, t, m, s.stop_ids) for t, m in zip(res.tokens, res.mask)]
+            out.append(Rollouts(step, idx, ptoks, pmask, res.tokens, res.logprobs, res.mask, texts))
+        return out
+
+
 def reward_eval_hook(
     prompts: PromptSet, reward_fn: Any, tokenizer: Any, model_config: Any, sample_cfg: Any, *, max_prompt_tokens: int,
     seed: int = 0, batch_size: int = 64,
@@ -541,28 +563,50 @@ def reward_eval_hook(
     """An eval hook: mean reward (and invalid count) of samples on held-out prompts.
 
     Use a greedy SampleConfig (temperature=0, n=1) for the paper's evaluation decoding.
-    Win rates against a baseline come from rubrax.eval through a hook of the same form.
     """
-    from rubrax import policy
-
     fn = as_reward_fn(reward_fn)
-    loop = LoopConfig(total_steps=1, prompts_per_step=1, max_prompt_tokens=max_prompt_tokens, seed=seed, progress=False)
-    sampler = _Sampler(prompts, tokenizer, model_config, sample_cfg, loop, np.asarray(jax.random.PRNGKey(seed)))
+    generate = _EvalSampler(prompts, tokenizer, model_config, sample_cfg, max_prompt_tokens, seed, batch_size)
 
     def hook(step: int, params: Any) -> dict[str, float]:
         scores, valid = [], []
-        for start in range(0, len(prompts), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(prompts)))
-            ptoks, pmask = left_pad([prompts.tokens[i] for i in idx], max_prompt_tokens, sampler.pad_id)
-            key = stream_key(sampler.root_key, start, SAMPLE_STREAM)
-            out = jax.device_get(policy.sample(params, ptoks, pmask, key, sample_cfg, config=model_config))
-            texts = [decode_completion(tokenizer, t, m, sampler.stop_ids) for t, m in zip(out.tokens, out.mask)]
-            ro = Rollouts(step, idx, ptoks, pmask, out.tokens, out.logprobs, out.mask, texts)
+        for ro in generate(step, params):
             texts, completions, columns = reward_inputs(prompts, ro, sample_cfg.n)
             rb = fn(texts, completions, **columns)
             scores.append(rb.scores[rb.valid])
             valid.append(rb.valid)
         s = np.concatenate(scores)
         return {"reward_mean": float(s.mean()) if s.size else float("nan"), "reward_invalid": int((~np.concatenate(valid)).sum())}
+
+    return hook
+
+
+def winrate_eval_hook(
+    prompts: PromptSet, references: Sequence[str], judge: Any, tokenizer: Any, model_config: Any, sample_cfg: Any, *,
+    max_prompt_tokens: int, both_orders: bool = False, seed: int = 0, batch_size: int = 64,
+) -> EvalHook:
+    """An eval hook: win rate of the policy's responses against `references[i]` (the
+    reference response to held-out prompt i) under a pairwise judge
+    (`judge.compare(prompt, a, b, key=..., swap=...)`, e.g. rubrax.eval's LLM judge),
+    through rubrax.eval.winrate. Logs win_rate, its bootstrap interval and failures.
+    """
+    from rubrax.eval.winrate import WinItem, judge_outcome, win_rate
+
+    if len(references) != len(prompts):
+        raise ValueError(f"winrate_eval_hook: {len(references)} references for {len(prompts)} prompts")
+    if sample_cfg.n != 1:
+        raise ValueError("winrate_eval_hook: use one sample per prompt (SampleConfig.n=1)")
+    generate = _EvalSampler(prompts, tokenizer, model_config, sample_cfg, max_prompt_tokens, seed, batch_size)
+
+    def hook(step: int, params: Any) -> dict[str, float]:
+        items = [
+            WinItem(key=f"{step}:{i}", prompt=prompts.texts[i], response=text, reference=references[i])
+            for ro in generate(step, params) for i, text in zip(ro.indices, ro.completions)
+        ]
+
+        async def judge_all():
+            return await asyncio.gather(*(judge_outcome(judge, it, both_orders=both_orders) for it in items))
+
+        wr = win_rate(asyncio.run(judge_all()), seed=seed)
+        return {"win_rate": wr.win_rate, "win_rate_ci_low": wr.ci_low, "win_rate_ci_high": wr.ci_high, "win_rate_failed": wr.failed}
 
     return hook

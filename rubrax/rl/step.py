@@ -417,7 +417,9 @@ class Trainer:
         self.update_fn = make_update(cfg, logits_fn, tx, mesh=self.mesh, state_shardings=self.state_shardings, ref_shardings=self.ref_shardings)
 
     def place_state(self, state: TrainState) -> TrainState:
-        return jax.device_put(state, self.state_shardings)
+        """Copies the state onto the mesh. Never aliases the caller's arrays: the update
+        donates the state, which would otherwise delete e.g. the params passed to train()."""
+        return jax.device_put(state, self.state_shardings, may_alias=False)
 
     def place_ref(self, ref_params: Any) -> Any:
         return jax.device_put(ref_params, self.ref_shardings)

@@ -116,9 +116,9 @@ class BTSettings:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLSettings:
-    steps: int = 40
+    steps: int = 50
     group_size: int = 8
-    lr: float = 5e-4
+    lr: float = 1e-3
     kl_coef: float = 0.01
     temperature: float = 1.0
     max_new_tokens: int = 24

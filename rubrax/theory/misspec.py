@@ -19,10 +19,10 @@ Families of our design, to study *where* ranking errors hurt:
         random permutation from `seed`; order inside a piece is kept). Measure
         preserving, so the KL is the Theorem 1 KL and only the win rate moves: the same
         amount of noise placed in the top band costs far more than in the bulk.
-    noisy_band(lo, hi, sigma)  a stochastic proxy: Gaussian noise of scale sigma added
-        to the gold reward of responses whose gold lies in [lo, hi]. Not a map of u
-        (equal gold can get different proxies); use `.sample(key, gold)` with
-        `tilted_from_samples` / `best_of_n`.
+    noisy_band(lo, hi, sigma)  stochastic ranking noise for scored samples: the responses
+        of each prompt whose gold quantile lies in [lo, hi] are re-ranked by
+        gold + sigma * N(0, 1) (values stay inside the band). Not a map of u; use
+        `.sample(key, gold)` with `tilted_from_samples` / `best_of_n`.
     piecewise_linear(xs, ys)  any continuous piecewise-linear map (plateaus = ties,
         folds = non-bijective maps; Proposition 1 still applies, Theorem 1 does not).
 
@@ -189,7 +189,15 @@ class PiecewiseLinear(Map):
 
 @_pytree
 class NoisyBand:
-    """Stochastic proxy: gold + sigma * N(0, 1) for gold in [lo, hi], gold elsewhere."""
+    """Stochastic ranking noise among the responses whose gold lies in a quantile band.
+
+    For gold rewards [..., n] (n responses per prompt), the responses whose empirical gold
+    quantile (mid-rank / n) lies in [lo, hi] are re-ranked by the noisy key
+    gold + sigma * N(0, 1), and receive the band's gold values in that noisy order. The
+    proxy is thus a permutation of gold inside the band (same values, same marginal law,
+    nothing leaves the band) and equal to gold outside it: pure ranking noise, confined
+    to the band, whose strength sigma is in gold units.
+    """
 
     lo: Any
     hi: Any
@@ -203,10 +211,31 @@ class NoisyBand:
                                  f"got lo={self.lo!r}, hi={self.hi!r}, sigma={self.sigma!r}")
 
     def sample(self, key: jax.Array, gold: jnp.ndarray) -> jnp.ndarray:
-        """Proxy rewards for the given gold rewards (same shape)."""
+        """Proxy rewards for gold rewards [..., n] (the band is per row of n)."""
         gold = jnp.asarray(gold)
-        noise = self.sigma * jax.random.normal(key, gold.shape, gold.dtype)
-        return jnp.where((gold >= self.lo) & (gold <= self.hi), gold + noise, gold)
+        if gold.ndim < 1 or not jnp.issubdtype(gold.dtype, jnp.floating):
+            raise ValueError(f"rubrax.theory.misspec.noisy_band: gold must be a float array [..., n], "
+                             f"got {gold.dtype}{list(gold.shape)}")
+        return _noisy_band_sample(self, key, gold)
+
+    def _row(self, g: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
+        n = g.shape[0]
+        order = jnp.argsort(g)
+        rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+        q = (rank + 0.5) / n
+        band = (q >= self.lo) & (q <= self.hi)
+        # In-band values ascending first, the rest pushed to the end.
+        band_sorted = jnp.sort(jnp.where(band, g, jnp.inf))
+        noisy_order = jnp.argsort(jnp.where(band, g + self.sigma * z, jnp.inf))
+        noisy_rank = jnp.zeros(n, jnp.int32).at[noisy_order].set(jnp.arange(n, dtype=jnp.int32))
+        return jnp.where(band, band_sorted[jnp.where(band, noisy_rank, 0)], g)
+
+
+@jax.jit
+def _noisy_band_sample(band: NoisyBand, key: jax.Array, gold: jnp.ndarray) -> jnp.ndarray:
+    noise = jax.random.normal(key, gold.shape, gold.dtype)
+    flat = jax.vmap(band._row)(gold.reshape(-1, gold.shape[-1]), noise.reshape(-1, gold.shape[-1]))
+    return flat.reshape(gold.shape)
 
 
 def correct() -> Correct:
@@ -254,5 +283,5 @@ def piecewise_linear(xs: Any, ys: Any) -> PiecewiseLinear:
 
 
 def noisy_band(lo: Any, hi: Any, sigma: Any) -> NoisyBand:
-    """Gaussian proxy noise of scale sigma confined to gold rewards in [lo, hi]."""
+    """Ranking noise of scale sigma (gold units) among each prompt's gold quantiles [lo, hi]."""
     return NoisyBand(lo=lo, hi=hi, sigma=sigma)

@@ -27,6 +27,7 @@ and the host reports eval metric k as sum_k / sum_count.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -182,9 +183,15 @@ def _num_examples(data: Mapping[str, np.ndarray]) -> int:
     return next(iter(sizes.values()))
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """Example order of epoch `epoch`: a pure function of (seed, epoch), for exact resume."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    """Example order of epoch `epoch`: a pure function of (seed, epoch), for exact resume.
+
+    Cached (one permutation per epoch, not per step); the returned array is read-only.
+    """
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm.flags.writeable = False
+    return perm
 
 
 def _train_batch(data: Mapping[str, np.ndarray], cfg: TrainConfig, step: int, n: int) -> dict[str, np.ndarray]:
