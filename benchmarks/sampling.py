@@ -60,7 +60,7 @@ def _prompts(model: str, path: str, batch: int):
     return tokens, mask
 
 
-def _rubrax_worker(model, path, batch, new_tokens, conn):
+def _rubrax_worker(model, path, batch, new_tokens, conn, torch_threads=0):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
@@ -78,9 +78,12 @@ def _rubrax_worker(model, path, batch, new_tokens, conn):
     _serve(conn, run)
 
 
-def _torch_worker(model, path, batch, new_tokens, conn):
+def _torch_worker(model, path, batch, new_tokens, conn, torch_threads=0):
     import torch
     import transformers
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # always generate new_tokens, like rubrax
@@ -107,12 +110,13 @@ def _serve(conn, run):
     conn.send(("done", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
-def compare(model, path, *, batch, new_tokens, rounds):
+def compare(model, path, *, batch, new_tokens, rounds, torch_threads=0):
     ctx = mp.get_context("spawn")
     sides = {}
     for name, target in (("rubrax", _rubrax_worker), ("transformers", _torch_worker)):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=target, args=(model, path, batch, new_tokens, child))
+        proc = ctx.Process(target=target, args=(model, path, batch, new_tokens, child,
+                                                     torch_threads))
         proc.start()
         _, warm = parent.recv()  # warm up one side at a time; they never overlap
         sides[name] = {"conn": parent, "proc": proc, "warm": warm, "times": []}
@@ -143,6 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--models", default="tiny,smollm2")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch.set_num_threads for transformers (0: torch's default)")
     args = parser.parse_args(argv)
 
     import jax
@@ -159,7 +165,8 @@ def main(argv=None) -> int:
                 save_pretrained(init_params(config, jax.random.key(0)), config, tmp)
                 path = tmp
             ratio, agree, res = compare(model, path, batch=args.batch,
-                                        new_tokens=args.new_tokens, rounds=args.rounds)
+                                        new_tokens=args.new_tokens, rounds=args.rounds,
+                                        torch_threads=args.torch_threads)
             kv[f"{model}_vs_transformers"] = f"{ratio:.2f}"
             kv[f"{model}_rubrax_tok_s"] = f"{res['rubrax']['tokens_per_s']:.0f}"
             kv[f"{model}_transformers_tok_s"] = f"{res['transformers']['tokens_per_s']:.0f}"

@@ -44,10 +44,13 @@ def random_params(config, seed):
     return jax.tree.unflatten(treedef, [perturb(p, x, k) for (p, x), k in zip(flat, keys)])
 
 
-def hf_logits(path, tokens, mask=None, positions=None):
+def load_hf(path):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, attn_implementation="eager", dtype=torch.float32)
-    model.eval()
+    return model.eval()
+
+
+def hf_logits(model, tokens, mask=None, positions=None):
     kwargs = {}
     if mask is not None:
         kwargs["attention_mask"] = torch.tensor(np.asarray(mask))
@@ -62,21 +65,20 @@ def test_logits_match_transformers(family, tmp_path):
     config = FAMILIES[family]
     params = random_params(config, seed=len(family))
     save_pretrained(params, config, tmp_path)
+    hf = load_hf(tmp_path)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 24))
-    ours = np.asarray(forward(params, jnp.asarray(tokens), config=config))
-    theirs = hf_logits(tmp_path, tokens)
-    assert np.abs(theirs).max() > 0.5  # the comparison is not between near-zero logits
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
-
-    # Left padding: real tokens see the same logits in both implementations.
+    # Row 0 is left-padded by 5 (HF gets the same positions explicitly), row 1 is not.
     mask = np.ones_like(tokens)
     mask[0, :5] = 0
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
     ours = np.asarray(forward(params, jnp.asarray(tokens), config=config,
                               mask_BxT=jnp.asarray(mask)))
-    theirs = hf_logits(tmp_path, tokens, mask, positions)
+    theirs = hf_logits(hf, tokens, mask, positions)
+    assert np.abs(theirs).max() > 0.5  # the comparison is not between near-zero logits
     real = mask.astype(bool)
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+    # HF's default positions (arange) on the unpadded row agree as well.
+    np.testing.assert_allclose(ours[1], hf_logits(hf, tokens[1:])[0], atol=1e-4, rtol=1e-4)
 
 
 def test_hf_written_checkpoint_loads(tmp_path):
@@ -95,13 +97,13 @@ def test_hf_written_checkpoint_loads(tmp_path):
     assert config.model_type == "qwen3" and config.qk_norm and not config.tie_word_embeddings
     tokens = np.random.default_rng(1).integers(0, 128, (2, 16))
     ours = np.asarray(forward(params, jnp.asarray(tokens), config=config))
-    np.testing.assert_allclose(ours, hf_logits(tmp_path, tokens), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(ours, hf_logits(model, tokens), atol=1e-4, rtol=1e-4)
 
     # Round trip: rubrax load -> save_pretrained (sharded) -> transformers load, same logits.
     out = tmp_path / "resaved"
     save_pretrained(params, config, out, max_shard_bytes=50_000)
     assert (out / "model.safetensors.index.json").exists()
-    np.testing.assert_allclose(hf_logits(out, tokens), ours, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(hf_logits(load_hf(out), tokens), ours, atol=1e-4, rtol=1e-4)
     params2, config2 = load_pretrained(out)
     assert config2 == config
     jax.tree.map(np.testing.assert_array_equal, params2, params)
@@ -152,3 +154,60 @@ def test_config_validation():
     with pytest.raises(ValueError, match="rope_type"):
         ModelConfig.tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0})
     assert hash(FAMILIES["llama3"]) == hash(FAMILIES["llama3"].replace())
+
+
+# Abbreviated config.json files as published on the hub (fields that matter here).
+HUB_CONFIGS = {
+    "Llama-3.2-1B-Instruct": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+        "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": True,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "max_position_embeddings": 131072, "attention_bias": False, "mlp_bias": False,
+        "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]},
+    "SmolLM2-135M-Instruct": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "rms_norm_eps": 1e-05,
+        "rope_theta": 100000, "rope_scaling": None, "tie_word_embeddings": True,
+        "max_position_embeddings": 8192, "hidden_act": "silu", "bos_token_id": 1,
+        "eos_token_id": 2, "pad_token_id": 2},
+    "Qwen2.5-0.5B-Instruct": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
+        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "tie_word_embeddings": True, "use_sliding_window": False,
+        "sliding_window": 32768, "max_window_layers": 21, "max_position_embeddings": 32768,
+        "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645},
+    "Qwen3-0.6B": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+        "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000, "rope_scaling": None,
+        "attention_bias": False, "tie_word_embeddings": True, "use_sliding_window": False,
+        "max_position_embeddings": 40960, "hidden_act": "silu", "bos_token_id": 151643,
+        "eos_token_id": 151645},
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
+def test_hub_configs_parse_and_round_trip(name):
+    from rubrax.models.checkpoint import config_from_hf, config_to_hf
+
+    hf = HUB_CONFIGS[name]
+    config = config_from_hf(hf)
+    assert config.head_dim == hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+    assert config.attention_bias == (hf["model_type"] == "qwen2")
+    assert config.qk_norm == (hf["model_type"] == "qwen3")
+    assert config.tie_word_embeddings
+    written = config_to_hf(config)
+    assert config_from_hf(written) == config
+    # transformers reads what we write into the same config as the original.
+    ref = transformers.AutoConfig.for_model(**hf)
+    ours = transformers.AutoConfig.for_model(**written)
+    for field in ("hidden_size", "num_key_value_heads", "head_dim", "rope_parameters",
+                  "tie_word_embeddings", "rms_norm_eps", "eos_token_id"):
+        if getattr(ref, field, None) is not None:  # Qwen2 derives head_dim itself
+            assert getattr(ours, field) == getattr(ref, field), field

@@ -51,24 +51,35 @@ def test_kv_cache_decoding_equals_full_recomputation(params):
     kv_mask = jnp.asarray(mask)
     positions = llama.default_positions(kv_mask)
     cache = llama.init_cache(CONFIG, 2, 10)
-    h, cache = llama.forward_with_cache(params, jnp.asarray(tokens[:, :prefix]),
-                                        positions[:, :prefix], kv_mask, cache, 0, config=CONFIG)
-    steps = [llama.lm_logits(params, h, config=CONFIG)]
-    for t in range(prefix, 10):
-        h, cache = llama.forward_with_cache(params, jnp.asarray(tokens[:, t:t + 1]),
-                                            positions[:, t:t + 1], kv_mask, cache, t,
+
+    @jax.jit
+    def step(tokens, positions, cache, index):
+        h, cache = llama.forward_with_cache(params, tokens, positions, kv_mask, cache, index,
                                             config=CONFIG)
-        steps.append(llama.lm_logits(params, h, config=CONFIG))
+        return llama.lm_logits(params, h, config=CONFIG), cache
+
+    logits, cache = step(jnp.asarray(tokens[:, :prefix]), positions[:, :prefix], cache, 0)
+    steps = [logits]
+    for t in range(prefix, 10):
+        logits, cache = step(jnp.asarray(tokens[:, t:t + 1]), positions[:, t:t + 1], cache, t)
+        steps.append(logits)
     cached = jnp.concatenate(steps, axis=1)
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-5)
 
 
-def test_greedy_is_argmax_deterministic_and_consistent(params):
-    tokens, mask = left_padded([[5, 6, 7], [9, 10, 11, 12, 13]], 5)
-    cfg = SampleConfig(max_new_tokens=6, temperature=0.0, n=2, stop_token_ids=(),
-                       prompt_bucket=8)
-    out = sample(params, tokens, mask, jax.random.key(0), cfg, config=CONFIG)
+GREEDY = SampleConfig(max_new_tokens=6, temperature=0.0, n=2, stop_token_ids=(), prompt_bucket=8)
+PROMPTS = left_padded([[5, 6, 7], [9, 10, 11, 12, 13]], 5)
+
+
+@pytest.fixture(scope="module")
+def greedy_out(params):
+    return sample(params, *PROMPTS, jax.random.key(0), GREEDY, config=CONFIG)
+
+
+def test_greedy_is_argmax_deterministic_and_consistent(params, greedy_out):
+    tokens, mask = PROMPTS
+    cfg, out = GREEDY, greedy_out
     again = sample(params, tokens, mask, jax.random.key(123), cfg, config=CONFIG)
     np.testing.assert_array_equal(out.tokens, again.tokens)
     np.testing.assert_array_equal(out.tokens[0], out.tokens[1])  # prompt-major rows
@@ -109,20 +120,17 @@ def test_padding_and_batching_do_not_change_samples(params):
     np.testing.assert_allclose(batch.logprobs[:2], alone.logprobs, atol=1e-5)
 
 
-def test_stop_tokens_end_sequences(params):
-    tokens, mask = left_padded([[5, 6, 7], [9, 10, 11, 12, 13]], 5)
-    greedy = SampleConfig(max_new_tokens=8, temperature=0.0, stop_token_ids=(), prompt_bucket=8)
-    free = np.asarray(sample(params, tokens, mask, jax.random.key(0), greedy,
-                             config=CONFIG).tokens)
+def test_stop_tokens_end_sequences(params, greedy_out):
+    free = np.asarray(greedy_out.tokens)[::2]  # one row per prompt, no stop tokens
     stop = int(free[0, 2])
     first = [int(np.flatnonzero(row == stop)[0]) if stop in row else None for row in free]
-    cfg = SampleConfig(max_new_tokens=8, temperature=0.0, stop_token_ids=(stop,),
+    cfg = SampleConfig(max_new_tokens=6, temperature=0.0, stop_token_ids=(stop,),
                        pad_token_id=255, prompt_bucket=8)
-    out = sample(params, tokens, mask, jax.random.key(0), cfg, config=CONFIG)
+    out = sample(params, *PROMPTS, jax.random.key(0), cfg, config=CONFIG)
     for row, f in enumerate(first):
-        end = 8 if f is None else f + 1
+        end = 6 if f is None else f + 1
         np.testing.assert_array_equal(out.tokens[row, :end], free[row, :end])
-        np.testing.assert_array_equal(out.mask[row], np.arange(8) < end)
+        np.testing.assert_array_equal(out.mask[row], np.arange(6) < end)
         np.testing.assert_array_equal(out.tokens[row, end:], 255)
         np.testing.assert_array_equal(out.logprobs[row, end:], 0.0)
     assert first[0] is not None and first[0] <= 2
@@ -148,9 +156,9 @@ def test_top_k_and_top_p_never_emit_excluded_tokens():
     tokens, mask = left_padded([[1, 2]], 2)
     logits = forward(params, jnp.asarray(tokens), config=config)
     np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits[0, -1])), probs, atol=1e-5)
-    # top_k=3 keeps {0,1,2}; top_p=0.75 keeps {0,1,2} (mass before token 2 is 0.65 < 0.75,
-    # before token 3 it is 0.8); top_p=0.6 with top_k=4 keeps {0,1}.
-    for top_k, top_p, kept in [(3, 1.0, 3), (0, 0.75, 3), (4, 0.6, 2)]:
+    # top_k=3 keeps {0,1,2}; top_p=0.6 keeps {0,1} (mass before token 1 is 0.4 < 0.6,
+    # before token 2 it is 0.65).
+    for top_k, top_p, kept in [(3, 1.0, 3), (0, 0.6, 2)]:
         cfg = SampleConfig(max_new_tokens=64, temperature=1.0, top_k=top_k, top_p=top_p,
                            n=32, stop_token_ids=())
         out = np.asarray(sample(params, tokens, mask, jax.random.key(top_k), cfg,

@@ -76,11 +76,14 @@ def test_rerun_resumes_without_recomputing(tiny_run):
     assert again["curves"] == results["curves"]
 
 
-def test_cli_sim_run_prints_report_path(tmp_path, capsys):
+def test_cli_sim_run_resumes_and_prints_report_path(tiny_run, capsys):
+    """`rubrax sim run` on the finished tiny run: nothing recomputed, report written, path printed."""
     from rubrax.cli import main
 
-    rc = main(["sim", "run", "--preset", "tiny", "--arms", "gold,rubric_initial", "--out", str(tmp_path), "--run", "r", "--quiet"])
+    _, out, _, _ = tiny_run
+    rc = main(["sim", "run", "--preset", "tiny", "--out", str(out.parent), "--run", out.name])
     assert rc == 0
-    printed = capsys.readouterr().out.strip().splitlines()[-1]
-    assert printed == f"report: {tmp_path / 'r' / 'report.md'}"
-    assert (tmp_path / "r" / "report.md").exists()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any("already complete" in line for line in lines)
+    assert lines[-1] == f"report: {out / 'report.md'}"
+    assert (out / "report.md").exists()

@@ -81,7 +81,7 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json",
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type != "llama")),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),  # HF default
             attention_bias=True if model_type == "qwen2" else bias,
             attention_out_bias=False if model_type == "qwen2" else bias,
             qk_norm=model_type == "qwen3",

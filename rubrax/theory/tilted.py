@@ -80,13 +80,16 @@ def _kl_of_t(t: jnp.ndarray) -> jnp.ndarray:
 
 
 def padded_call(fn: Callable[[jnp.ndarray], Any], x: jnp.ndarray, fill: float = 1.0) -> Any:
-    """Apply an elementwise-over-x jitted `fn` to x flattened and padded to a power of two.
+    """Apply an elementwise-over-x jitted `fn` to x flattened and padded to a bucket size.
 
-    Bucketing the length (16, 32, 64, ...) lets calls with different numbers of betas
-    (or KLs, or n) share one compiled program; the outputs are sliced back and reshaped.
+    Bucketing the length (16, 24, 32, 48, 64, 96, ...) lets calls with different numbers
+    of betas (or KLs, or n) share one compiled program while padding at most 50%; the
+    outputs are sliced back and reshaped.
     """
     k = x.size
     size = max(16, 1 << (k - 1).bit_length())
+    if size >= 32 and k <= 3 * size // 4:
+        size = 3 * size // 4
     flat = jnp.concatenate([x.reshape(-1), jnp.full((size - k,), fill, x.dtype)])
     return jax.tree_util.tree_map(lambda o: o[..., :k].reshape(o.shape[:-1] + x.shape), fn(flat))
 
