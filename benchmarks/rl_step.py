@@ -75,7 +75,7 @@ def run_rubrax(args) -> dict:
     loop = LoopConfig(total_steps=args.iters + 1, prompts_per_step=P, max_prompt_tokens=args.prompt_tokens, progress=False)
     tx = make_optimizer(OptimConfig(learning_rate=1e-6, schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0), loop.total_steps)
     state = TrainState.create(params, tx, seed=0)
-    ref = jax.tree.map(lambda x: x.copy(), params)
+    ref = params  # the state gets its own copy; the reference shares the loaded buffers (as in train())
     trainer = Trainer(rl, model_logits_fn(config), tx, state, ref, mesh=make_mesh(jax.devices()[:1]))
     state, ref = trainer.place_state(state), trainer.place_ref(ref)
     sampler = _Sampler(prompts, tok, config, sample, loop, np.asarray(state.key))

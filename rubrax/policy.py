@@ -29,18 +29,38 @@ def token_logprobs(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array
     return chosen - jax.nn.logsumexp(logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames="config")
+@functools.partial(jax.jit, static_argnames=("config", "chunk_size"))
 def logprobs(params, tokens_BxT: jax.Array, mask_BxT: jax.Array, *,
-             config: ModelConfig) -> jax.Array:
+             config: ModelConfig, chunk_size: int | None = None) -> jax.Array:
     """Per-token log-probabilities logp[:, t] = log p(tokens[:, t] | tokens[:, :t]), float32.
 
+    logp[:, t] = logit_{t-1}[tokens[t]] - logsumexp(logit_{t-1}) (no log-softmax copy).
     logp is 0 where mask is 0 and at each row's first real token (nothing precedes it;
     with left padding that is not t = 0), so a padded row gives the same values at its
     real tokens as the unpadded row. mask may pad on either side.
+
+    chunk_size: if set, the LM head runs on chunk_size positions at a time under
+    jax.checkpoint, so neither the forward nor the backward pass holds the full
+    [B, T, V] logits (for large vocabularies x long sequences). Same values either way.
     """
     mask_BxT = mask_BxT.astype(jnp.int32)
-    logits = llama.forward(params, tokens_BxT, config=config, mask_BxT=mask_BxT)
-    logp_next = token_logprobs(logits[:, :-1], tokens_BxT[:, 1:])
+    h_BxTxD = llama.hidden_states(params, tokens_BxT, config=config, mask_BxT=mask_BxT)
+    h_BxTxD, targets_BxT = h_BxTxD[:, :-1], tokens_BxT[:, 1:]
+
+    def chunk_logp(h, targets):
+        return token_logprobs(llama.lm_logits(params, h, config=config), targets)
+
+    if chunk_size is None:
+        logp_next = chunk_logp(h_BxTxD, targets_BxT)
+    else:
+        B, T, D = h_BxTxD.shape
+        n = -(-T // chunk_size)
+        pad = n * chunk_size - T
+        h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk_size, D)
+        tg = jnp.pad(targets_BxT, ((0, 0), (0, pad))).reshape(B, n, chunk_size)
+        logp = jax.lax.map(jax.checkpoint(lambda xs: chunk_logp(*xs)),
+                           (h.swapaxes(0, 1), tg.swapaxes(0, 1)))
+        logp_next = logp.swapaxes(0, 1).reshape(B, n * chunk_size)[:, :T]
     logp_BxT = jnp.pad(logp_next, ((0, 0), (1, 0)))
     has_context = (mask_BxT > 0) & (jnp.cumsum(mask_BxT, axis=-1) > 1)
     return jnp.where(has_context, logp_BxT, 0.0)
@@ -65,7 +85,7 @@ class SampleConfig:
     n: int = 1
     stop_token_ids: tuple[int, ...] | None = None
     pad_token_id: int | None = None
-    prompt_bucket: int = 32
+    prompt_bucket: int = 16
     batch_bucket: int = 1
     max_length: int | None = None
 

@@ -44,6 +44,18 @@ def test_logprobs_are_gathered_log_softmax(params):
     np.testing.assert_allclose(alone[0], logp[0, 2:], atol=1e-5)
 
 
+def test_chunked_logprobs_match_and_differentiate(params):
+    tokens, mask = left_padded([[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]], 7)
+
+    def loss(p, chunk):
+        return jnp.sum(logprobs(p, tokens, mask, config=CONFIG, chunk_size=chunk))
+
+    full, g_full = jax.value_and_grad(loss)(params, None)
+    chunked, g_chunked = jax.value_and_grad(loss)(params, 4)  # 6 targets -> 2 chunks, padded
+    assert float(chunked) == pytest.approx(float(full), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_chunked, g_full)
+
+
 def test_kv_cache_decoding_equals_full_recomputation(params):
     tokens, mask = left_padded([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25]], 10)
     full = forward(params, jnp.asarray(tokens), config=CONFIG, mask_BxT=jnp.asarray(mask))

@@ -191,7 +191,7 @@ def test_initial_proposal_knows_only_the_prompt(world):
 def test_refine_turns_substantive_differences_into_criteria(world):
     p = world.prompts[0]
     rubric = Rubric(p.id, p.text, tuple(run(SimProposer(world).propose(p.id, p.text))))
-    better = f"{p.topic} {p.aspect} {p.advanced[0]} {p.excellent[0]} {p.advanced[1]} indeed"
+    better = f"{p.topic} {p.aspect} {p.advanced[0]} {p.excellent[0]} {p.advanced[1]} indeed the"
     worse = f"{p.topic} {p.aspect} the so it"
     exact = SimProposer(world, ProposerConfig(judge_temperature=1e-6, p_superficial=0.0, p_notice_shared=0.0, p_fail=0.0))
     crit = run(exact.refine(rubric, worse, better))
@@ -204,7 +204,8 @@ def test_refine_turns_substantive_differences_into_criteria(world):
     assert len({c.id for c in crit}) == len(crit)
     gullible = SimProposer(world, ProposerConfig(judge_temperature=1e-6, p_superficial=1.0, p_notice_shared=0.0, p_fail=0.0))
     texts = {c.text for c in run(gullible.refine(rubric, better, worse))}
-    assert Predicate("contains", a="indeed").text in texts  # mistaken for substance
+    assert Predicate("contains", a="indeed").text in texts  # a style marker mistaken for substance
+    assert Predicate("contains", a="the").text not in texts  # a function word never is
     failing = SimProposer(world, ProposerConfig(p_fail=1.0))
     assert run(failing.refine(rubric, better, worse)) is None
 

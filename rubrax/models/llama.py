@@ -130,7 +130,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, cos, sin, bias_BxTxS, cache_index, kv):
+    def __call__(self, x_BxTxD, cos, sin, bias_BxTxS, cache_index, cache, layer):
         c = self.config
         dt, pdt = jnp_dtype(c.dtype), jnp_dtype(c.param_dtype)
         B, T, _ = x_BxTxD.shape
@@ -143,11 +143,16 @@ class Attention(nn.Module):
             q = RMSNorm(c.rms_norm_eps, dt, pdt, name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, dt, pdt, name="k_norm")(k)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        if kv is not None:
-            cache_k, cache_v = kv
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
-            kv = (k, v)
+        if cache is not None:
+            # The whole [L, B, S, K, Dh] cache is the scan carry, updated in place at
+            # (layer, cache_index): a decode step writes B x T x K x Dh values, not the cache.
+            k_all, v_all = cache
+            start = (layer, 0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
+            cache = (k_all, v_all)
         q = q.reshape(B, T, K, H // K, Dh)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt),
                             preferred_element_type=jnp.float32) / math.sqrt(Dh)
@@ -155,7 +160,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(B, T, H * Dh)
         out = dense(c.hidden_size, c.attention_out_bias, name="o_proj")(out)
-        return out, kv
+        return out, cache
 
 
 class MLP(nn.Module):
@@ -175,14 +180,15 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, h, cos, sin, bias, cache_index, kv):
+    def __call__(self, carry, cos, sin, bias, cache_index, layer):
+        h, cache = carry
         c = self.config
         dt, pdt = jnp_dtype(c.dtype), jnp_dtype(c.param_dtype)
         x = RMSNorm(c.rms_norm_eps, dt, pdt, name="input_layernorm")(h)
-        attn, kv = Attention(c, name="self_attn")(x, cos, sin, bias, cache_index, kv)
+        attn, cache = Attention(c, name="self_attn")(x, cos, sin, bias, cache_index, cache, layer)
         h = h + attn
         x = RMSNorm(c.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(h)
-        return h + MLP(c, name="mlp")(x), kv
+        return (h + MLP(c, name="mlp")(x), cache), None
 
 
 class CausalLM(nn.Module):
@@ -210,7 +216,8 @@ class CausalLM(nn.Module):
         """Returns (h_BxTxD after the final norm, updated cache or None)."""
         h = self.embed_tokens(tokens_BxT)
         cos, sin = rope_cos_sin(positions_BxT, self.config)
-        h, cache = self.layers(h, cos, sin, bias_BxTxS, cache_index, cache)
+        layer_ids = jnp.arange(self.config.num_hidden_layers)
+        (h, cache), _ = self.layers((h, cache), cos, sin, bias_BxTxS, cache_index, layer_ids)
         return self.norm(h), cache
 
     def logits(self, h_BxTxD):

@@ -54,7 +54,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rubrax.rewards.base import RewardBatch, as_reward_fn
@@ -460,9 +459,9 @@ def train(
     data = prompts if isinstance(prompts, PromptSet) else load_prompts(
         prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
     )
-    ref = None
-    if rl.kl_coef > 0:  # a copy: the policy's buffers are donated to the update
-        ref = jax.tree.map(jnp.array, params if ref_params is None else ref_params)
+    # The reference is the caller's params themselves (no copy): the TrainState gets its
+    # own copy (Trainer.place_state never aliases), so donation never touches them.
+    ref = (params if ref_params is None else ref_params) if rl.kl_coef > 0 else None
     trainer = _cached_trainer(rl, optim, loop, model_config, logits_fn, mesh or make_mesh(), params, ref)
     state = TrainState.create(params, trainer.tx, seed=loop.seed)
     state, ref = trainer.place_state(state), trainer.place_ref(ref)

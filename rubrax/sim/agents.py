@@ -18,9 +18,10 @@ SimProposer
     - advanced word -> "mentions w" (weight 2);
     - excellent word -> "mentions <adv> before w" (weight 3) when the better
       response has that ordered pair, else "mentions w" (weight 2);
-    - anything else (signature, filler, decoy, other) is superficial, but with
+    - a signature word, decoy or unfamiliar content word is superficial, but with
       probability ``p_superficial`` the proposer takes it for substance and adds
-      "mentions w" (weight 1);
+      "mentions w" (weight 1); function words ("the", "so", ...) never fool it
+      (no LLM writes 'mentions "the"');
   a length gap of >= 3 words is likewise taken for substance with probability
   ``p_superficial`` (the length criterion becomes "between len(better) and 24").
   Substantive content both responses share is added with probability
@@ -171,7 +172,7 @@ class SimProposer:
                 j = p.excellent.index(w)
                 pair = Predicate("order", a=p.advanced[j], b=w)
                 add(pair, 3.0) if pair.check(wb) else add(Predicate("contains", a=w), 2.0)
-            elif not shared and role != "basic" and rng.random() < cfg.p_superficial:
+            elif not shared and role not in ("basic", "filler") and rng.random() < cfg.p_superficial:
                 add(Predicate("contains", a=w), 1.0)
 
         set_w = set(ww)
