@@ -1,7 +1,19 @@
 """The policy as pure functions: per-token log-probabilities and batched sampling.
 
-    logp_BxT = logprobs(params, tokens_BxT, mask_BxT, config=config)
+    logp_BxT = logprobs(params, tokens_BxT, mask_BxT, config=config, chunk_size=None)
     out = sample(params, prompt_BxP, prompt_mask_BxP, key, SampleConfig(...), config=config)
+    # out.tokens / out.logprobs / out.mask: (B * n) x max_new_tokens, prompt-major rows.
+    seq = concat([repeat(prompt, n), out.tokens], axis=1)   # what training sees
+
+Sampling log-probabilities: `sample` records log p(token | prefix) of the *unmodified*
+model (temperature 1, no top-k / top-p truncation), whatever temperature and filters drew
+the token. That is the quantity `logprobs` recomputes, so the sampler's numbers equal
+`logprobs(params, seq, mask)` at the completion positions (tested to 1e-5) and the
+policy-gradient ratio pi_theta / pi_old starts at exactly 1 on policy. An RL loss that
+wants the tempered/truncated behaviour policy must recompute it from logits.
+
+`sample` is a host function (numpy bucketing and validation) around one jitted sampler
+`_sample_rows`; `logprobs` is jitted and may be called inside other jitted code.
 """
 
 from __future__ import annotations

@@ -417,9 +417,14 @@ class Trainer:
         self.update_fn = make_update(cfg, logits_fn, tx, mesh=self.mesh, state_shardings=self.state_shardings, ref_shardings=self.ref_shardings)
 
     def place_state(self, state: TrainState) -> TrainState:
-        """Copies the state onto the mesh. Never aliases the caller's arrays: the update
-        donates the state, which would otherwise delete e.g. the params passed to train()."""
-        return jax.device_put(state, self.state_shardings, may_alias=False)
+        """Copies the state onto the mesh, into buffers of its own: the update donates the
+        state, which must never free the caller's arrays (e.g. the params passed to
+        train(), which may also serve as the reference policy). A jitted copy, because
+        device_put(..., may_alias=False) still aliases the first shard of a 1 -> N device
+        replicated put (jax 0.10)."""
+        placed = jax.device_put(state, self.state_shardings)
+        copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=self.state_shardings)
+        return copy(placed)
 
     def place_ref(self, ref_params: Any) -> Any:
         return jax.device_put(ref_params, self.ref_shardings)
