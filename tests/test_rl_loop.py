@@ -3,7 +3,6 @@ learning on a programmatic task, KL control, exact resume, failing rewards, colu
 
 import asyncio
 import json
-import os
 
 import jax
 import numpy as np

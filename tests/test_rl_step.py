@@ -15,7 +15,6 @@ import numpy as np
 import optax
 import pytest
 
-from rubrax.rl import losses as L
 from rubrax.rl.state import TrainState
 from rubrax.rl.step import RLConfig, RolloutBatch, Trainer, make_mesh, update
 
@@ -227,3 +226,19 @@ def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="divide"):
         update(TrainState.create(make_params(), optax.sgd(1.0), seed=0), jax.tree.map(jnp.asarray, make_rollouts()),
                None, cfg=RLConfig(group_size=G, num_minibatches=3), logits_fn=bigram_logits, tx=optax.sgd(1.0))
+
+
+def test_donation_never_frees_the_callers_params():
+    # Regression: a 1 -> 8 device replicated device_put aliases shard 0 with the source, so
+    # donating the placed state freed the caller's params (which train() uses as reference).
+    tx = optax.sgd(0.1)
+    params = make_params()
+    before = np.asarray(params["w"]).copy()
+    state = TrainState.create(params, tx, seed=0)
+    trainer = Trainer(PPO_CFG, bigram_logits, tx, state, params, mesh=make_mesh(jax.devices()[:8]))
+    placed, ref = trainer.place_state(state), trainer.place_ref(params)
+    for s in range(2):
+        placed, _ = trainer(placed, make_rollouts(seed=s), ref)
+    np.testing.assert_array_equal(np.asarray(params["w"]), before)
+    np.testing.assert_array_equal(np.asarray(ref["w"]), before)
+    assert not np.allclose(np.asarray(placed.params["w"]), before)

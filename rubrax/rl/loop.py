@@ -44,7 +44,6 @@ never waits on the device just to log.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -58,7 +57,7 @@ import numpy as np
 
 from rubrax.rewards.base import RewardBatch, as_reward_fn
 from rubrax.rl.state import SAMPLE_STREAM, TrainState, stream_key
-from rubrax.rl.step import RLConfig, RolloutBatch, Trainer, make_batch, make_mesh, model_logits_fn
+from rubrax.rl.step import RLConfig, Trainer, make_batch, make_mesh, model_logits_fn
 
 log = logging.getLogger("rubrax.rl")
 
@@ -76,6 +75,7 @@ class LoopConfig:
     stop_after: end this invocation after that many total steps (pre-emptible jobs;
         rerun with the same out_dir to continue). None = run to total_steps.
     reward_chunk_size: rows per reward call (default one group); reward_timeout_s per call.
+    num_devices: the first that many devices form the data mesh (None = all, all hosts).
     checkpoint_every / eval_every: 0 = only at the end / never (besides the end).
     """
 
@@ -94,6 +94,7 @@ class LoopConfig:
     chat_template: bool = True
     prompt_field: str = "prompt"
     fsdp: bool = False
+    num_devices: int | None = None
     progress: bool = True
     tensorboard: bool = True
     wandb_project: str | None = None
@@ -111,6 +112,8 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.reward_timeout_s must be > 0 or None, got {self.reward_timeout_s}")
         if self.reward_chunk_size is not None and self.reward_chunk_size < 1:
             raise ValueError(f"LoopConfig.reward_chunk_size must be >= 1, got {self.reward_chunk_size}")
+        if self.num_devices is not None and self.num_devices < 1:
+            raise ValueError(f"LoopConfig.num_devices must be >= 1 or None, got {self.num_devices}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"LoopConfig.stop_after must be >= 1, got {self.stop_after}")
         if (self.checkpoint_every or self.stop_after) and not self.out_dir:
@@ -399,6 +402,15 @@ class _Logger:
             self.wandb.finish()
 
 
+def _prune_pending(pending_dir: str, kept_steps: Sequence[int]) -> None:
+    """Removes pre-sampled batches whose checkpoint orbax has deleted (keep_checkpoints)."""
+    if not os.path.isdir(pending_dir):
+        return
+    for name in os.listdir(pending_dir):
+        if name.endswith(".npz") and name[:-4].isdigit() and int(name[:-4]) not in kept_steps:
+            os.remove(os.path.join(pending_dir, name))
+
+
 _TRAINERS: dict[tuple, Trainer] = {}
 
 
@@ -448,6 +460,8 @@ def train(
     rubrax.train.optim.OptimConfig (schedule over total_steps * ppo_epochs *
     num_minibatches optimizer updates). eval_hooks: callables (step, params) -> dict of
     scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>").
+    mesh: a 1-D "data" mesh (default: loop.num_devices devices). logits_fn: a model
+    other than rubrax.models (params, tokens, mask) -> logits.
     run_config: JSON-able description of the run, stored with checkpoints and W&B.
     """
     from rubrax.train import checkpoint
@@ -462,7 +476,9 @@ def train(
     # The reference is the caller's params themselves (no copy): the TrainState gets its
     # own copy (Trainer.place_state never aliases), so donation never touches them.
     ref = (params if ref_params is None else ref_params) if rl.kl_coef > 0 else None
-    trainer = _cached_trainer(rl, optim, loop, model_config, logits_fn, mesh or make_mesh(), params, ref)
+    if mesh is None:
+        mesh = make_mesh(jax.devices()[: loop.num_devices] if loop.num_devices else None)
+    trainer = _cached_trainer(rl, optim, loop, model_config, logits_fn, mesh, params, ref)
     state = TrainState.create(params, trainer.tx, seed=loop.seed)
     state, ref = trainer.place_state(state), trainer.place_ref(ref)
 
@@ -520,6 +536,7 @@ def train(
                         pending.to_npz(os.path.join(pending_dir, f"{done}.npz"))
                     checkpoint.save(ckpt_dir, done, state, {"step": done, "config": dict(run_config or {})},
                                     max_to_keep=loop.keep_checkpoints, overwrite=True)
+                    _prune_pending(pending_dir, checkpoint.all_steps(ckpt_dir))
             if eval_hooks and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.total_steps):
                 flush()
                 scores = {}
