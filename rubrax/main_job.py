@@ -1,7 +1,8 @@
 """`rubrax main`: the README's main job on its embedded default.
 
-Today it reproduces the paper's Figure 2 (the reward-tail theory). When the
-synthetic testbed lands it becomes the CPU preset of the tail-world experiment.
+Runs the synthetic tail-world experiment (the paper's whole comparison, CPU preset,
+<= 10 minutes on 2 cores) and the paper's Figure 2 from the reward-tail theory, then
+prints where the reports are. Everything is offline: no API key, no GPU, no hub.
 """
 
 from __future__ import annotations
@@ -10,15 +11,20 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("main", help="run the main job (embedded default) and print where its report is")
-    p.add_argument("--out", default="results", help="output root folder (default: results/)")
+    from rubrax.sim.cli import add_run_arguments
+
+    p = sub.add_parser("main", help="run the main job (tail-world CPU preset + Figure 2) and print where the report is")
+    add_run_arguments(p)
+    p.add_argument("--skip-figure2", action="store_true", help="do not write the theory's Figure 2")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rubrax.theory.figures import write_figure2
+    from rubrax.sim.cli import run_command
 
-    paths = write_figure2(args.out)
-    for path in paths:
-        print(path)
-    return 0
+    if not args.skip_figure2:
+        from rubrax.theory.figures import write_figure2
+
+        paths = write_figure2(args.out)
+        print(f"figure 2 (theory): {paths[0].parent}")
+    return run_command(args)
