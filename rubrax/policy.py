@@ -179,7 +179,6 @@ def _sample_rows(params, tokens_RxP, mask_RxP, key, *, cfg: SampleConfig,
                                         kv_mask_RxS, cache, 0, config=config)
     logits_RxV = llama.lm_logits(params, h[:, -1:], config=config)[:, 0]
     next_pos_R = jnp.sum(mask_RxP, axis=-1)
-    layers = llama.unstack_layers(params, config)  # see unstack_layers: faster decode on CPU
 
     def emit(state, logits_RxV):
         i, cache, out_tok, out_logp, done = state
@@ -196,9 +195,8 @@ def _sample_rows(params, tokens_RxP, mask_RxP, key, *, cfg: SampleConfig,
         state, out_mask = carry
         i, cache = state[0], state[1]
         prev = state[2][:, i - 1]
-        h, cache = llama.decode_step(params, layers, prev[:, None],
-                                     (next_pos_R + i - 1)[:, None], kv_mask_RxS, cache,
-                                     P + i - 1, config=config)
+        h, cache = llama.forward_with_cache(params, prev[:, None], (next_pos_R + i - 1)[:, None],
+                                            kv_mask_RxS, cache, P + i - 1, config=config)
         logits = llama.lm_logits(params, h, config=config)[:, 0]
         state, col = emit((i, cache) + tuple(state[2:]), logits)
         return state, out_mask.at[:, i].set(col)

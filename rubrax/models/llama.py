@@ -312,29 +312,3 @@ def forward_with_cache(params: Params, tokens_BxT: jax.Array, positions_BxT: jax
     return CausalLM(config).apply({"params": params}, tokens_BxT, positions_BxT, bias,
                                   cache_index, cache)
 
-
-def unstack_layers(params: Params, config: ModelConfig) -> list[Params]:
-    """Per-layer param dicts sliced out of the stacked `params["layers"]`.
-
-    For decode loops: inside a scanned layer stack XLA CPU copies each layer's weight
-    slice before its matmul, tripling weight memory traffic, which dominates a
-    memory-bound decode step. Slicing once before the loop costs one copy of the layer
-    weights and lets `decode_step` read them in place.
-    """
-    return [jax.tree.map(lambda x, i=i: x[i], params["layers"])
-            for i in range(config.num_hidden_layers)]
-
-
-def decode_step(params: Params, layers: list[Params], tokens_BxT: jax.Array,
-                positions_BxT: jax.Array, kv_mask_BxS: jax.Array, cache, cache_index, *,
-                config: ModelConfig):
-    """`forward_with_cache` with the layers unrolled over `unstack_layers(params)`;
-    same values, for the sampler's decode loop."""
-    model, layer = CausalLM(config), DecoderLayer(config)
-    h = model.apply({"params": params}, tokens_BxT, method=lambda m, t: m.embed_tokens(t))
-    cos, sin = rope_cos_sin(positions_BxT, config)
-    bias = attention_bias(kv_mask_BxS, tokens_BxT.shape[1], cache_index)
-    for i, layer_params in enumerate(layers):
-        (h, cache), _ = layer.apply({"params": layer_params}, (h, cache), cos, sin, bias,
-                                    cache_index, i)
-    return model.apply({"params": params}, h, method=lambda m, x: m.norm(x)), cache
