@@ -1,7 +1,5 @@
 """Policy log-probabilities and the KV-cached sampler on tiny random models."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,7 +149,8 @@ def test_stop_tokens_end_sequences(params, greedy_out):
 def constant_distribution_model(probs):
     """An untied model whose next-token distribution is `probs` after every context."""
     V = len(probs)
-    config = ModelConfig.tiny(vocab_size=V, tie_word_embeddings=False, eos_token_id=None)
+    config = ModelConfig.tiny(vocab_size=V, tie_word_embeddings=False, eos_token_id=None,
+                              num_hidden_layers=1)
     params = jax.tree.map(jnp.zeros_like, init_params(config, jax.random.key(0)))
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.ones_like(x) if path[-1].key in ("scale", "embedding") else x, params)

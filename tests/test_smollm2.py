@@ -56,6 +56,13 @@ def test_conversion_matches_transformers_gguf_reader(converted):
     assert set(ours) == {n for n in ours if n.startswith("model.")}  # tied: no lm_head
 
 
+def test_checkpoint_is_converted_once(converted):
+    weights = converted[0] / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert smollm2_checkpoint() == converted[0]
+    assert weights.stat().st_mtime_ns == before
+
+
 def test_config_and_tokenizer(converted):
     path, _, config = converted
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,

@@ -143,7 +143,7 @@ def config_to_hf(config: ModelConfig, *, torch_dtype: str = "float32") -> dict[s
             raise ValueError("qwen3 requires qk_norm=True")
         hf["use_sliding_window"] = False
     elif config.qk_norm:
-        raise ValueError(f"qk_norm=True is only exported as model_type='qwen3'")
+        raise ValueError("qk_norm=True is only exported as model_type='qwen3'")
     return hf
 
 

@@ -70,7 +70,7 @@ def gguf_config(reader, source: str) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"{source}: general.architecture={arch!r} is not supported (llama)")
-    tokens_present = "output.weight" in {t.name for t in reader.tensors}
+    has_output = "output.weight" in {t.name for t in reader.tensors}
     vocab = len(_field(reader, "tokenizer.ggml.tokens"))
     get = lambda key, default=None: (_field(reader, key) if key in reader.fields else default)
     return ModelConfig(
@@ -83,7 +83,7 @@ def gguf_config(reader, source: str) -> ModelConfig:
                                     get("llama.attention.head_count"))),
         rms_norm_eps=float(np.float32(get("llama.attention.layer_norm_rms_epsilon"))),
         rope_theta=float(get("llama.rope.freq_base", 10000.0)),
-        tie_word_embeddings=not tokens_present,
+        tie_word_embeddings=not has_output,
         max_position_embeddings=int(get("llama.context_length", 2048)),
         bos_token_id=get("tokenizer.ggml.bos_token_id"),
         eos_token_id=get("tokenizer.ggml.eos_token_id"),

@@ -32,9 +32,11 @@ cumsum(mask) - 1 clipped at 0, so a left-padded sequence gets the same positions
 the same logits at its real tokens) as the unpadded one.
 
 The same layer code serves full-sequence forward passes and KV-cached decoding
-(`forward_with_cache`): the cache holds K/V for S slots, new K/V are written at
-`cache_index`, and query t at absolute slot cache_index + t attends to slots
-j <= cache_index + t with kv_mask[j] = 1.
+(`forward_with_cache`): the cache (k, v), each [L, B, S, K, Dh], holds K/V for S slots;
+new K/V are written at `cache_index`, and query t at absolute slot cache_index + t attends
+to slots j <= cache_index + t with kv_mask[j] = 1. The cache is part of the layer scan's
+carry so each step updates it in place (emitting it as scan outputs copied the whole cache
+every step).
 """
 
 from __future__ import annotations

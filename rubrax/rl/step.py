@@ -15,6 +15,8 @@ out prompt-major). Inside, all on device and jitted once:
  6. loss = aggregate(PPO-clipped surrogate) [+ kl_coef * aggregate(KL)]
            [- entropy_coef * aggregate(entropy)]       (`rubrax.rl.losses`).
 Invalid rewards (valid=False) remove their sample from every loss term.
+The paper (arXiv 2509.21500, Sec. 5) trains with GRPO: G = 16, KL coefficient 0.01
+(experiments/configs/grpo_paper.json).
 
 Parallelism: the batch axis is sharded over a 1-D `jax.sharding.Mesh` named
 "data" spanning all devices (data parallel: XLA inserts the gradient all-reduce,
@@ -235,9 +237,12 @@ def _minibatch_update(params, opt_state, mb: dict, *, cfg: RLConfig, logits_fn: 
         g, sums = grad_fn(params, one, norms)
         return jax.tree.map(jnp.add, grads, g), sums
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, sums = jax.lax.scan(accumulate, zeros, micro)
-    sums = jax.tree.map(lambda x: x.sum(axis=0), sums)
+    if cfg.grad_accum == 1:  # no accumulator: saves one params-sized buffer
+        grads, sums = grad_fn(params, jax.tree.map(lambda x: _constrain(x[0], mesh), micro), norms)
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, sums = jax.lax.scan(accumulate, zeros, micro)
+        sums = jax.tree.map(lambda x: x.sum(axis=0), sums)
     sums["grad_norm"] = optax.tree.norm(grads)
     sums["tokens"] = norms["num_tokens"].astype(jnp.float32)
     updates, opt_state = tx.update(grads, opt_state, params)
