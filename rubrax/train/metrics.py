@@ -95,6 +95,13 @@ class _TensorBoard:
             from tensorboard.compat.proto import event_pb2, summary_pb2
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
         except ImportError:
+            import warnings
+
+            warnings.warn(
+                f"tensorboard is not installed: no event files under {logdir} "
+                "(pip install 'rubrax[tensorboard]'); metrics still go to JSONL",
+                stacklevel=3,
+            )
             self.available = False
             return
         self.available = True
