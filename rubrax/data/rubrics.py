@@ -28,20 +28,15 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from rubrax.data.records import RecordError
 from rubrax.rewards.rubric import Criterion, Rubric
 
 SCHEMAS = ("auto", "rubrax", "junkaiz", "healthbench")
 SCALES = ("paper", "points")
 
 
-class RubricFormatError(ValueError):
-    """Bad input record: names the source (file or dataset), the line/row and the field."""
-
-    def __init__(self, source: str, line: int | None, field: str | None, message: str):
-        self.source, self.line, self.field = source, line, field
-        where = source if line is None else f"{source}:{line}"
-        what = f" field {field!r}:" if field else ""
-        super().__init__(f"{where}:{what} {message}")
+class RubricFormatError(RecordError):
+    """Bad rubric/response record: names the source (file or dataset), the line/row and the field."""
 
 
 # --------------------------------------------------------------------------- JSONL reading

@@ -218,7 +218,12 @@ def register_reward(name: str) -> Callable[[Callable[..., Any]], Callable[..., A
 
 # Modules that register rewards on import; imported lazily by get_reward so that the
 # registry is complete without importing jax for host-only rewards.
-_PROVIDERS = ("rubrax.rewards.rubric", "rubrax.rewards.bradley_terry", "rubrax.sim.rewards")
+_PROVIDERS = (
+    "rubrax.rewards.rubric",
+    "rubrax.rewards.bradley_terry",
+    "rubrax.sim.rewards",
+    "rubrax.rl.toy",
+)
 
 
 def _load_providers() -> None:
