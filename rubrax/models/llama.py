@@ -239,11 +239,17 @@ class CausalLM(nn.Module):
         return h
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_init(config: ModelConfig):
+    # One compiled initialiser per (hashable) config: repeated init_params calls with new keys
+    # (seeds, arms of an experiment) do not recompile.
+    return jax.jit(functools.partial(CausalLM(config).init, method=CausalLM.init_all))
+
+
 def init_params(config: ModelConfig, key: jax.Array) -> Params:
     """Random-init params (normal(0.02) weights, unit norms, zero biases) as a nested dict."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    variables = jax.jit(functools.partial(CausalLM(config).init, method=CausalLM.init_all))(
-        key, tokens)
+    variables = _jitted_init(config)(key, tokens)
     return flax.core.unfreeze(variables["params"])
 
 
