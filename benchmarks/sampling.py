@@ -63,14 +63,16 @@ def _prompts(model: str, path: str, batch: int):
     return tokens, mask
 
 
-def _rubrax_worker(model, path, batch, new_tokens, conn, torch_threads=0):
+def _rubrax_worker(model, path, batch, new_tokens, conn, torch_threads=0, unstacked=False):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    from rubrax.models import load_pretrained
+    from rubrax.models import load_pretrained, llama
     from rubrax.policy import SampleConfig, sample
 
     params, config = load_pretrained(path)
+    if unstacked:  # per-layer buffers: more memory, less traffic per decoded token
+        params = llama.unstack_layers(params)
     tokens, mask = _prompts(model, path, batch)
     cfg = SampleConfig(max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=())
 
@@ -79,6 +81,10 @@ def _rubrax_worker(model, path, batch, new_tokens, conn, torch_threads=0):
         return np.asarray(jax.block_until_ready(out.tokens))
 
     _serve(conn, run)
+
+
+def _rubrax_unstacked_worker(model, path, batch, new_tokens, conn, torch_threads=0):
+    _rubrax_worker(model, path, batch, new_tokens, conn, torch_threads, unstacked=True)
 
 
 def _torch_worker(model, path, batch, new_tokens, conn, torch_threads=0):
@@ -116,7 +122,7 @@ def _serve(conn, run):
 def compare(model, path, *, batch, new_tokens, rounds, torch_threads=(0,)):
     ctx = mp.get_context("spawn")
     sides = {}
-    workers = [("rubrax", _rubrax_worker, 0)] + [
+    workers = [("rubrax", _rubrax_worker, 0), ("rubrax[unstacked]", _rubrax_unstacked_worker, 0)] + [
         (f"transformers[threads={t or 'default'}]", _torch_worker, t) for t in torch_threads]
     for name, target, threads in workers:
         parent, child = ctx.Pipe()
@@ -139,12 +145,14 @@ def compare(model, path, *, batch, new_tokens, rounds, torch_threads=(0,)):
         result[name] = {"tokens_per_s": tps, "peak_rss_mb": peak_mb, "warmup_s": side["warm"]}
         print(f"{model:8s} {name:28s} {tps:9.1f} new tokens/s  peak RSS {peak_mb:7.0f} MB  "
               f"warm-up {side['warm']:.1f}s  rounds {[round(t, 3) for t in side['times']]}")
-    peers = [name for name in result if name != "rubrax"]
+    peers = [name for name in result if name.startswith("transformers")]
     best = max(peers, key=lambda name: result[name]["tokens_per_s"])
-    agree = min(float(np.mean(outputs["rubrax"] == outputs[name])) for name in peers)
+    agree = min(float(np.mean(outputs[ours] == outputs[name]))
+                 for ours in ("rubrax", "rubrax[unstacked]") for name in peers)
     ratio = result["rubrax"]["tokens_per_s"] / result[best]["tokens_per_s"]
-    print(f"{model:8s} speed-up {ratio:.2f}x vs the fastest peer {best}; "
-          f"greedy token agreement {agree:.3f}")
+    result["unstacked_ratio"] = result["rubrax[unstacked]"]["tokens_per_s"] / result[best]["tokens_per_s"]
+    print(f"{model:8s} speed-up {ratio:.2f}x (unstacked layers {result['unstacked_ratio']:.2f}x) "
+          f"vs the fastest peer {best}; greedy token agreement {agree:.3f}")
     result["transformers"] = result[best]
     return ratio, agree, result
 
@@ -179,12 +187,14 @@ def main(argv=None) -> int:
                                         torch_threads=[int(t) for t in
                                                        args.torch_threads.split(",")])
             kv[f"{model}_vs_transformers"] = f"{ratio:.2f}"
+            kv[f"{model}_unstacked_vs_transformers"] = f"{res['unstacked_ratio']:.2f}"
+            kv[f"{model}_unstacked_peak_mb"] = f"{res['rubrax[unstacked]']['peak_rss_mb']:.0f}"
             kv[f"{model}_rubrax_tok_s"] = f"{res['rubrax']['tokens_per_s']:.0f}"
             kv[f"{model}_transformers_tok_s"] = f"{res['transformers']['tokens_per_s']:.0f}"
             kv[f"{model}_rubrax_peak_mb"] = f"{res['rubrax']['peak_rss_mb']:.0f}"
             kv[f"{model}_transformers_peak_mb"] = f"{res['transformers']['peak_rss_mb']:.0f}"
             kv[f"{model}_greedy_agreement"] = f"{agree:.3f}"
-    order = sorted(kv, key=lambda k: (not k.endswith("_vs_transformers"), k))
+    order = sorted(kv, key=lambda k: (not k.endswith("vs_transformers"), k))
     print(" ".join(f"{k}={kv[k]}" for k in order))
     return 0
 

@@ -200,3 +200,17 @@ def test_bad_prompts_raise_clear_errors(params):
                config=CONFIG)
     with pytest.raises(ValueError, match="top_p"):
         SampleConfig(max_new_tokens=2, top_p=0.0)
+
+
+def test_unstacked_layers_sample_the_same_as_stacked(params):
+    # llama.unstack_layers gives per-layer buffers decoded by an unrolled loop (faster on CPU);
+    # it must be the same model: same tokens, same logprobs.
+    tokens, mask = left_padded([[5, 6, 7], [9, 10, 11, 12, 13]], 5)
+    cfg = SampleConfig(max_new_tokens=8, temperature=1.0, n=2, stop_token_ids=(), prompt_bucket=8)
+    stacked = sample(params, tokens, mask, jax.random.key(3), cfg, config=CONFIG)
+    unstacked = sample(llama.unstack_layers(params), tokens, mask, jax.random.key(3), cfg,
+                       config=CONFIG)
+    assert len(llama.unstack_layers(params)["layers"]) == CONFIG.num_hidden_layers
+    np.testing.assert_array_equal(unstacked.tokens, stacked.tokens)
+    np.testing.assert_allclose(unstacked.logprobs, stacked.logprobs, atol=1e-5)
+    np.testing.assert_array_equal(unstacked.mask, stacked.mask)

@@ -15,6 +15,7 @@ from rubrax.models.llama import (
     init_cache,
     init_params,
     lm_logits,
+    unstack_layers,
 )
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "init_cache",
     "init_params",
     "lm_logits",
+    "unstack_layers",
     "load_pretrained",
     "save_pretrained",
 ]
