@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from rubrax.data.records import RecordError
+from rubrax.data.records import RecordError, write_jsonl
 from rubrax.rewards.rubric import Criterion, Rubric
 
 SCHEMAS = ("auto", "rubrax", "junkaiz", "healthbench")
@@ -85,18 +85,6 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(obj, dict):
                 raise RubricFormatError(source, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
-
-
-def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Writes records atomically (temp file + rename), so a crash never leaves half a file."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- field helpers
@@ -291,7 +279,7 @@ def rubric_to_record(rubric: Rubric, schema: str = "rubrax") -> dict[str, Any]:
 def write_rubrics(rubrics: Iterable[Rubric] | Mapping[str, Rubric], path: str | os.PathLike, *, schema: str = "rubrax") -> None:
     if isinstance(rubrics, Mapping):
         rubrics = rubrics.values()
-    write_jsonl((rubric_to_record(r, schema) for r in rubrics), path)
+    write_jsonl(path, (rubric_to_record(r, schema) for r in rubrics))
 
 
 # --------------------------------------------------------------------------- responses and prompts

@@ -21,7 +21,8 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from rubrax.data.rubrics import ResponseRecord, rubric_to_record, write_jsonl
+from rubrax.data.records import write_jsonl
+from rubrax.data.rubrics import ResponseRecord, rubric_to_record
 from rubrax.elicit.rtd import Candidate, ProposalError, iterative_rtd, propose_initial
 from rubrax.rewards.rubric import Rubric, aggregate, grade_response
 
@@ -62,7 +63,7 @@ class ResumableJsonl:
     def finalize(self, order: Sequence[Any]) -> None:
         """Rewrites the file with the records of `order` (keys), in that order."""
         self._f.close()
-        write_jsonl((self.done[k] for k in order if k in self.done), self.path)
+        write_jsonl(self.path, (self.done[k] for k in order if k in self.done))
 
     def close(self) -> None:
         self._f.close()

@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from rubrax.data.records import write_jsonl
 from rubrax.sim import generators as gen
 from rubrax.sim.agents import SimProposer, SimVerifier
 from rubrax.sim.presets import SimConfig
@@ -597,14 +598,6 @@ def theory_rows(ctx: SeedContext, cfg: SimConfig, proxies: Mapping[str, Any]) ->
 # ----------------------------------------------------------------------------- the whole run
 
 
-def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)  # atomic: a crash never leaves half a file
-
-
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -638,18 +631,18 @@ def run_experiment(cfg: SimConfig, out_dir: str | os.PathLike, log: Log = print)
             ctx = build_seed(cfg, seed, log)
             proxies, rubrics = build_proxies(ctx, cfg, log)
             for arm, rb in rubrics.items():
-                _write_jsonl(out / "rubrics" / f"seed{seed}_{arm}.jsonl", _rubric_records(rb))
+                write_jsonl(out / "rubrics" / f"seed{seed}_{arm}.jsonl", _rubric_records(rb))
             if not extra["base"].exists():
-                _write_jsonl(extra["base"], [{
+                write_jsonl(extra["base"], [{
                     "seed": seed, "gold_mean": float(ctx.base_gold_PxN.mean()),
                     "excellent_any": float(np.mean([[ctx.world.gold_breakdown(p.id, r).met["excellent"] > 0 for r in rs] for p, rs in zip(ctx.world.prompts, ctx.base_samples)])),
                     "advanced_frac": float(np.mean([[ctx.world.gold_breakdown(p.id, r).met["advanced"] for r in rs] for p, rs in zip(ctx.world.prompts, ctx.base_samples)])),
                     "samples": [rs[:3] for rs in ctx.base_samples], **ctx.timings,
                 }])
             if not extra["agreement"].exists():
-                _write_jsonl(extra["agreement"], agreement_rows(ctx, cfg, {a: p for a, p in proxies.items() if a != "gold"}))
+                write_jsonl(extra["agreement"], agreement_rows(ctx, cfg, {a: p for a, p in proxies.items() if a != "gold"}))
             if not extra["theory"].exists():
-                _write_jsonl(extra["theory"], theory_rows(ctx, cfg, proxies))
+                write_jsonl(extra["theory"], theory_rows(ctx, cfg, proxies))
             for arm in cfg.arms:
                 if done[arm].exists():
                     continue
@@ -659,7 +652,7 @@ def run_experiment(cfg: SimConfig, out_dir: str | os.PathLike, log: Log = print)
                     if runner is None:
                         runner = RLRunner(cfg, ctx.model_config, ctx.base_params)
                     rows = run_rl_arm(ctx, cfg, runner, arm, proxies[arm], log)
-                _write_jsonl(done[arm], rows)
+                write_jsonl(done[arm], rows)
         for arm in cfg.arms:
             curves += _read_jsonl(done[arm])
         agreement += _read_jsonl(extra["agreement"])

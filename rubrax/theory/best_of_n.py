@@ -29,9 +29,17 @@ import numpy as np
 from jax.scipy.special import gammaln
 
 from rubrax.theory import quadrature
-from rubrax.theory._checks import check_finite, check_no_nan_result, float_dtype, is_concrete
+from rubrax.theory._checks import check_no_nan_result, float_dtype, is_concrete
 from rubrax.theory.misspec import Map
-from rubrax.theory.tilted import TiltedStats, _kinks_of, _mid_cdf, padded_call, tie_ranks, tilt_stats
+from rubrax.theory.tilted import (
+    TiltedStats,
+    _kinks_of,
+    _mid_cdf,
+    padded_call,
+    tie_ranks,
+    tilt_stats,
+    validate_samples,
+)
 
 __all__ = ["best_of_n_kl_bound", "best_of_n_probs", "best_of_n", "best_of_n_unbiased", "best_of_n_uniform"]
 
@@ -48,23 +56,6 @@ def best_of_n_kl_bound(n: Any) -> jnp.ndarray:
     _check_n("rubrax.theory.best_of_n_kl_bound", n)
     n = jnp.asarray(n, float_dtype(n))
     return jnp.log(n) - (n - 1) / n
-
-
-def _validate_samples(where: str, gold: Any, proxy: Any, valid: Any) -> jnp.ndarray:
-    if gold is not None and np.shape(gold) != np.shape(proxy):
-        raise ValueError(f"{where}: gold has shape {np.shape(gold)} but proxy has shape {np.shape(proxy)}")
-    shape = np.shape(proxy)
-    if len(shape) < 1 or shape[-1] < 1:
-        raise ValueError(f"{where}: proxy needs a last axis of m >= 1 samples, got shape {shape}")
-    if valid is not None and np.shape(valid) != shape:
-        raise ValueError(f"{where}: valid has shape {np.shape(valid)} but proxy has shape {shape}")
-    valid = jnp.ones(shape, bool) if valid is None else jnp.asarray(valid, bool)
-    check_finite("proxy", where, proxy, valid)
-    if gold is not None:
-        check_finite("gold", where, gold, valid)
-    if is_concrete(valid) and not np.asarray(valid).any(axis=-1).all():
-        raise ValueError(f"{where}: a prompt has no valid sample")
-    return valid
 
 
 def _counts(proxy_PxM: jnp.ndarray, valid_PxM: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
@@ -97,7 +88,7 @@ def _bon_impl(gold_PxM, proxy_PxM, valid_PxM, n_K):
 
 
 def _prep(where, gold, proxy, n, valid):
-    valid = _validate_samples(where, gold, proxy, valid)
+    valid = validate_samples(where, gold, proxy, valid)
     _check_n(where, n)
     dtype = float_dtype(proxy, n) if gold is None else float_dtype(gold, proxy, n)
     n = jnp.asarray(n, dtype)

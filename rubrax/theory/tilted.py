@@ -326,6 +326,27 @@ def _from_samples(gold_PxN, proxy_PxN, valid_PxN, beta_K, batch_size):
     return tuple(o.reshape((-1,) + o.shape[2:])[:k] for o in out)
 
 
+def validate_samples(where: str, gold: Any, proxy: Any, valid: Any) -> jnp.ndarray:
+    """Checks per-prompt samples [..., m] on the host (shapes, finiteness, a valid sample in
+    every prompt) and returns the validity mask; `gold` may be None (proxy-only callers)."""
+    if gold is not None and np.shape(gold) != np.shape(proxy):
+        raise ValueError(f"{where}: gold has shape {np.shape(gold)} but proxy has shape {np.shape(proxy)}")
+    shape = np.shape(proxy)
+    if len(shape) < 1 or shape[-1] < 1:
+        raise ValueError(f"{where}: proxy needs a last axis of m >= 1 samples, got shape {shape}")
+    if valid is not None and np.shape(valid) != shape:
+        raise ValueError(f"{where}: valid has shape {np.shape(valid)} but proxy has shape {shape}")
+    valid = jnp.ones(shape, bool) if valid is None else jnp.asarray(valid, bool)
+    check_finite("proxy", where, proxy, valid)
+    if gold is not None:
+        check_finite("gold", where, gold, valid)
+    if is_concrete(valid) and not np.asarray(valid).any(axis=-1).all():
+        empty = tuple(np.argwhere(~np.asarray(valid).any(axis=-1))[0])
+        raise ValueError(f"{where}: prompt {empty} has no valid sample")
+    return valid
+
+
+
 def tilted_from_samples(gold: Any, proxy: Any, beta: Any, *, valid: Any = None) -> TiltedStats:
     """Proposition 1 estimated from samples of the base policy, per prompt.
 
@@ -339,18 +360,8 @@ def tilted_from_samples(gold: Any, proxy: Any, beta: Any, *, valid: Any = None) 
     Returns TiltedStats with arrays of shape beta.shape + prompt shape.
     """
     where = "rubrax.theory.tilted_from_samples"
-    gold_shape, proxy_shape = np.shape(gold), np.shape(proxy)
-    if gold_shape != proxy_shape:
-        raise ValueError(f"{where}: gold has shape {gold_shape} but proxy has shape {proxy_shape}")
-    if len(gold_shape) < 1 or gold_shape[-1] < 1:
-        raise ValueError(f"{where}: gold and proxy need a last axis of n >= 1 samples, got shape {gold_shape}")
-    if valid is not None and np.shape(valid) != gold_shape:
-        raise ValueError(f"{where}: valid has shape {np.shape(valid)} but gold has shape {gold_shape}")
-    valid = jnp.ones(gold_shape, bool) if valid is None else jnp.asarray(valid, bool)
-    check_finite("gold", where, gold, valid)
-    check_finite("proxy", where, proxy, valid)
-    if is_concrete(valid) and not np.asarray(valid).any(axis=-1).all():
-        raise ValueError(f"{where}: prompt {tuple(np.argwhere(~np.asarray(valid).any(axis=-1))[0])} has no valid sample")
+    valid = validate_samples(where, gold, proxy, valid)
+    gold_shape = np.shape(gold)
     check_positive("beta", where, beta)
     dtype = float_dtype(gold, proxy, beta)
     beta = jnp.asarray(beta, dtype)
