@@ -12,6 +12,10 @@ compared (agreement = fraction of identical tokens).
 
 Last line: `smollm2_vs_transformers=X tiny_vs_transformers=Y ...` (X = rubrax tokens/s
 divided by the tokens/s of the fastest transformers configuration, medians over rounds).
+"rubrax" is the default sampler (SampleConfig.layer_loop="auto": on CPU the stacked layer
+weights are split inside the jitted call and decoded by an unrolled loop), "rubrax[scan]"
+forces the scan over stacked layers, "rubrax[unstacked]" is given params already split
+by `rubrax.models.unstack_layers` (no per-call split, a permanent second copy).
 transformers runs once per torch thread setting (--torch-threads, default: torch's default
 and 1 thread): on a CPU shared with other jobs, torch's OpenMP threads can slow down by an
 order of magnitude, so the single-thread peer keeps the comparison honest.
@@ -63,7 +67,7 @@ def _prompts(model: str, path: str, batch: int):
     return tokens, mask
 
 
-def _rubrax_worker(model, path, batch, new_tokens, conn, torch_threads=0, unstacked=False):
+def _rubrax_worker(model, path, batch, new_tokens, conn, torch_threads=0, layout="auto"):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
@@ -71,10 +75,11 @@ def _rubrax_worker(model, path, batch, new_tokens, conn, torch_threads=0, unstac
     from rubrax.policy import SampleConfig, sample
 
     params, config = load_pretrained(path)
-    if unstacked:  # per-layer buffers: more memory, less traffic per decoded token
+    if layout == "unstacked":  # split once by the caller: a permanent second copy of the layers
         params = llama.unstack_layers(params)
     tokens, mask = _prompts(model, path, batch)
-    cfg = SampleConfig(max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=())
+    cfg = SampleConfig(max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=(),
+                       layer_loop="scan" if layout == "scan" else "auto")
 
     def run():
         out = sample(params, tokens, mask, jax.random.key(0), cfg, config=config)
@@ -84,7 +89,11 @@ def _rubrax_worker(model, path, batch, new_tokens, conn, torch_threads=0, unstac
 
 
 def _rubrax_unstacked_worker(model, path, batch, new_tokens, conn, torch_threads=0):
-    _rubrax_worker(model, path, batch, new_tokens, conn, torch_threads, unstacked=True)
+    _rubrax_worker(model, path, batch, new_tokens, conn, torch_threads, layout="unstacked")
+
+
+def _rubrax_scan_worker(model, path, batch, new_tokens, conn, torch_threads=0):
+    _rubrax_worker(model, path, batch, new_tokens, conn, torch_threads, layout="scan")
 
 
 def _torch_worker(model, path, batch, new_tokens, conn, torch_threads=0):
@@ -122,7 +131,9 @@ def _serve(conn, run):
 def compare(model, path, *, batch, new_tokens, rounds, torch_threads=(0,)):
     ctx = mp.get_context("spawn")
     sides = {}
-    workers = [("rubrax", _rubrax_worker, 0), ("rubrax[unstacked]", _rubrax_unstacked_worker, 0)] + [
+    ours = ("rubrax", "rubrax[scan]", "rubrax[unstacked]")
+    workers = [("rubrax", _rubrax_worker, 0), ("rubrax[scan]", _rubrax_scan_worker, 0),
+               ("rubrax[unstacked]", _rubrax_unstacked_worker, 0)] + [
         (f"transformers[threads={t or 'default'}]", _torch_worker, t) for t in torch_threads]
     for name, target, threads in workers:
         parent, child = ctx.Pipe()
@@ -147,11 +158,13 @@ def compare(model, path, *, batch, new_tokens, rounds, torch_threads=(0,)):
               f"warm-up {side['warm']:.1f}s  rounds {[round(t, 3) for t in side['times']]}")
     peers = [name for name in result if name.startswith("transformers")]
     best = max(peers, key=lambda name: result[name]["tokens_per_s"])
-    agree = min(float(np.mean(outputs[ours] == outputs[name]))
-                 for ours in ("rubrax", "rubrax[unstacked]") for name in peers)
+    agree = min(float(np.mean(outputs[mine] == outputs[name]))
+                 for mine in ours for name in peers)
     ratio = result["rubrax"]["tokens_per_s"] / result[best]["tokens_per_s"]
     result["unstacked_ratio"] = result["rubrax[unstacked]"]["tokens_per_s"] / result[best]["tokens_per_s"]
-    print(f"{model:8s} speed-up {ratio:.2f}x (unstacked layers {result['unstacked_ratio']:.2f}x) "
+    result["scan_ratio"] = result["rubrax[scan]"]["tokens_per_s"] / result[best]["tokens_per_s"]
+    print(f"{model:8s} speed-up {ratio:.2f}x (layer scan {result['scan_ratio']:.2f}x, "
+          f"pre-split layers {result['unstacked_ratio']:.2f}x) "
           f"vs the fastest peer {best}; greedy token agreement {agree:.3f}")
     result["transformers"] = result[best]
     return ratio, agree, result
@@ -188,6 +201,7 @@ def main(argv=None) -> int:
                                                        args.torch_threads.split(",")])
             kv[f"{model}_vs_transformers"] = f"{ratio:.2f}"
             kv[f"{model}_unstacked_vs_transformers"] = f"{res['unstacked_ratio']:.2f}"
+            kv[f"{model}_scan_vs_transformers"] = f"{res['scan_ratio']:.2f}"
             kv[f"{model}_unstacked_peak_mb"] = f"{res['rubrax[unstacked]']['peak_rss_mb']:.0f}"
             kv[f"{model}_rubrax_tok_s"] = f"{res['rubrax']['tokens_per_s']:.0f}"
             kv[f"{model}_transformers_tok_s"] = f"{res['transformers']['tokens_per_s']:.0f}"

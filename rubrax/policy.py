@@ -78,6 +78,59 @@ def logprobs(params, tokens_BxT: jax.Array, mask_BxT: jax.Array, *,
     return jnp.where(has_context, logp_BxT, 0.0)
 
 
+def default_chunk_tokens(vocab_size: int) -> int:
+    """Positions per LM-head chunk so that one chunk's float32 logits are ~8 MiB."""
+    return max(8, min(1024, (8 << 20) // (4 * vocab_size)))
+
+
+def head_logprobs_and_entropy(head_fn, h_BxTxD: jax.Array, tokens_BxT: jax.Array, *,
+                              temperature: float = 1.0, chunk_tokens: int | None = None,
+                              entropy_grad: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Fused LM head: per-token logp and entropy from final hidden states, in chunks.
+
+    head_fn maps hidden states h_NxD to logits_NxV.
+
+    With z = head_fn(h[:, t-1]) / temperature (float32 logits over V) and lse = logsumexp(z):
+        logp[:, t] = z[tokens[:, t]] - lse        H[:, t] = lse - sum_v softmax(z)_v z_v
+    both 0 at t = 0 (nothing precedes it), the alignment of `logprobs` and of
+    `rubrax.rl.losses.token_logprobs` / `token_entropy`.
+
+    The B * (T - 1) positions run through the head `chunk_tokens` at a time (default
+    `default_chunk_tokens(V)`) under `jax.checkpoint`, so neither pass holds [B, T, V]
+    logits: each chunk's logits stay in cache and are recomputed in the backward pass.
+    On CPU this is ~2x faster than the unfused log-softmax for a 49k vocabulary, and it
+    is what makes a 150k-vocabulary model trainable on long sequences at all.
+    entropy_grad=False stops the entropy's gradient (when it is only a metric), so the
+    backward pass skips its terms.
+    """
+    B, T, D = h_BxTxD.shape
+    h_NxD = h_BxTxD[:, :-1].reshape(B * (T - 1), D)
+    y_N = tokens_BxT[:, 1:].reshape(B * (T - 1))
+    N = h_NxD.shape[0]
+
+    def stats(h, y):
+        z = head_fn(h).astype(jnp.float32) / temperature
+        lse = jax.nn.logsumexp(z, axis=-1)
+        chosen = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
+        zs = z if entropy_grad else jax.lax.stop_gradient(z)
+        ls = lse if entropy_grad else jax.lax.stop_gradient(lse)
+        ent = ls - jnp.sum(jnp.exp(zs - ls[:, None]) * zs, axis=-1)
+        return chosen - lse, ent
+
+    c = chunk_tokens or default_chunk_tokens(int(jax.eval_shape(head_fn, h_NxD[:1]).shape[-1]))
+    if N <= c:
+        logp_N, ent_N = stats(h_NxD, y_N)
+    else:
+        n = -(-N // c)
+        pad = n * c - N
+        h = jnp.pad(h_NxD, ((0, pad), (0, 0))).reshape(n, c, D)
+        y = jnp.pad(y_N, (0, pad)).reshape(n, c)
+        logp_N, ent_N = jax.lax.map(jax.checkpoint(lambda xs: stats(*xs)), (h, y))
+        logp_N, ent_N = logp_N.reshape(n * c)[:N], ent_N.reshape(n * c)[:N]
+    unflat = lambda x: jnp.pad(x.reshape(B, T - 1), ((0, 0), (1, 0)))
+    return unflat(logp_N), unflat(ent_N)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SampleConfig:
     """Sampling settings (static: each distinct config compiles its own sampler).
@@ -88,6 +141,14 @@ class SampleConfig:
     batches reuse compilations: prompt length up to a multiple of prompt_bucket, rows
     (batch * n) up to a multiple of batch_bucket. max_length caps prompt + completion
     (defaults to the model's max_position_embeddings).
+
+    layer_loop: how a decode step runs the layers of stacked params. "scan" (one
+    compiled layer body; best on GPU/TPU), "unrolled" (the stacked weights are split into
+    per-layer buffers once per call by one jitted copy, and the layers run as an unrolled
+    loop: on CPU decoding is bound by memory traffic and a scan copies each layer's slice
+    at every token, so this is ~1.3x faster, for a transient copy of the layer weights and a
+    longer compilation), or "auto" (unrolled on the CPU backend, scan elsewhere).
+    Params already split by `rubrax.models.unstack_layers` always run unrolled.
     """
 
     max_new_tokens: int
@@ -100,6 +161,7 @@ class SampleConfig:
     prompt_bucket: int = 16
     batch_bucket: int = 1
     max_length: int | None = None
+    layer_loop: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.stop_token_ids, list):
@@ -112,6 +174,7 @@ class SampleConfig:
             "n": self.n >= 1,
             "prompt_bucket": self.prompt_bucket >= 1,
             "batch_bucket": self.batch_bucket >= 1,
+            "layer_loop": self.layer_loop in ("auto", "scan", "unrolled"),
         }
         for name, ok in checks.items():
             if not ok:
@@ -152,16 +215,52 @@ def filter_logits(logits_RxV: jax.Array, *, temperature: float, top_k: int,
     return logits
 
 
+def categorical_from_uniform(logits_RxV: jax.Array, u_R: jax.Array, block: int = 256) -> jax.Array:
+    """One draw per row from softmax(logits), by inverting the CDF at u_R in [0, 1).
+
+    Two-level inverse CDF: the vocabulary is cut into blocks of `block` tokens, the block
+    is found from the cumulative block masses, then the token within that block. Costs one
+    exp pass over the logits and cumulative sums of length V / block and block, instead of
+    V Gumbel draws (with their logs) per row: ~20x faster than `jax.random.categorical`
+    on CPU for a 49k vocabulary. Tokens with probability 0 (logit -inf, e.g. removed by
+    top-k / top-p) are never returned, whatever the float rounding: only blocks and tokens
+    of positive mass qualify, and if rounding puts u past the last boundary the last
+    positive-mass block / token is taken.
+    """
+    R, V = logits_RxV.shape
+    nb = -(-V // block)
+    logits = logits_RxV.astype(jnp.float32)
+    if nb * block > V:
+        logits = jnp.pad(logits, ((0, 0), (0, nb * block - V)), constant_values=-jnp.inf)
+    m_R1 = jnp.max(logits, axis=-1, keepdims=True)
+    p_RxNxK = jnp.exp(logits - m_R1).reshape(R, nb, block)
+    mass_RxN = p_RxNxK.sum(axis=-1)
+    cum_RxN = jnp.cumsum(mass_RxN, axis=-1)
+    target_R = u_R * cum_RxN[:, -1]
+
+    def first_above(cum, weight, t):
+        hit = (cum > t[:, None]) & (weight > 0)
+        last_positive = weight.shape[-1] - 1 - jnp.argmax((weight > 0)[:, ::-1], axis=-1)
+        return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last_positive)
+
+    b_R = first_above(cum_RxN, mass_RxN, target_R)
+    before_R = jnp.take_along_axis(cum_RxN - mass_RxN, b_R[:, None], axis=1)[:, 0]
+    inner_RxK = jnp.take_along_axis(p_RxNxK, b_R[:, None, None], axis=1)[:, 0]
+    j_R = first_above(jnp.cumsum(inner_RxK, axis=-1), inner_RxK, target_R - before_R)
+    return (b_R * block + j_R).astype(jnp.int32)
+
+
 def _choose(logits_RxV, key, step, cfg: SampleConfig):
-    """Next token per row; each row's randomness is fold_in(key, row, step) so it does not
-    depend on the batch composition, prompt padding or bucket sizes."""
+    """Next token per row; each row's randomness is fold_in(fold_in(key, row), step) so it
+    does not depend on the batch composition, prompt padding or bucket sizes."""
     if cfg.temperature == 0.0:
         return jnp.argmax(logits_RxV, axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits_RxV, temperature=cfg.temperature, top_k=cfg.top_k,
                              top_p=cfg.top_p)
     rows = jnp.arange(logits_RxV.shape[0])
-    row_keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), step))(rows)
-    return jax.vmap(jax.random.categorical)(row_keys, filtered).astype(jnp.int32)
+    u_R = jax.vmap(lambda r: jax.random.uniform(
+        jax.random.fold_in(jax.random.fold_in(key, r), step)))(rows)
+    return categorical_from_uniform(filtered, u_R)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "config"))
@@ -215,6 +314,15 @@ def _sample_rows(params, tokens_RxP, mask_RxP, key, *, cfg: SampleConfig,
     out_mask = jnp.zeros((R, N), bool).at[:, 0].set(col0)
     state, out_mask = jax.lax.while_loop(cond, body, (state, out_mask))
     return SampleOutput(state[2], state[3], out_mask.astype(jnp.int32))
+
+
+_split_layers = jax.jit(llama.unstack_layers)  # one dispatch, one fresh buffer per layer leaf
+
+
+def _unrolled(cfg: SampleConfig) -> bool:
+    if cfg.layer_loop == "auto":
+        return jax.default_backend() == "cpu"
+    return cfg.layer_loop == "unrolled"
 
 
 def _stop_ids(cfg: SampleConfig, config: ModelConfig) -> tuple[int, ...]:
@@ -273,6 +381,8 @@ def sample(params, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, cfg: Samp
     if R_pad > R:  # filler rows copy row 0; their outputs are dropped
         tokens = np.concatenate([tokens, np.repeat(tokens[:1], R_pad - R, 0)])
         mask = np.concatenate([mask, np.repeat(mask[:1], R_pad - R, 0)])
+    if not isinstance(params["layers"], tuple) and _unrolled(cfg):
+        params = _split_layers(params)  # transient per-layer copy, freed after the call
     out = _sample_rows(params, jnp.asarray(tokens), jnp.asarray(mask), key, cfg=cfg,
                        config=config)
     return jax.tree.map(lambda x: x[:R], out)

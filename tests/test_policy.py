@@ -7,7 +7,7 @@ import pytest
 
 from rubrax.models import ModelConfig, forward, init_params
 from rubrax.models import llama
-from rubrax.policy import SampleConfig, _sample_rows, logprobs, sample
+from rubrax.policy import SampleConfig, _sample_rows, categorical_from_uniform, logprobs, sample
 
 CONFIG = ModelConfig.tiny()
 
@@ -178,6 +178,30 @@ def test_top_k_and_top_p_never_emit_excluded_tokens():
         assert counts[kept:].sum() == 0, (top_k, top_p, counts)
         expected = probs[:kept] / probs[:kept].sum() * out.size
         assert np.all(np.abs(counts[:kept] - expected) < 5 * np.sqrt(expected)), counts
+
+
+def test_inverse_cdf_draw_follows_the_distribution_and_skips_zero_mass():
+    # 1000 tokens over 4 blocks of 256 (the last one partial); every third token has
+    # logit -inf, as top-k / top-p would leave them.
+    V = 1000
+    logits = np.asarray(jax.random.normal(jax.random.key(1), (V,))) * 2
+    logits[::3] = -np.inf
+    probs = np.exp(logits - logits[np.isfinite(logits)].max())
+    probs /= probs.sum()
+    # Stratified u: the empirical law must match the CDF to within one stratum.
+    n = 60000
+    u = (np.arange(n) + 0.5) / n
+    draw = jax.jit(categorical_from_uniform)
+    got = np.asarray(draw(jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, V)), jnp.asarray(u, jnp.float32)))
+    counts = np.bincount(got, minlength=V)
+    assert counts[::3].sum() == 0
+    assert np.abs(counts / n - probs).max() < 2.0 / n
+    # The draw is monotone in u (it inverts the CDF).
+    assert np.all(np.diff(got) >= 0)
+    # Edges: u = 0 gives the first positive-mass token, u just below 1 the last one.
+    edge = np.asarray(draw(jnp.asarray(np.stack([logits] * 3), jnp.float32), jnp.asarray([0.0, 1 - 2**-24, 1.0], jnp.float32)))
+    positive = np.flatnonzero(probs > 0)
+    assert edge.tolist() == [positive[0], positive[-1], positive[-1]]
 
 
 def test_one_compilation_per_bucket(params):

@@ -173,24 +173,52 @@ def make_batch(
 # --------------------------------------------------------------------------- the step
 
 
-def model_logits_fn(config: Any) -> LogitsFn:
-    """logits_fn of a rubrax.models causal LM: (params, tokens_BxT, mask_BxT) -> logits_BxTxV."""
-    from rubrax import models
+@dataclasses.dataclass(frozen=True)
+class ModelLogits:
+    """logits_fn of a rubrax.models causal LM: (params, tokens_BxT, mask_BxT) -> logits_BxTxV.
 
-    def logits_fn(params, tokens_BxT, mask_BxT):
-        return models.forward(params, tokens_BxT, config=config, mask_BxT=mask_BxT)
+    It also offers `token_stats`, the fused chunked LM head
+    (`rubrax.policy.head_logprobs_and_entropy`), which the update uses instead of
+    materialising [B, T, V] logits. Any other logits_fn works too (unfused path).
+    Hashable, so a trainer cache can key on it.
+    """
 
-    return logits_fn
+    config: Any
+    chunk_tokens: int | None = None
+
+    def __call__(self, params, tokens_BxT, mask_BxT):
+        from rubrax import models
+
+        return models.forward(params, tokens_BxT, config=self.config, mask_BxT=mask_BxT)
+
+    def token_stats(self, params, tokens_BxT, mask_BxT, *, temperature: float, entropy_grad: bool):
+        from rubrax.models import llama
+        from rubrax.policy import head_logprobs_and_entropy
+
+        h_BxTxD = llama.hidden_states(params, tokens_BxT, config=self.config, mask_BxT=mask_BxT)
+        head = {k: v for k, v in params.items() if k != "layers"}
+        return head_logprobs_and_entropy(
+            lambda h_NxD: llama.lm_logits(head, h_NxD[None], config=self.config)[0], h_BxTxD, tokens_BxT,
+            temperature=temperature, chunk_tokens=self.chunk_tokens, entropy_grad=entropy_grad,
+        )
 
 
-def _logp_and_entropy(logits_fn: LogitsFn, params: Any, tokens_BxT, mask_BxT, temperature: float):
+def model_logits_fn(config: Any, chunk_tokens: int | None = None) -> ModelLogits:
+    """The logits_fn of a rubrax.models causal LM (see `ModelLogits`)."""
+    return ModelLogits(config, chunk_tokens)
+
+
+def _logp_and_entropy(logits_fn: LogitsFn, params: Any, tokens_BxT, mask_BxT, temperature: float, entropy_grad: bool = True):
+    fused = getattr(logits_fn, "token_stats", None)
+    if fused is not None:
+        return fused(params, tokens_BxT, mask_BxT, temperature=temperature, entropy_grad=entropy_grad)
     logits_BxTxV = logits_fn(params, tokens_BxT, mask_BxT).astype(jnp.float32) / temperature
     return losses.token_logprobs(logits_BxTxV, tokens_BxT), losses.token_entropy(logits_BxTxV)
 
 
 def _micro_loss(params, mb: dict, norms: dict, *, cfg: RLConfig, logits_fn: LogitsFn):
     """Loss of one micro-batch, normalised by its minibatch (`norms`), + metric sums."""
-    logp_BxT, ent_BxT = _logp_and_entropy(logits_fn, params, mb["tokens"], mb["mask"], cfg.temperature)
+    logp_BxT, ent_BxT = _logp_and_entropy(logits_fn, params, mb["tokens"], mb["mask"], cfg.temperature, cfg.entropy_coef > 0)
     m_BxT = mb["loss_mask"]
     pg_BxT, ratio_BxT, clipped_BxT = losses.ppo_clipped_objective(
         logp_BxT, mb["behaviour_logp"], mb["adv"], clip_low=cfg.clip_low, clip_high=cfg.clip_high

@@ -410,16 +410,15 @@ class RLRunner:
         import jax
         import optax
 
-        from rubrax.models import forward
         from rubrax.rl.state import TrainState
-        from rubrax.rl.step import RLConfig, Trainer, make_mesh
+        from rubrax.rl.step import RLConfig, Trainer, make_mesh, model_logits_fn
 
         self.cfg = cfg
         self.rl_cfg = RLConfig(group_size=cfg.rl.group_size, kl_coef=cfg.rl.kl_coef, temperature=cfg.rl.temperature)
         warmup = max(1, int(0.1 * cfg.rl.steps))
         schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.rl.lr, warmup), optax.constant_schedule(cfg.rl.lr)], [warmup])
         self.tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-        self.logits_fn = lambda p, tokens, mask: forward(p, tokens, config=model_config, mask_BxT=mask)
+        self.logits_fn = model_logits_fn(model_config)
         state = TrainState.create(params, self.tx, seed=0)
         # One device: the experiment's batches are tiny, and sharding them over fake CPU
         # devices (the test set-up) only adds overhead.
