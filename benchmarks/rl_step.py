@@ -4,6 +4,8 @@
     python benchmarks/rl_step.py --models tiny --iters 5
 
 Same model architecture and shapes, same prompts, tokenizer (SmolLM2's), group size,
+prompt padding (TRL pads a batch to its longest prompt; rubrax to a multiple of
+--prompt-bucket, 8 by default, i.e. at least as wide),
 completion length (stopping disabled on both sides so every completion has exactly
 --new-tokens tokens), reward function, KL coefficient (0.01, so both run a reference
 forward), AdamW, token-level loss ("dapo" in TRL, "token" here), grad clipping 1.0.
@@ -71,8 +73,9 @@ def run_rubrax(args) -> dict:
     records = [{"prompt": PROMPTS[i % len(PROMPTS)]} for i in range(P * (args.iters + 1))]
     prompts = load_prompts(records, tok, max_prompt_tokens=args.prompt_tokens, chat_template=False)
     rl = RLConfig(group_size=G, kl_coef=0.01, loss_aggregation="token")
-    sample = SampleConfig(max_new_tokens=L, n=G, stop_token_ids=(), prompt_bucket=args.prompt_tokens)
-    loop = LoopConfig(total_steps=args.iters + 1, prompts_per_step=P, max_prompt_tokens=args.prompt_tokens, progress=False)
+    sample = SampleConfig(max_new_tokens=L, n=G, stop_token_ids=(), prompt_bucket=args.prompt_bucket)
+    loop = LoopConfig(total_steps=args.iters + 1, prompts_per_step=P, max_prompt_tokens=args.prompt_tokens,
+                      prompt_bucket=args.prompt_bucket, progress=False)
     tx = make_optimizer(OptimConfig(learning_rate=1e-6, schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0), loop.total_steps)
     state = TrainState.create(params, tx, seed=0)
     ref = params  # the state gets its own copy; the reference shares the loaded buffers (as in train())
@@ -160,7 +163,9 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=16, help="max prompt width")
+    p.add_argument("--prompt-bucket", type=int, default=8,
+                   help="rubrax pads each batch's prompts to a multiple of this (TRL: to the longest prompt)")
     p.add_argument("--iters", type=int, default=3, help="timed iterations (after one warm-up)")
     p.add_argument("--worker", choices=("rubrax", "trl"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -174,13 +179,14 @@ def main() -> int:
     env.pop("XLA_FLAGS", None)  # one device per side
     figures = {}
     print(f"one RL iteration: {args.prompts} prompts x {args.group} samples x {args.new_tokens} new tokens, "
-          f"prompt width {args.prompt_tokens}; median of {args.iters} after 1 warm-up")
+          f"prompts padded to a multiple of {args.prompt_bucket} (rubrax) / the longest (TRL); "
+          f"median of {args.iters} after 1 warm-up")
     for model in args.models.split(","):
         res = {}
         for side in ("rubrax", "trl"):
             cmd = [sys.executable, __file__, "--worker", side, "--model", model, "--prompts", str(args.prompts), "--group",
                    str(args.group), "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
-                   "--iters", str(args.iters)]
+                   "--prompt-bucket", str(args.prompt_bucket), "--iters", str(args.iters)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:

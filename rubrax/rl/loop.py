@@ -8,7 +8,9 @@ One step k:
  1. prompts: P records of a fixed shuffled order (epoch e is permutation
     `default_rng([seed, e])`, so the records of step k depend only on k and the seed);
     tokenised once at start-up (chat template by default), left-padded to the fixed
-    width `max_prompt_tokens` so every batch has the same shape (one compilation);
+    width `max_prompt_tokens` so every batch has the same shape (one compilation), or,
+    with `prompt_bucket`, to the batch's longest prompt rounded up to that multiple
+    (one compilation per width; short prompts then cost no padded compute);
  2. rollouts: `rubrax.policy.sample` draws G = rl.group_size completions per prompt
     with key fold_in(fold_in(root, k), SAMPLE_STREAM);
  3. rewards: the reward function's async form, called concurrently on chunks of
@@ -72,6 +74,9 @@ class LoopConfig:
     total_steps: RL iterations of the whole run (fixes the LR schedule).
     prompts_per_step: P prompts per iteration (x rl.group_size samples).
     max_prompt_tokens: fixed prompt width; longer prompts are skipped at load time (counted).
+    prompt_bucket: None keeps every batch at max_prompt_tokens wide; an int b trims each
+        batch's prompt block to its longest prompt rounded up to a multiple of b (the
+        update compiles once per distinct width; the samples are the same either way).
     stop_after: end this invocation after that many total steps (pre-emptible jobs;
         rerun with the same out_dir to continue). None = run to total_steps.
     reward_chunk_size: rows per reward call (default one group); reward_timeout_s per call.
@@ -82,6 +87,7 @@ class LoopConfig:
     total_steps: int
     prompts_per_step: int
     max_prompt_tokens: int = 512
+    prompt_bucket: int | None = None
     seed: int = 0
     overlap: str = "sync"
     reward_timeout_s: float | None = 600.0
@@ -110,6 +116,8 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.overlap must be one of {OVERLAP_MODES}, got {self.overlap!r}")
         if self.reward_timeout_s is not None and not self.reward_timeout_s > 0:
             raise ValueError(f"LoopConfig.reward_timeout_s must be > 0 or None, got {self.reward_timeout_s}")
+        if self.prompt_bucket is not None and (not isinstance(self.prompt_bucket, int) or self.prompt_bucket < 1):
+            raise ValueError(f"LoopConfig.prompt_bucket must be a positive int or None, got {self.prompt_bucket!r}")
         if self.reward_chunk_size is not None and self.reward_chunk_size < 1:
             raise ValueError(f"LoopConfig.reward_chunk_size must be >= 1, got {self.reward_chunk_size}")
         if self.num_devices is not None and self.num_devices < 1:
@@ -275,7 +283,12 @@ class _Sampler:
         from rubrax import policy
 
         idx = self.prompts.indices(step, self.loop.prompts_per_step, self.loop.seed)
-        ptoks, pmask = left_pad([self.prompts.tokens[i] for i in idx], self.loop.max_prompt_tokens, self.pad_id)
+        rows = [self.prompts.tokens[i] for i in idx]
+        width = self.loop.max_prompt_tokens
+        if self.loop.prompt_bucket:
+            longest = max(len(r) for r in rows)
+            width = min(width, -(-longest // self.loop.prompt_bucket) * self.loop.prompt_bucket)
+        ptoks, pmask = left_pad(rows, width, self.pad_id)
         key = stream_key(self.root_key, step, SAMPLE_STREAM)
         out = jax.device_get(policy.sample(params, ptoks, pmask, key, self.sample_cfg, config=self.model_config))
         tokens, logprobs, mask = (np.asarray(x) for x in out)
