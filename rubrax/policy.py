@@ -41,41 +41,11 @@ def token_logprobs(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array
     return chosen - jax.nn.logsumexp(logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "chunk_size"))
-def logprobs(params, tokens_BxT: jax.Array, mask_BxT: jax.Array, *,
-             config: ModelConfig, chunk_size: int | None = None) -> jax.Array:
-    """Per-token log-probabilities logp[:, t] = log p(tokens[:, t] | tokens[:, :t]), float32.
-
-    logp[:, t] = logit_{t-1}[tokens[t]] - logsumexp(logit_{t-1}) (no log-softmax copy).
-    logp is 0 where mask is 0 and at each row's first real token (nothing precedes it;
-    with left padding that is not t = 0), so a padded row gives the same values at its
-    real tokens as the unpadded row. mask may pad on either side.
-
-    chunk_size: if set, the LM head runs on chunk_size positions at a time under
-    jax.checkpoint, so neither the forward nor the backward pass holds the full
-    [B, T, V] logits (for large vocabularies x long sequences). Same values either way.
-    """
-    mask_BxT = mask_BxT.astype(jnp.int32)
-    h_BxTxD = llama.hidden_states(params, tokens_BxT, config=config, mask_BxT=mask_BxT)
-    h_BxTxD, targets_BxT = h_BxTxD[:, :-1], tokens_BxT[:, 1:]
-
-    def chunk_logp(h, targets):
-        return token_logprobs(llama.lm_logits(params, h, config=config), targets)
-
-    if chunk_size is None:
-        logp_next = chunk_logp(h_BxTxD, targets_BxT)
-    else:
-        B, T, D = h_BxTxD.shape
-        n = -(-T // chunk_size)
-        pad = n * chunk_size - T
-        h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk_size, D)
-        tg = jnp.pad(targets_BxT, ((0, 0), (0, pad))).reshape(B, n, chunk_size)
-        logp = jax.lax.map(jax.checkpoint(lambda xs: chunk_logp(*xs)),
-                           (h.swapaxes(0, 1), tg.swapaxes(0, 1)))
-        logp_next = logp.swapaxes(0, 1).reshape(B, n * chunk_size)[:, :T]
-    logp_BxT = jnp.pad(logp_next, ((0, 0), (1, 0)))
-    has_context = (mask_BxT > 0) & (jnp.cumsum(mask_BxT, axis=-1) > 1)
-    return jnp.where(has_context, logp_BxT, 0.0)
+def lm_head_fn(params, config: ModelConfig):
+    """h_NxD -> float32 logits_NxV of a rubrax.models LM (the head alone, for
+    `head_logprobs_and_entropy`)."""
+    head = {k: v for k, v in params.items() if k != "layers"}
+    return lambda h_NxD: llama.lm_logits(head, h_NxD[None], config=config)[0]
 
 
 def default_chunk_tokens(vocab_size: int) -> int:
@@ -85,7 +55,8 @@ def default_chunk_tokens(vocab_size: int) -> int:
 
 def head_logprobs_and_entropy(head_fn, h_BxTxD: jax.Array, tokens_BxT: jax.Array, *,
                               temperature: float = 1.0, chunk_tokens: int | None = None,
-                              entropy_grad: bool = True) -> tuple[jax.Array, jax.Array]:
+                              entropy_grad: bool = True, entropy: bool = True,
+                              ) -> tuple[jax.Array, jax.Array]:
     """Fused LM head: per-token logp and entropy from final hidden states, in chunks.
 
     head_fn maps hidden states h_NxD to logits_NxV.
@@ -101,7 +72,7 @@ def head_logprobs_and_entropy(head_fn, h_BxTxD: jax.Array, tokens_BxT: jax.Array
     On CPU this is ~2x faster than the unfused log-softmax for a 49k vocabulary, and it
     is what makes a 150k-vocabulary model trainable on long sequences at all.
     entropy_grad=False stops the entropy's gradient (when it is only a metric), so the
-    backward pass skips its terms.
+    backward pass skips its terms; entropy=False skips it altogether (returned as zeros).
     """
     B, T, D = h_BxTxD.shape
     h_NxD = h_BxTxD[:, :-1].reshape(B * (T - 1), D)
@@ -112,6 +83,8 @@ def head_logprobs_and_entropy(head_fn, h_BxTxD: jax.Array, tokens_BxT: jax.Array
         z = head_fn(h).astype(jnp.float32) / temperature
         lse = jax.nn.logsumexp(z, axis=-1)
         chosen = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
+        if not entropy:
+            return chosen - lse, jnp.zeros_like(lse)
         zs = z if entropy_grad else jax.lax.stop_gradient(z)
         ls = lse if entropy_grad else jax.lax.stop_gradient(lse)
         ent = ls - jnp.sum(jnp.exp(zs - ls[:, None]) * zs, axis=-1)
@@ -129,6 +102,29 @@ def head_logprobs_and_entropy(head_fn, h_BxTxD: jax.Array, tokens_BxT: jax.Array
         logp_N, ent_N = logp_N.reshape(n * c)[:N], ent_N.reshape(n * c)[:N]
     unflat = lambda x: jnp.pad(x.reshape(B, T - 1), ((0, 0), (1, 0)))
     return unflat(logp_N), unflat(ent_N)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk_size"))
+def logprobs(params, tokens_BxT: jax.Array, mask_BxT: jax.Array, *,
+             config: ModelConfig, chunk_size: int | None = None) -> jax.Array:
+    """Per-token log-probabilities logp[:, t] = log p(tokens[:, t] | tokens[:, :t]), float32.
+
+    logp[:, t] = logit_{t-1}[tokens[t]] - logsumexp(logit_{t-1}) (no log-softmax copy).
+    logp is 0 where mask is 0 and at each row's first real token (nothing precedes it;
+    with left padding that is not t = 0), so a padded row gives the same values at its
+    real tokens as the unpadded row. mask may pad on either side.
+
+    chunk_size: positions per LM-head chunk (default `default_chunk_tokens(V)`, ~8 MiB of
+    logits): the head runs through `head_logprobs_and_entropy` under jax.checkpoint, so
+    neither the forward nor the backward pass holds the full [B, T, V] logits (faster on
+    CPU, and necessary for large vocabularies x long sequences). Same values for any size.
+    """
+    mask_BxT = mask_BxT.astype(jnp.int32)
+    h_BxTxD = llama.hidden_states(params, tokens_BxT, config=config, mask_BxT=mask_BxT)
+    logp_BxT, _ = head_logprobs_and_entropy(lm_head_fn(params, config), h_BxTxD, tokens_BxT,
+                                            chunk_tokens=chunk_size, entropy=False)
+    has_context = (mask_BxT > 0) & (jnp.cumsum(mask_BxT, axis=-1) > 1)
+    return jnp.where(has_context, logp_BxT, 0.0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -263,17 +259,19 @@ def _choose(logits_RxV, key, step, cfg: SampleConfig):
     return categorical_from_uniform(filtered, u_R)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "config"))
+@functools.partial(jax.jit, static_argnames=("cfg", "config", "mesh"))
 def _sample_rows(params, tokens_RxP, mask_RxP, key, *, cfg: SampleConfig,
-                 config: ModelConfig) -> SampleOutput:
-    """The jitted sampler on already repeated, bucketed, left-padded rows."""
+                 config: ModelConfig, mesh=None) -> SampleOutput:
+    """The jitted sampler on already repeated, bucketed, left-padded rows (split over
+    `mesh`'s first axis when given: every per-row array, the KV cache included)."""
     R, P = tokens_RxP.shape
+    rows = functools.partial(_constrain_rows, mesh=mesh)
     N = cfg.max_new_tokens
     stop_ids = jnp.asarray(_stop_ids(cfg, config) or (-1,), jnp.int32)
     pad_id = _pad_id(cfg, config)
     mask_RxP = mask_RxP.astype(jnp.int32)
     kv_mask_RxS = jnp.concatenate([mask_RxP, jnp.ones((R, N), jnp.int32)], axis=1)
-    cache = llama.init_cache(config, R, P + N)
+    cache = rows(llama.init_cache(config, R, P + N), batch_axis=1)
     # Per-layer params (a tuple, from llama.unstack_layers) run as an unrolled loop.
     step_fn = (llama.forward_with_cache_unrolled if isinstance(params["layers"], tuple)
                else llama.forward_with_cache)
@@ -308,12 +306,39 @@ def _sample_rows(params, tokens_RxP, mask_RxP, key, *, cfg: SampleConfig,
         state, _ = carry
         return (state[0] < N) & ~jnp.all(state[4])
 
-    init = (0, cache, jnp.full((R, N), pad_id, jnp.int32), jnp.zeros((R, N), jnp.float32),
-            jnp.zeros((R,), bool))
+    init = (0, cache, rows(jnp.full((R, N), pad_id, jnp.int32)), rows(jnp.zeros((R, N), jnp.float32)),
+            rows(jnp.zeros((R,), bool)))
     state, col0 = emit(init, logits_RxV)
-    out_mask = jnp.zeros((R, N), bool).at[:, 0].set(col0)
+    out_mask = rows(jnp.zeros((R, N), bool).at[:, 0].set(col0))
     state, out_mask = jax.lax.while_loop(cond, body, (state, out_mask))
-    return SampleOutput(state[2], state[3], out_mask.astype(jnp.int32))
+    return SampleOutput(rows(state[2]), rows(state[3]), rows(out_mask.astype(jnp.int32)))
+
+
+def params_mesh(params):
+    """The mesh that `params` are placed on (NamedSharding over more than one device), or
+    None."""
+    from jax.sharding import NamedSharding
+
+    leaf = jax.tree.leaves(params)[0]
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        return sharding.mesh
+    return None
+
+
+def _constrain_rows(x, *, mesh, batch_axis: int = 0):
+    """Pins the row (batch) axis of every array in x to the mesh's first axis (no-op
+    without a mesh)."""
+    if mesh is None:
+        return x
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def one(a):
+        spec = [None] * a.ndim
+        spec[batch_axis] = mesh.axis_names[0]
+        return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    return jax.tree.map(one, x)
 
 
 _split_layers = jax.jit(llama.unstack_layers)  # one dispatch, one fresh buffer per layer leaf
@@ -340,7 +365,7 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def sample(params, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, cfg: SampleConfig, *,
-           config: ModelConfig) -> SampleOutput:
+           config: ModelConfig, mesh=None) -> SampleOutput:
     """Sample cfg.n completions of cfg.max_new_tokens tokens per left-padded prompt.
 
     Host-side wrapper around one jitted sampler: repeats each prompt n times (prompt-major
@@ -353,6 +378,15 @@ def sample(params, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, cfg: Samp
     per-layer buffers decoded by an unrolled layer loop, faster on CPU (decoding is bound by
     memory traffic, and a scan over stacked weights copies each layer's slice) at the cost
     of a second copy of the layer weights. Both give the same samples (tested).
+
+    Data parallel: with `mesh` (a `jax.sharding.Mesh`; its first axis is used, e.g.
+    `rubrax.rl.step.make_mesh()`), the rows are padded to a multiple of the axis size and
+    split over it: each device decodes its own rows with its own KV cache, and `params`
+    must already live on that mesh (replicated, or FSDP-sharded, as the RL trainer places
+    them). mesh=None takes the mesh of `params` when they are placed on one of more than
+    one device (so the RL loop and eval hooks sample data-parallel with the trainer's
+    params), else runs on the params' single device. Each row's randomness depends only on the key, the row and the step, so the
+    samples equal the single-device ones (tested on 8 devices).
 
     Raises ValueError if the longest prompt plus max_new_tokens exceeds cfg.max_length (or
     config.max_position_embeddings), or if prompts are not left-padded.
@@ -377,14 +411,25 @@ def sample(params, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, cfg: Samp
     tokens, mask = _left_fit(tokens, mask, P, _pad_id(cfg, config))
     tokens, mask = np.repeat(tokens, cfg.n, axis=0), np.repeat(mask, cfg.n, axis=0)
     R = tokens.shape[0]
-    R_pad = _round_up(R, cfg.batch_bucket)
+    if mesh is None:
+        mesh = params_mesh(params)
+    multiple = cfg.batch_bucket
+    if mesh is not None:
+        multiple = multiple * mesh.shape[mesh.axis_names[0]] // np.gcd(multiple, mesh.shape[mesh.axis_names[0]])
+    R_pad = _round_up(R, multiple)
     if R_pad > R:  # filler rows copy row 0; their outputs are dropped
         tokens = np.concatenate([tokens, np.repeat(tokens[:1], R_pad - R, 0)])
         mask = np.concatenate([mask, np.repeat(mask[:1], R_pad - R, 0)])
     if not isinstance(params["layers"], tuple) and _unrolled(cfg):
         params = _split_layers(params)  # transient per-layer copy, freed after the call
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        split = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+        tokens, mask = jax.device_put(tokens, split), jax.device_put(mask, split)
+        key = jax.device_put(key, NamedSharding(mesh, PartitionSpec()))
     out = _sample_rows(params, jnp.asarray(tokens), jnp.asarray(mask), key, cfg=cfg,
-                       config=config)
+                       config=config, mesh=mesh)
     return jax.tree.map(lambda x: x[:R], out)
 
 

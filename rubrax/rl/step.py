@@ -193,12 +193,11 @@ class ModelLogits:
 
     def token_stats(self, params, tokens_BxT, mask_BxT, *, temperature: float, entropy_grad: bool):
         from rubrax.models import llama
-        from rubrax.policy import head_logprobs_and_entropy
+        from rubrax.policy import head_logprobs_and_entropy, lm_head_fn
 
         h_BxTxD = llama.hidden_states(params, tokens_BxT, config=self.config, mask_BxT=mask_BxT)
-        head = {k: v for k, v in params.items() if k != "layers"}
         return head_logprobs_and_entropy(
-            lambda h_NxD: llama.lm_logits(head, h_NxD[None], config=self.config)[0], h_BxTxD, tokens_BxT,
+            lm_head_fn(params, self.config), h_BxTxD, tokens_BxT,
             temperature=temperature, chunk_tokens=self.chunk_tokens, entropy_grad=entropy_grad,
         )
 
