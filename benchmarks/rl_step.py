@@ -56,7 +56,7 @@ def run_rubrax(args) -> dict:
     from rubrax import models
     from rubrax.policy import SampleConfig
     from rubrax.rewards.base import as_reward_fn
-    from rubrax.rl.loop import LoopConfig, _Sampler, load_prompts, reward_inputs
+    from rubrax.rl.loop import LoopConfig, _layout, _Sampler, load_prompts, reward_inputs
     from rubrax.rl.state import TrainState
     from rubrax.rl.step import RLConfig, Trainer, make_batch, make_mesh, model_logits_fn
     from rubrax.train.optim import OptimConfig, make_optimizer
@@ -69,6 +69,7 @@ def run_rubrax(args) -> dict:
         params = models.init_params(config, jax.random.PRNGKey(0))
     else:
         params, config = models.load_pretrained(path)
+    params = _layout(params, "auto")  # what train() does: per-layer buffers on CPU
     P, G, L = args.prompts, args.group, args.new_tokens
     records = [{"prompt": PROMPTS[i % len(PROMPTS)]} for i in range(P * (args.iters + 1))]
     prompts = load_prompts(records, tok, max_prompt_tokens=args.prompt_tokens, chat_template=False)

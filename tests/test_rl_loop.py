@@ -186,3 +186,20 @@ def test_loop_on_eight_devices_equals_one_device():
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
     for x, y in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(eight.state.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+def test_stacked_and_unstacked_layer_layouts_train_alike():
+    """LoopConfig.layer_layout: the scan over stacked layers and the unrolled per-layer
+    layout (the CPU default) give the same run; the result keeps its layout."""
+    from rubrax.models import is_unstacked, stack_layers
+
+    rl = RLConfig(group_size=G, kl_coef=0.05)
+    a = run(2, rl=rl, layer_layout="stacked")
+    b = run(2, rl=rl, layer_layout="unstacked")
+    assert not is_unstacked(a.state.params) and is_unstacked(b.state.params)
+    for x, y in zip(a.history, b.history):
+        assert x["reward_mean"] == y["reward_mean"]
+        for k in ("loss", "kl", "grad_norm"):
+            np.testing.assert_allclose(x[k], y[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(stack_layers(b.state.params))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)

@@ -230,7 +230,11 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfi
 
 
 def params_to_hf_tensors(params: Mapping, config: ModelConfig) -> dict[str, np.ndarray]:
-    """Inverse of params_from_hf_tensors (contiguous numpy arrays, params' dtype)."""
+    """Inverse of params_from_hf_tensors (contiguous numpy arrays, params' dtype).
+    Accepts either layer layout (stacked or `unstack_layers`)."""
+    from rubrax.models.llama import stack_layers
+
+    params = stack_layers(params)
     out = {
         "model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"]),
         "model.norm.weight": np.asarray(params["norm"]["scale"]),

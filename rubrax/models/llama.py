@@ -278,8 +278,16 @@ def _prepare(tokens_BxT, mask_BxT, positions_BxT):
 def hidden_states(params: Params, tokens_BxT: jax.Array, *, config: ModelConfig,
                   mask_BxT: jax.Array | None = None,
                   positions_BxT: jax.Array | None = None) -> jax.Array:
-    """Final-norm hidden states h_BxTxD (compute dtype), e.g. for a reward head."""
+    """Final-norm hidden states h_BxTxD (compute dtype), e.g. for a reward head.
+
+    Works on both layer layouts: stacked params (a scan over layers) and
+    `unstack_layers` params (an unrolled loop; on CPU its backward pass is ~1.3x faster
+    for SmolLM2, and decoding needs no per-call split). Same values and gradients.
+    """
     mask_BxT, positions_BxT = _prepare(tokens_BxT, mask_BxT, positions_BxT)
+    if is_unstacked(params):
+        h, _ = forward_with_cache_unrolled(params, tokens_BxT, positions_BxT, mask_BxT, None, 0, config=config)
+        return h
     bias = attention_bias(mask_BxT, tokens_BxT.shape[1], 0)
     h, _ = CausalLM(config).apply({"params": params}, tokens_BxT, positions_BxT, bias, 0, None)
     return h
@@ -290,15 +298,15 @@ def forward(params: Params, tokens_BxT: jax.Array, *, config: ModelConfig,
             mask_BxT: jax.Array | None = None,
             positions_BxT: jax.Array | None = None) -> jax.Array:
     """float32 logits_BxTxV; logits[:, t] predicts token t+1. Padding rows are garbage."""
-    model = CausalLM(config)
     h = hidden_states(params, tokens_BxT, config=config, mask_BxT=mask_BxT,
                       positions_BxT=positions_BxT)
-    return model.apply({"params": params}, h, method=CausalLM.logits)
+    return lm_logits(params, h, config=config)
 
 
 def lm_logits(params: Params, h_BxTxD: jax.Array, *, config: ModelConfig) -> jax.Array:
     """float32 logits from final hidden states (the LM head alone)."""
-    return CausalLM(config).apply({"params": params}, h_BxTxD, method=CausalLM.logits)
+    head = {k: v for k, v in params.items() if k != "layers"}
+    return CausalLM(config).apply({"params": head}, h_BxTxD, method=CausalLM.logits)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int):
@@ -322,6 +330,18 @@ def forward_with_cache(params: Params, tokens_BxT: jax.Array, positions_BxT: jax
 
 
 
+def is_unstacked(params: Params) -> bool:
+    """True for the per-layer layout of `unstack_layers` (params["layers"] a tuple)."""
+    return isinstance(params.get("layers"), tuple)
+
+
+def stack_layers(params: Params) -> Params:
+    """Inverse of `unstack_layers` (no-op on stacked params)."""
+    if not is_unstacked(params):
+        return params
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])}
+
+
 def unstack_layers(params: Params) -> Params:
     """The same params with the stacked [L, ...] layer weights split into a tuple of L
     per-layer dicts (separate buffers). Eager, outside jit.
@@ -331,6 +351,8 @@ def unstack_layers(params: Params) -> Params:
     twice the traffic); separate per-layer buffers in an unrolled loop are read in place.
     Costs one extra copy of the layer weights while it is alive.
     """
+    if is_unstacked(params):
+        return params
     layers = params["layers"]
     L = jax.tree.leaves(layers)[0].shape[0]
     return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(L))}

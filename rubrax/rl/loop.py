@@ -81,6 +81,11 @@ class LoopConfig:
         rerun with the same out_dir to continue). None = run to total_steps.
     reward_chunk_size: rows per reward call (default one group); reward_timeout_s per call.
     num_devices: the first that many devices form the data mesh (None = all, all hosts).
+    layer_layout: "stacked" (layers under a scan), "unstacked" (per-layer buffers, an
+        unrolled loop: on CPU the update's backward is ~1.3x faster and sampling reads each
+        layer in place instead of splitting the weights every step) or "auto" (unstacked on
+        the CPU backend). Only for rubrax.models params (the default logits_fn); the
+        state, checkpoints and result keep that layout (save_pretrained takes either).
     checkpoint_every / eval_every: 0 = only at the end / never (besides the end).
     """
 
@@ -100,6 +105,7 @@ class LoopConfig:
     chat_template: bool = True
     prompt_field: str = "prompt"
     fsdp: bool = False
+    layer_layout: str = "auto"
     num_devices: int | None = None
     progress: bool = True
     tensorboard: bool = True
@@ -118,6 +124,8 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.reward_timeout_s must be > 0 or None, got {self.reward_timeout_s}")
         if self.prompt_bucket is not None and (not isinstance(self.prompt_bucket, int) or self.prompt_bucket < 1):
             raise ValueError(f"LoopConfig.prompt_bucket must be a positive int or None, got {self.prompt_bucket!r}")
+        if self.layer_layout not in ("auto", "stacked", "unstacked"):
+            raise ValueError(f"LoopConfig.layer_layout must be 'auto', 'stacked' or 'unstacked', got {self.layer_layout!r}")
         if self.reward_chunk_size is not None and self.reward_chunk_size < 1:
             raise ValueError(f"LoopConfig.reward_chunk_size must be >= 1, got {self.reward_chunk_size}")
         if self.num_devices is not None and self.num_devices < 1:
@@ -266,6 +274,17 @@ def decode_completion(tokenizer: Any, ids: np.ndarray, mask: np.ndarray, stop_id
         return tokenizer.decode(ids, skip_special_tokens=True)
     except TypeError:
         return tokenizer.decode(ids)
+
+
+def _layout(params: Any, layout: str) -> Any:
+    """rubrax.models params in the requested layer layout (see LoopConfig.layer_layout)."""
+    from rubrax.models import llama
+
+    if not isinstance(params, dict) or "layers" not in params:
+        return params
+    if layout == "unstacked" or (layout == "auto" and jax.default_backend() == "cpu"):
+        return llama.unstack_layers(params)
+    return llama.stack_layers(params)
 
 
 class _Sampler:
@@ -486,8 +505,12 @@ def train(
     data = prompts if isinstance(prompts, PromptSet) else load_prompts(
         prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
     )
-    # The reference is the caller's params themselves (no copy): the TrainState gets its
-    # own copy (Trainer.place_state never aliases), so donation never touches them.
+    if logits_fn is None:
+        params = _layout(params, loop.layer_layout)
+        ref_params = None if ref_params is None else _layout(ref_params, loop.layer_layout)
+    # The reference is the caller's params themselves (no copy, unless the layout changed):
+    # the TrainState gets its own copy (Trainer.place_state never aliases), so donation
+    # never touches them.
     ref = (params if ref_params is None else ref_params) if rl.kl_coef > 0 else None
     if mesh is None:
         mesh = make_mesh(jax.devices()[: loop.num_devices] if loop.num_devices else None)
