@@ -233,3 +233,17 @@ def test_unstacked_layout_matches_stacked_values_gradients_and_checkpoint(tmp_pa
     save_pretrained(params, config, tmp_path / "b")
     back, _ = load_pretrained(tmp_path / "a")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, params)
+
+
+def test_unstack_on_cpu_aliases_and_survives_donation_of_the_original():
+    from rubrax.models import unstack_layers
+
+    config = ModelConfig.tiny()
+    params = jax.device_put(init_params(config, jax.random.key(5)), jax.devices()[0])
+    split = unstack_layers(params)
+    stacked = params["layers"]["mlp"]["up_proj"]["kernel"]
+    layer1 = split["layers"][1]["mlp"]["up_proj"]["kernel"]
+    assert layer1.unsafe_buffer_pointer() == stacked.unsafe_buffer_pointer() + layer1.nbytes  # no copy
+    expected = np.array(stacked[1])
+    jax.block_until_ready(jax.jit(lambda p: jax.tree.map(lambda x: x * 0 - 1, p), donate_argnums=0)(params))
+    np.testing.assert_array_equal(np.asarray(layer1), expected)

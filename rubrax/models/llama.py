@@ -349,13 +349,34 @@ def unstack_layers(params: Params) -> Params:
     Decoding reads every weight once per token, so it is bound by memory traffic. Inside a
     scan over stacked weights, XLA on CPU copies each layer's slice before using it (about
     twice the traffic); separate per-layer buffers in an unrolled loop are read in place.
-    Costs one extra copy of the layer weights while it is alive.
+    On one CPU device the split is free (the per-layer arrays alias the stacked buffers);
+    elsewhere it costs one extra copy of the layer weights while it is alive.
     """
     if is_unstacked(params):
         return params
     layers = params["layers"]
     L = jax.tree.leaves(layers)[0].shape[0]
+    device = _single_cpu_device(layers)
+    if device is not None:
+        # Zero-copy: numpy views of the stacked buffers, handed back to XLA by device_put
+        # (which aliases aligned host memory on CPU). The views keep the stacked buffers
+        # alive, and JAX declines to donate a buffer with such external references, so
+        # neither side can be overwritten under the other.
+        host = jax.tree.map(np.asarray, layers)
+        return {**params, "layers": tuple(jax.tree.map(lambda h, i=i: jax.device_put(h[i], device), host)
+                                          for i in range(L))}
     return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(L))}
+
+
+def _single_cpu_device(tree):
+    """The one CPU device holding every leaf of tree (concrete jax.Arrays), else None."""
+    devices = set()
+    for x in jax.tree.leaves(tree):
+        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+            return None
+        devices |= x.devices()
+    device = devices.pop() if len(devices) == 1 else None
+    return device if device is not None and device.platform == "cpu" else None
 
 
 def forward_with_cache_unrolled(params_u: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array,
