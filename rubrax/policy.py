@@ -247,11 +247,30 @@ def categorical_from_uniform(logits_RxV: jax.Array, u_R: jax.Array, block: int =
     return (b_R * block + j_R).astype(jnp.int32)
 
 
-def _choose(logits_RxV, key, step, cfg: SampleConfig):
-    """Next token per row; each row's randomness is fold_in(fold_in(key, row), step) so it
-    does not depend on the batch composition, prompt padding or bucket sizes."""
+def _head_logits_VxR(head, h_RxD, config: ModelConfig) -> jax.Array:
+    """float32 decode-step logits, vocabulary-major [V, R]: the weight is the row-major left
+    operand (E @ h^T), which streams the LM head ~1.6x faster on CPU than h @ E^T (a 49k x 576
+    head at batch 8: 7 vs 11.5 ms). Same values as llama.lm_logits, transposed."""
+    dt = llama.jnp_dtype(config.dtype)
+    h = h_RxD.astype(dt)
+    if config.tie_word_embeddings:
+        return jnp.einsum("vd,rd->vr", head["embed_tokens"]["embedding"].astype(dt), h,
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("dv,rd->vr", head["lm_head"]["kernel"].astype(dt), h,
+                      preferred_element_type=jnp.float32)
+
+
+def _token_logprobs_VxR(logits_VxR, tok_R):
+    chosen = jnp.take_along_axis(logits_VxR, tok_R[None, :], axis=0)[0]
+    return chosen - jax.nn.logsumexp(logits_VxR, axis=0)
+
+
+def _choose(logits_VxR, key, step, cfg: SampleConfig):
+    """Next token per row (column); each row's randomness is fold_in(fold_in(key, row), step)
+    so it does not depend on the batch composition, prompt padding or bucket sizes."""
     if cfg.temperature == 0.0:
-        return jnp.argmax(logits_RxV, axis=-1).astype(jnp.int32)
+        return jnp.argmax(logits_VxR, axis=0).astype(jnp.int32)
+    logits_RxV = logits_VxR.T
     filtered = filter_logits(logits_RxV, temperature=cfg.temperature, top_k=cfg.top_k,
                              top_p=cfg.top_p)
     rows = jnp.arange(logits_RxV.shape[0])
@@ -279,13 +298,13 @@ def _sample_rows(params, tokens_RxP, mask_RxP, key, *, cfg: SampleConfig,
     head = {k: v for k, v in params.items() if k != "layers"}
     h, cache = step_fn(params, tokens_RxP, llama.default_positions(mask_RxP), kv_mask_RxS,
                        cache, 0, config=config)
-    logits_RxV = llama.lm_logits(head, h[:, -1:], config=config)[:, 0]
+    logits_VxR = _head_logits_VxR(head, h[:, -1], config)
     next_pos_R = jnp.sum(mask_RxP, axis=-1)
 
-    def emit(state, logits_RxV):
+    def emit(state, logits_VxR):
         i, cache, out_tok, out_logp, done = state
-        tok = _choose(logits_RxV, key, i, cfg)
-        logp = token_logprobs(logits_RxV, tok)
+        tok = _choose(logits_VxR, key, i, cfg)
+        logp = _token_logprobs_VxR(logits_VxR, tok)
         tok = jnp.where(done, pad_id, tok)
         out_tok = out_tok.at[:, i].set(tok)
         out_logp = out_logp.at[:, i].set(jnp.where(done, 0.0, logp))
@@ -299,7 +318,7 @@ def _sample_rows(params, tokens_RxP, mask_RxP, key, *, cfg: SampleConfig,
         prev = state[2][:, i - 1]
         h, cache = step_fn(params, prev[:, None], (next_pos_R + i - 1)[:, None], kv_mask_RxS,
                            cache, P + i - 1, config=config)
-        logits = llama.lm_logits(head, h, config=config)[:, 0]
+        logits = _head_logits_VxR(head, h[:, 0], config)
         state, col = emit((i, cache) + tuple(state[2:]), logits)
         return state, out_mask.at[:, i].set(col)
 
@@ -309,7 +328,7 @@ def _sample_rows(params, tokens_RxP, mask_RxP, key, *, cfg: SampleConfig,
 
     init = (0, cache, rows(jnp.full((R, N), pad_id, jnp.int32)), rows(jnp.zeros((R, N), jnp.float32)),
             rows(jnp.zeros((R,), bool)))
-    state, col0 = emit(init, logits_RxV)
+    state, col0 = emit(init, logits_VxR)
     out_mask = rows(jnp.zeros((R, N), bool).at[:, 0].set(col0))
     state, out_mask = jax.lax.while_loop(cond, body, (state, out_mask))
     return SampleOutput(rows(state[2]), rows(state[3]), rows(out_mask.astype(jnp.int32)))
