@@ -30,22 +30,10 @@ from rubrax.models import llama
 from rubrax.models.config import ModelConfig
 
 
-def token_logprobs(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    """log softmax(logits)[target] = logit[target] - logsumexp(logits), in float32.
-
-    Uses a gather and a logsumexp instead of a full log-softmax, so no second [B, T, V]
-    array is materialised.
-    """
-    logits = logits_BxTxV.astype(jnp.float32)
-    chosen = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-    return chosen - jax.nn.logsumexp(logits, axis=-1)
-
-
 def lm_head_fn(params, config: ModelConfig):
     """h_NxD -> float32 logits_NxV of a rubrax.models LM (the head alone, for
     `head_logprobs_and_entropy`)."""
-    head = {k: v for k, v in params.items() if k != "layers"}
-    return lambda h_NxD: llama.lm_logits(head, h_NxD[None], config=config)[0]
+    return lambda h_NxD: llama.lm_logits(params, h_NxD[None], config=config)[0]
 
 
 def default_chunk_tokens(vocab_size: int) -> int:
@@ -247,16 +235,16 @@ def categorical_from_uniform(logits_RxV: jax.Array, u_R: jax.Array, block: int =
     return (b_R * block + j_R).astype(jnp.int32)
 
 
-def _head_logits_VxR(head, h_RxD, config: ModelConfig) -> jax.Array:
+def _head_logits_VxR(params, h_RxD, config: ModelConfig) -> jax.Array:
     """float32 decode-step logits, vocabulary-major [V, R]: the weight is the row-major left
     operand (E @ h^T), which streams the LM head ~1.6x faster on CPU than h @ E^T (a 49k x 576
     head at batch 8: 7 vs 11.5 ms). Same values as llama.lm_logits, transposed."""
     dt = llama.jnp_dtype(config.dtype)
     h = h_RxD.astype(dt)
     if config.tie_word_embeddings:
-        return jnp.einsum("vd,rd->vr", head["embed_tokens"]["embedding"].astype(dt), h,
+        return jnp.einsum("vd,rd->vr", params["embed_tokens"]["embedding"].astype(dt), h,
                           preferred_element_type=jnp.float32)
-    return jnp.einsum("dv,rd->vr", head["lm_head"]["kernel"].astype(dt), h,
+    return jnp.einsum("dv,rd->vr", params["lm_head"]["kernel"].astype(dt), h,
                       preferred_element_type=jnp.float32)
 
 
@@ -295,10 +283,9 @@ def _sample_rows(params, tokens_RxP, mask_RxP, key, *, cfg: SampleConfig,
     # Per-layer params (a tuple, from llama.unstack_layers) run as an unrolled loop.
     step_fn = (llama.forward_with_cache_unrolled if isinstance(params["layers"], tuple)
                else llama.forward_with_cache)
-    head = {k: v for k, v in params.items() if k != "layers"}
     h, cache = step_fn(params, tokens_RxP, llama.default_positions(mask_RxP), kv_mask_RxS,
                        cache, 0, config=config)
-    logits_VxR = _head_logits_VxR(head, h[:, -1], config)
+    logits_VxR = _head_logits_VxR(params, h[:, -1], config)
     next_pos_R = jnp.sum(mask_RxP, axis=-1)
 
     def emit(state, logits_VxR):
@@ -318,7 +305,7 @@ def _sample_rows(params, tokens_RxP, mask_RxP, key, *, cfg: SampleConfig,
         prev = state[2][:, i - 1]
         h, cache = step_fn(params, prev[:, None], (next_pos_R + i - 1)[:, None], kv_mask_RxS,
                            cache, P + i - 1, config=config)
-        logits = _head_logits_VxR(head, h[:, 0], config)
+        logits = _head_logits_VxR(params, h[:, 0], config)
         state, col = emit((i, cache) + tuple(state[2:]), logits)
         return state, out_mask.at[:, i].set(col)
 
@@ -396,17 +383,18 @@ def sample(params, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, cfg: Samp
 
     `params` may be the usual stacked params or `rubrax.models.unstack_layers(params)`:
     per-layer buffers decoded by an unrolled layer loop, faster on CPU (decoding is bound by
-    memory traffic, and a scan over stacked weights copies each layer's slice) at the cost
-    of a second copy of the layer weights. Both give the same samples (tested).
+    memory traffic, and a scan over stacked weights copies each layer's slice); see
+    SampleConfig.layer_loop. Both give the same samples (tested).
 
     Data parallel: with `mesh` (a `jax.sharding.Mesh`; its first axis is used, e.g.
     `rubrax.rl.step.make_mesh()`), the rows are padded to a multiple of the axis size and
     split over it: each device decodes its own rows with its own KV cache, and `params`
     must already live on that mesh (replicated, or FSDP-sharded, as the RL trainer places
-    them). mesh=None takes the mesh of `params` when they are placed on one of more than
-    one device (so the RL loop and eval hooks sample data-parallel with the trainer's
-    params), else runs on the params' single device. Each row's randomness depends only on the key, the row and the step, so the
-    samples equal the single-device ones (tested on 8 devices).
+    them). mesh=None takes the mesh of `params` when they are placed on a mesh of more
+    than one device (so the RL loop and eval hooks sample data-parallel with the
+    trainer's params), else runs on the params' single device. Each row's randomness
+    depends only on the key, the row and the step, so the samples equal the
+    single-device ones (tested on 8 devices).
 
     Raises ValueError if the longest prompt plus max_new_tokens exceeds cfg.max_length (or
     config.max_position_embeddings), or if prompts are not left-padded.

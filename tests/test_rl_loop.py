@@ -151,6 +151,18 @@ def test_loop_config_validation():
         run(1, rl=RLConfig(group_size=4))
 
 
+def assert_same_run(a, b, params_b=None):
+    """Two runs drew the same samples and rewards and trained alike: metrics to 1e-4,
+    params to 1e-5 (params_b: b's params in a's layout, if it differs)."""
+    assert len(a.history) == len(b.history)
+    for x, y in zip(a.history, b.history):
+        assert x["reward_mean"] == y["reward_mean"] and x["response_len_mean"] == y["response_len_mean"]
+        for k in ("loss", "kl", "entropy", "grad_norm"):
+            np.testing.assert_allclose(x[k], y[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(params_b or b.state.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
 def test_prompt_bucket_trims_padding_without_changing_the_run():
     """A batch trimmed to its longest prompt (rounded up to 4) trains like the batch padded
     to max_prompt_tokens=16: same samples and rewards, same metrics and params up to float
@@ -158,12 +170,7 @@ def test_prompt_bucket_trims_padding_without_changing_the_run():
     rl = RLConfig(group_size=G, kl_coef=0.05)
     wide = run(2, rl=rl, max_prompt_tokens=16)
     trim = run(2, rl=rl, max_prompt_tokens=16, prompt_bucket=4)
-    for a, b in zip(wide.history, trim.history):
-        assert a["reward_mean"] == b["reward_mean"] and a["response_len_mean"] == b["response_len_mean"]
-        for k in ("loss", "kl", "entropy", "grad_norm"):
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    for x, y in zip(jax.tree.leaves(wide.state.params), jax.tree.leaves(trim.state.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    assert_same_run(wide, trim)
     # the update saw the narrow batch: the sampler hands out prompt blocks of width 4 or 8
     from rubrax.rl.loop import _Sampler
 
@@ -180,12 +187,7 @@ def test_loop_on_eight_devices_equals_one_device():
     rl = RLConfig(group_size=G, kl_coef=0.05)
     one = run(2, rl=rl)
     eight = run(2, rl=rl, mesh=make_mesh(jax.devices()))
-    for a, b in zip(one.history, eight.history):
-        assert a["reward_mean"] == b["reward_mean"] and a["response_len_mean"] == b["response_len_mean"]
-        for k in ("loss", "kl", "entropy", "grad_norm"):
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    for x, y in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(eight.state.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    assert_same_run(one, eight)
 
 
 def test_stacked_and_unstacked_layer_layouts_train_alike():
@@ -197,9 +199,4 @@ def test_stacked_and_unstacked_layer_layouts_train_alike():
     a = run(2, rl=rl, layer_layout="stacked")
     b = run(2, rl=rl, layer_layout="unstacked")
     assert not is_unstacked(a.state.params) and is_unstacked(b.state.params)
-    for x, y in zip(a.history, b.history):
-        assert x["reward_mean"] == y["reward_mean"]
-        for k in ("loss", "kl", "grad_norm"):
-            np.testing.assert_allclose(x[k], y[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(stack_layers(b.state.params))):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    assert_same_run(a, b, params_b=stack_layers(b.state.params))
