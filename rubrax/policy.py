@@ -44,7 +44,7 @@ def default_chunk_tokens(vocab_size: int) -> int:
 def head_logprobs_and_entropy(head_fn, h_BxTxD: jax.Array, tokens_BxT: jax.Array, *,
                               temperature: float = 1.0, chunk_tokens: int | None = None,
                               entropy_grad: bool = True, entropy: bool = True,
-                              ) -> tuple[jax.Array, jax.Array]:
+                              start: int = 1) -> tuple[jax.Array, jax.Array]:
     """Fused LM head: per-token logp and entropy from final hidden states, in chunks.
 
     head_fn maps hidden states h_NxD to logits_NxV.
@@ -52,7 +52,10 @@ def head_logprobs_and_entropy(head_fn, h_BxTxD: jax.Array, tokens_BxT: jax.Array
     With z = head_fn(h[:, t-1]) / temperature (float32 logits over V) and lse = logsumexp(z):
         logp[:, t] = z[tokens[:, t]] - lse        H[:, t] = lse - sum_v softmax(z)_v z_v
     both 0 at t = 0 (nothing precedes it), the alignment of `logprobs` and of
-    `rubrax.rl.losses.token_logprobs` / `token_entropy`.
+    `rubrax.rl.losses.token_logprobs` / `token_entropy`. Only positions t >= start
+    (static, >= 1) go through the head; earlier ones are returned as 0. The RL update
+    passes start = prompt width, so the head (a fifth of SmolLM2's FLOPs per token)
+    never runs on prompt positions, which the loss masks out anyway.
 
     The B * (T - 1) positions run through the head `chunk_tokens` at a time (default
     `default_chunk_tokens(V)`) under `jax.checkpoint`, so neither pass holds [B, T, V]
@@ -63,8 +66,11 @@ def head_logprobs_and_entropy(head_fn, h_BxTxD: jax.Array, tokens_BxT: jax.Array
     backward pass skips its terms; entropy=False skips it altogether (returned as zeros).
     """
     B, T, D = h_BxTxD.shape
-    h_NxD = h_BxTxD[:, :-1].reshape(B * (T - 1), D)
-    y_N = tokens_BxT[:, 1:].reshape(B * (T - 1))
+    start = min(max(int(start), 1), T)
+    if start == T:
+        return jnp.zeros((B, T), jnp.float32), jnp.zeros((B, T), jnp.float32)
+    h_NxD = h_BxTxD[:, start - 1:-1].reshape(B * (T - start), D)
+    y_N = tokens_BxT[:, start:].reshape(B * (T - start))
     N = h_NxD.shape[0]
 
     def stats(h, y):
@@ -88,7 +94,7 @@ def head_logprobs_and_entropy(head_fn, h_BxTxD: jax.Array, tokens_BxT: jax.Array
         y = jnp.pad(y_N, (0, pad)).reshape(n, c)
         logp_N, ent_N = jax.lax.map(jax.checkpoint(lambda xs: stats(*xs)), (h, y))
         logp_N, ent_N = logp_N.reshape(n * c)[:N], ent_N.reshape(n * c)[:N]
-    unflat = lambda x: jnp.pad(x.reshape(B, T - 1), ((0, 0), (1, 0)))
+    unflat = lambda x: jnp.pad(x.reshape(B, T - start), ((0, 0), (start, 0)))
     return unflat(logp_N), unflat(ent_N)
 
 

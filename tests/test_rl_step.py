@@ -265,9 +265,12 @@ def test_donation_never_frees_the_callers_params():
 
 @pytest.mark.parametrize("chunk", [None, 7, 1000])
 @pytest.mark.parametrize("entropy_grad", [True, False])
-def test_fused_head_matches_full_logits_values_and_gradient(chunk, entropy_grad):
+@pytest.mark.parametrize("start", [1, 4])
+def test_fused_head_matches_full_logits_values_and_gradient(chunk, entropy_grad, start):
     """head_logprobs_and_entropy (chunked, checkpointed) == log-softmax of full logits, for
-    values and for the gradient of a loss that uses both; chunk 7 does not divide B*(T-1)."""
+    values and for the gradient of a loss that uses both; chunk 7 does not divide B*(T-1).
+    With start=4 only positions t >= 4 are computed (the rest are 0) and a loss on those
+    positions has the same gradient."""
     from rubrax.policy import head_logprobs_and_entropy
     from rubrax.rl import losses
 
@@ -276,10 +279,11 @@ def test_fused_head_matches_full_logits_values_and_gradient(chunk, entropy_grad)
     h = jax.random.normal(k1, (3, 9, D))
     w = jax.random.normal(k2, (D, Vh))
     y = jax.random.randint(k3, (3, 9), 0, Vh)
-    coef = jnp.linspace(-1.0, 1.0, 27).reshape(3, 9)
+    coef = jnp.linspace(-1.0, 1.0, 27).reshape(3, 9) * (jnp.arange(9) >= start)
 
     def fused(w, h):
-        logp, ent = head_logprobs_and_entropy(lambda x: x @ w, h, y, temperature=temp, chunk_tokens=chunk, entropy_grad=entropy_grad)
+        logp, ent = head_logprobs_and_entropy(lambda x: x @ w, h, y, temperature=temp, chunk_tokens=chunk, entropy_grad=entropy_grad,
+                                              start=start)
         return jnp.sum(coef * logp) + jnp.sum(coef**2 * ent), (logp, ent)
 
     def full(w, h):
@@ -290,22 +294,25 @@ def test_fused_head_matches_full_logits_values_and_gradient(chunk, entropy_grad)
 
     (lf, (pf, ef)), gf = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(w, h)
     (lr, (pr, er)), gr = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(w, h)
-    np.testing.assert_allclose(pf, pr, atol=1e-5)
-    np.testing.assert_allclose(ef, er, atol=1e-5)
-    assert float(jnp.abs(pf[:, 0]).max()) == 0.0 and float(jnp.abs(ef[:, 0]).max()) == 0.0
+    np.testing.assert_allclose(pf[:, start:], pr[:, start:], atol=1e-5)
+    np.testing.assert_allclose(ef[:, start:], er[:, start:], atol=1e-5)
+    assert float(jnp.abs(pf[:, :start]).max()) == 0.0 and float(jnp.abs(ef[:, :start]).max()) == 0.0
     for a, b in zip(gf, gr):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_update_with_fused_model_head_equals_unfused():
+@pytest.mark.parametrize("prompt_width", [0, PROMPT])
+def test_update_with_fused_model_head_equals_unfused(prompt_width):
     """The trainer's fused path (ModelLogits.token_stats) gives the same update as a plain
-    logits_fn on a real (tiny) transformer, entropy bonus on so both terms carry gradient."""
+    logits_fn on a real (tiny) transformer, entropy bonus on so both terms carry gradient;
+    also when the batch's prompt_width (as make_batch sets it) lets the head skip the
+    prompt positions."""
     from rubrax import models
     from rubrax.rl.step import model_logits_fn
 
     config = models.ModelConfig.tiny(vocab_size=V)
     params = models.init_params(config, jax.random.PRNGKey(0))
-    batch = make_rollouts()
+    batch = make_rollouts().replace(prompt_width=prompt_width)
     cfg = RLConfig(group_size=G, kl_coef=0.1, entropy_coef=0.01)
     tx = optax.sgd(0.5)
     fused_fn = model_logits_fn(config, chunk_tokens=5)
@@ -319,3 +326,27 @@ def test_update_with_fused_model_head_equals_unfused():
         np.testing.assert_allclose(ma[k], mb[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert float(ma["grad_norm"]) > 0
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), sa.params, sb.params)
+
+
+def test_make_batch_layout_by_hand():
+    """make_batch: prompts repeated per group, completions appended, loss mask only on
+    completion tokens, behaviour logprobs zeroed off the completion, static prompt width."""
+    from rubrax.rl.step import make_batch
+
+    prompt = np.array([[0, 5, 6], [7, 8, 9]])
+    pmask = np.array([[0, 1, 1], [1, 1, 1]])
+    comp = np.array([[1, 2], [3, 0], [4, 4], [5, 0]])
+    cmask = np.array([[1, 1], [1, 0], [1, 1], [1, 0]])
+    logp = np.full((4, 2), -0.5, np.float32)
+    b = make_batch(prompt, pmask, comp, cmask, logp, [1, 2, 3, 4], [True, True, False, True], group_size=2)
+    np.testing.assert_array_equal(b.tokens_BxT[1], [0, 5, 6, 3, 0])
+    np.testing.assert_array_equal(b.tokens_BxT[2], [7, 8, 9, 4, 4])
+    np.testing.assert_array_equal(b.mask_BxT[1], [0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(b.loss_mask_BxT[1], [0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(b.behaviour_logp_BxT[1], [0, 0, 0, -0.5, 0])
+    assert b.prompt_width == 3
+    assert b.valid_B.tolist() == [True, True, False, True]
+    # static: survives placement on a mesh
+    from rubrax.rl.step import make_mesh, shard_batch
+
+    assert shard_batch(b, make_mesh(jax.devices()[:2])).prompt_width == 3

@@ -32,7 +32,7 @@ cumsum(mask) - 1 clipped at 0, so a left-padded sequence gets the same positions
 the same logits at its real tokens) as the unpadded one.
 
 The same layer code serves full-sequence forward passes and KV-cached decoding
-(`forward_with_cache`): the cache (k, v), each [L, B, S, K, Dh], holds K/V for S slots;
+(`forward_with_cache`): the cache (k, v), each [L, B, K, S, Dh], holds K/V for S slots;
 new K/V are written at `cache_index`, and query t at absolute slot cache_index + t attends
 to slots j <= cache_index + t with kv_mask[j] = 1. The cache is part of the layer scan's
 carry so each step updates it in place (emitting it as scan outputs copied the whole cache
@@ -145,22 +145,28 @@ class Attention(nn.Module):
             q = RMSNorm(c.rms_norm_eps, dt, pdt, name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, dt, pdt, name="k_norm")(k)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        kv = "bskd"  # axes of the fresh k, v
         if cache is not None:
-            # The whole [L, B, S, K, Dh] cache is the scan carry, updated in place at
-            # (layer, cache_index): a decode step writes B x T x K x Dh values, not the cache.
+            # The whole [L, B, K, S, Dh] cache is the scan carry, updated in place at
+            # (layer, cache_index): a decode step writes B x K x T x Dh values, not the
+            # cache. Head-major slots are the layout the attention dots read, so no
+            # transposed copy of the layer's cache is made per step.
             k_all, v_all = cache
-            start = (layer, 0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            start = (layer, 0, 0, cache_index, 0)
+            k_new = k.transpose(0, 2, 1, 3)[None].astype(k_all.dtype)
+            v_new = v.transpose(0, 2, 1, 3)[None].astype(v_all.dtype)
+            k_all = jax.lax.dynamic_update_slice(k_all, k_new, start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v_new, start)
             k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
             cache = (k_all, v_all)
+            kv = "bksd"
         q = q.reshape(B, T, K, H // K, Dh)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt),
+        scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k.astype(dt),
                             preferred_element_type=jnp.float32) / math.sqrt(Dh)
         scores = scores + bias_BxTxS[:, None, None, :, :]
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(B, T, H * Dh)
+        out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v.astype(dt)).reshape(B, T, H * Dh)
         out = dense(c.hidden_size, c.attention_out_bias, name="o_proj")(out)
         return out, cache
 
@@ -310,8 +316,9 @@ def lm_logits(params: Params, h_BxTxD: jax.Array, *, config: ModelConfig) -> jax
 
 
 def init_cache(config: ModelConfig, batch: int, length: int):
-    """Zeroed KV cache (k, v), each [L, B, S, K, Dh] in the compute dtype."""
-    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads,
+    """Zeroed KV cache (k, v), each [L, B, K, S, Dh] (head-major slots) in the compute
+    dtype."""
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length,
              config.head_dim)
     dt = jnp_dtype(config.dtype)
     return jnp.zeros(shape, dt), jnp.zeros(shape, dt)

@@ -126,7 +126,9 @@ class RolloutBatch:
     tokens_BxT int32; mask_BxT (1 = real token, prompt or completion; attention);
     loss_mask_BxT (1 = completion token, the ones trained on); behaviour_logp_BxT
     float32 (sampling logprobs at completion positions, aligned like
-    `rubrax.policy.logprobs`); rewards_B float32; valid_B bool.
+    `rubrax.policy.logprobs`); rewards_B float32; valid_B bool. prompt_width (static):
+    columns before the first completion column (make_batch sets it; 0 = unknown). The
+    fused LM head skips positions before it (they are never trained on).
     """
 
     tokens_BxT: jax.Array
@@ -135,6 +137,7 @@ class RolloutBatch:
     behaviour_logp_BxT: jax.Array
     rewards_B: jax.Array
     valid_B: jax.Array
+    prompt_width: int = struct.field(pytree_node=False, default=0)
 
 
 def make_batch(
@@ -167,6 +170,7 @@ def make_batch(
         ),
         rewards_B=np.asarray(rewards_B, np.float32),
         valid_B=np.asarray(valid_B, bool),
+        prompt_width=int(prompt_tokens.shape[1]),
     )
 
 
@@ -191,7 +195,8 @@ class ModelLogits:
 
         return models.forward(params, tokens_BxT, config=self.config, mask_BxT=mask_BxT)
 
-    def token_stats(self, params, tokens_BxT, mask_BxT, *, temperature: float, entropy_grad: bool):
+    def token_stats(self, params, tokens_BxT, mask_BxT, *, temperature: float, entropy_grad: bool,
+                    start: int = 1):
         from rubrax.models import llama
         from rubrax.policy import head_logprobs_and_entropy, lm_head_fn
 
@@ -199,6 +204,7 @@ class ModelLogits:
         return head_logprobs_and_entropy(
             lm_head_fn(params, self.config), h_BxTxD, tokens_BxT,
             temperature=temperature, chunk_tokens=self.chunk_tokens, entropy_grad=entropy_grad,
+            start=start,
         )
 
 
@@ -207,17 +213,21 @@ def model_logits_fn(config: Any, chunk_tokens: int | None = None) -> ModelLogits
     return ModelLogits(config, chunk_tokens)
 
 
-def _logp_and_entropy(logits_fn: LogitsFn, params: Any, tokens_BxT, mask_BxT, temperature: float, entropy_grad: bool = True):
+def _logp_and_entropy(logits_fn: LogitsFn, params: Any, tokens_BxT, mask_BxT, temperature: float, entropy_grad: bool = True,
+                      start: int = 1):
+    """Per-token logp and entropy; the fused path computes only positions >= start (the
+    completion), the others are 0 (masked out of every loss term)."""
     fused = getattr(logits_fn, "token_stats", None)
     if fused is not None:
-        return fused(params, tokens_BxT, mask_BxT, temperature=temperature, entropy_grad=entropy_grad)
+        return fused(params, tokens_BxT, mask_BxT, temperature=temperature, entropy_grad=entropy_grad, start=start)
     logits_BxTxV = logits_fn(params, tokens_BxT, mask_BxT).astype(jnp.float32) / temperature
     return losses.token_logprobs(logits_BxTxV, tokens_BxT), losses.token_entropy(logits_BxTxV)
 
 
-def _micro_loss(params, mb: dict, norms: dict, *, cfg: RLConfig, logits_fn: LogitsFn):
+def _micro_loss(params, mb: dict, norms: dict, *, cfg: RLConfig, logits_fn: LogitsFn, start: int = 1):
     """Loss of one micro-batch, normalised by its minibatch (`norms`), + metric sums."""
-    logp_BxT, ent_BxT = _logp_and_entropy(logits_fn, params, mb["tokens"], mb["mask"], cfg.temperature, cfg.entropy_coef > 0)
+    logp_BxT, ent_BxT = _logp_and_entropy(logits_fn, params, mb["tokens"], mb["mask"], cfg.temperature, cfg.entropy_coef > 0,
+                                          start=start)
     m_BxT = mb["loss_mask"]
     pg_BxT, ratio_BxT, clipped_BxT = losses.ppo_clipped_objective(
         logp_BxT, mb["behaviour_logp"], mb["adv"], clip_low=cfg.clip_low, clip_high=cfg.clip_high
@@ -249,7 +259,7 @@ def _constrain(x, mesh: Mesh | None):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA_AXIS)))
 
 
-def _minibatch_update(params, opt_state, mb: dict, *, cfg: RLConfig, logits_fn: LogitsFn, tx, mesh):
+def _minibatch_update(params, opt_state, mb: dict, *, cfg: RLConfig, logits_fn: LogitsFn, tx, mesh, start: int = 1):
     """One optimizer update from one minibatch, accumulated over cfg.grad_accum micro-batches."""
     m_BxT = mb["loss_mask"]
     lengths_B = m_BxT.sum(axis=1)
@@ -257,7 +267,7 @@ def _minibatch_update(params, opt_state, mb: dict, *, cfg: RLConfig, logits_fn: 
     if cfg.loss_aggregation == "dr_grpo":
         norms["max_len"] = m_BxT.shape[1]
     micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, -1, *x.shape[1:]), mb)
-    grad_fn = jax.grad(functools.partial(_micro_loss, cfg=cfg, logits_fn=logits_fn), has_aux=True)
+    grad_fn = jax.grad(functools.partial(_micro_loss, cfg=cfg, logits_fn=logits_fn, start=start), has_aux=True)
 
     def accumulate(grads, one):
         one = jax.tree.map(lambda x: _constrain(x, mesh), one)
@@ -300,17 +310,20 @@ def update(
             f"{cfg.num_minibatches} minibatches x {cfg.grad_accum} micro-batches"
         )
     valid_B = batch.valid_B.astype(bool)
+    start = max(batch.prompt_width, 1)  # the fused head skips prompt positions (never trained on)
     loss_mask_BxT = batch.loss_mask_BxT.astype(jnp.float32) * valid_B[:, None]
     if cfg.behaviour_logprobs == "sampler":
         behaviour_BxT = batch.behaviour_logp_BxT.astype(jnp.float32)
     else:
-        behaviour_BxT, _ = _logp_and_entropy(logits_fn, state.params, batch.tokens_BxT, batch.mask_BxT, cfg.temperature)
+        behaviour_BxT, _ = _logp_and_entropy(logits_fn, state.params, batch.tokens_BxT, batch.mask_BxT, cfg.temperature,
+                                             start=start)
     behaviour_BxT = jax.lax.stop_gradient(behaviour_BxT) * loss_mask_BxT
     rewards_B = batch.rewards_B.astype(jnp.float32)
     data = {"tokens": batch.tokens_BxT, "mask": batch.mask_BxT, "loss_mask": loss_mask_BxT, "behaviour_logp": behaviour_BxT}
     metrics: dict[str, jax.Array] = {}
     if cfg.kl_coef > 0:
-        ref_logp_BxT, _ = _logp_and_entropy(logits_fn, ref_params, batch.tokens_BxT, batch.mask_BxT, cfg.temperature)
+        ref_logp_BxT, _ = _logp_and_entropy(logits_fn, ref_params, batch.tokens_BxT, batch.mask_BxT, cfg.temperature,
+                                            start=start)
         data["ref_logp"] = jax.lax.stop_gradient(ref_logp_BxT) * loss_mask_BxT
         if cfg.kl_in_reward:
             seq_kl_B = losses.sequence_sum(losses.kl_estimate(behaviour_BxT, data["ref_logp"], cfg.kl_estimator), loss_mask_BxT)
@@ -319,7 +332,7 @@ def update(
     data["adv"] = adv_lib.compute_advantages(cfg.advantage, rewards_B, valid_B, group_size=cfg.group_size, eps=cfg.adv_eps)
 
     key = stream_key(state.key, state.step, UPDATE_STREAM)
-    step_mb = functools.partial(_minibatch_update, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=mesh)
+    step_mb = functools.partial(_minibatch_update, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=mesh, start=start)
 
     def epoch(carry, e):
         minibatches = _shuffle_into_minibatches(data, jax.random.fold_in(key, e), cfg)
