@@ -54,6 +54,7 @@ def run_rubrax(args) -> dict:
     import numpy as np
 
     from rubrax import models
+    from rubrax.hostmem import release_host_memory
     from rubrax.policy import SampleConfig
     from rubrax.rewards.base import as_reward_fn
     from rubrax.rl.loop import LoopConfig, _layout, _Sampler, load_prompts, reward_inputs
@@ -91,6 +92,7 @@ def run_rubrax(args) -> dict:
         texts, completions, columns = reward_inputs(prompts, ro, G)
         rb = fn(texts, completions, **columns)
         batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, rb.scores, rb.valid, group_size=G)
+        release_host_memory()  # as train() does before each update
         state, metrics = trainer(state, batch, ref)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)

@@ -11,9 +11,11 @@ commit) and prints where the report is. Design and defaults: rubrax/sim/ docstri
 import argparse
 import sys
 
+from rubrax.jaxcache import use_persistent_compilation_cache
 from rubrax.sim.cli import add_run_arguments, run_command
 
 if __name__ == "__main__":
+    use_persistent_compilation_cache()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(parser)
     sys.exit(run_command(parser.parse_args()))

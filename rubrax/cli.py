@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from rubrax.jaxcache import use_persistent_compilation_cache
+
 # (subcommand, module providing register(subparsers))
 _COMMANDS: tuple[tuple[str, str], ...] = (
     ("main", "rubrax.main_job"),
@@ -45,6 +47,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    use_persistent_compilation_cache()  # before any subcommand compiles (no jax import here)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.flax import save_file
 
+from rubrax.hostmem import release_host_memory
 from rubrax.models.config import ARCHITECTURES, ModelConfig
 
 _ARCH_TO_TYPE = {arch: model_type for model_type, arch in ARCHITECTURES.items()}
@@ -197,12 +199,36 @@ def _safetensor_files(path: Path) -> list[Path]:
 
 def load_hf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of a checkpoint folder as numpy arrays (bf16 via ml_dtypes)."""
-    tensors = {}
-    for file in _safetensor_files(Path(path)):
-        with safe_open(file, framework="flax") as f:
-            for name in f.keys():
-                tensors[name] = np.asarray(f.get_tensor(name))
-    return tensors
+    lazy = LazyTensors(path)
+    return {name: lazy[name] for name in lazy}
+
+
+class LazyTensors(Mapping):
+    """The tensors of a (sharded) safetensors folder, read one at a time on access.
+
+    `load_pretrained` builds the params from this, so the host never holds the whole
+    checkpoint as numpy arrays next to the params (peak host memory ~ params + one
+    stacked layer tensor, instead of ~3x the checkpoint)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self._where: dict[str, Path] = {}
+        for file in _safetensor_files(Path(path)):
+            with safe_open(file, framework="flax") as f:
+                for name in f.keys():
+                    self._where[name] = file
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        with safe_open(self._where[name], framework="flax") as f:
+            return np.asarray(f.get_tensor(name))
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
 
 
 def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig, *,
@@ -221,11 +247,18 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfi
     if not config.tie_word_embeddings:
         params["lm_head"] = {"kernel": jnp.asarray(tensors["lm_head.weight"].T, pdt)}
     for path, hf in _layer_entries(config):
-        per_layer = [tensors[f"model.layers.{i}.{hf}"] for i in range(config.num_hidden_layers)]
-        stacked = np.stack(per_layer)
-        if path[-1] == "kernel":
-            stacked = np.swapaxes(stacked, 1, 2)  # HF [out, in] -> [in, out]
+        # One parameter at a time, written straight into its stacked buffer, so only one
+        # stacked host tensor exists besides the params (tensors may be a LazyTensors).
+        stacked = None
+        for i in range(config.num_hidden_layers):
+            value = np.asarray(tensors[f"model.layers.{i}.{hf}"])
+            if path[-1] == "kernel":
+                value = value.T  # HF [out, in] -> [in, out]
+            if stacked is None:
+                stacked = np.empty((config.num_hidden_layers,) + value.shape, value.dtype)
+            stacked[i] = value
         _set(params.setdefault("layers", {}), path, jnp.asarray(stacked, pdt))
+        del stacked
     return params
 
 
@@ -258,7 +291,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
         raise FileNotFoundError(f"{config_file} not found")
     config = config_from_hf(json.loads(config_file.read_text()), source=str(config_file),
                             dtype=dtype, param_dtype=param_dtype)
-    params = params_from_hf_tensors(load_hf_tensors(path), config, source=str(path))
+    params = params_from_hf_tensors(LazyTensors(path), config, source=str(path))
+    release_host_memory()  # the file tensors and stacking copies are garbage now
     return params, config
 
 

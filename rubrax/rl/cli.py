@@ -16,6 +16,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from rubrax.jaxcache import use_persistent_compilation_cache
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="JSON recipe (see rubrax.rl.recipe)")
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of experiments/train_grpo.py."""
+    use_persistent_compilation_cache()
     parser = argparse.ArgumentParser(prog="train_grpo.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

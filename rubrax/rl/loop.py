@@ -57,6 +57,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from rubrax.hostmem import release_host_memory
 from rubrax.rewards.base import RewardBatch, as_reward_fn
 from rubrax.rl.state import SAMPLE_STREAM, TrainState, stream_key
 from rubrax.rl.step import RLConfig, Trainer, make_batch, make_mesh, model_logits_fn
@@ -558,6 +559,7 @@ def train(
             flush()
             batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, rewards.scores,
                                rewards.valid, group_size=rl.group_size)
+            release_host_memory()  # sampling's freed buffers, before the update's peak
             t2 = time.perf_counter()
             state, metrics = trainer(state, batch, ref)
             host = {"time/sample_s": t_sample, "time/reward_wait_s": t_reward, "time/update_dispatch_s": time.perf_counter() - t2,

@@ -43,6 +43,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rubrax.hostmem import release_host_memory
 from rubrax.rl import advantages as adv_lib
 from rubrax.rl import losses
 from rubrax.rl.state import UPDATE_STREAM, TrainState, stream_key
@@ -469,7 +470,10 @@ class Trainer:
         replicated put (jax 0.10)."""
         placed = jax.device_put(state, self.state_shardings)
         copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=self.state_shardings)
-        return copy(placed)
+        out = copy(placed)
+        del placed
+        release_host_memory()  # the caller usually drops the unplaced state next
+        return out
 
     def place_ref(self, ref_params: Any) -> Any:
         return jax.device_put(ref_params, self.ref_shardings)

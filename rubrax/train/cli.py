@@ -20,6 +20,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from rubrax.jaxcache import use_persistent_compilation_cache
+
 TASKS = ("reward-model", "sft")
 
 
@@ -173,6 +175,7 @@ def run(task: str, args: argparse.Namespace) -> int:
 
 def main(task: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of experiments/train_{reward_model,sft}.py."""
+    use_persistent_compilation_cache()
     parser = argparse.ArgumentParser(prog=f"train_{task.replace('-', '_')}.py", description=__doc__.splitlines()[0])
     add_arguments(parser, task)
     return run(task, parser.parse_args(argv))
