@@ -444,6 +444,11 @@ def sample(params, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, cfg: Samp
         key = jax.device_put(key, NamedSharding(mesh, PartitionSpec()))
     out = _sample_rows(params, jnp.asarray(tokens), jnp.asarray(mask), key, cfg=cfg,
                        config=config, mesh=mesh)
+    if jax.process_count() > 1 and not out.tokens.is_fully_addressable:
+        # Multi-host: every process gets all rows (as numpy), like a single host would.
+        from jax.experimental import multihost_utils
+
+        out = SampleOutput(*multihost_utils.process_allgather(tuple(out), tiled=True))
     return jax.tree.map(lambda x: x[:R], out)
 
 

@@ -60,7 +60,7 @@ import numpy as np
 from rubrax.hostmem import release_host_memory
 from rubrax.rewards.base import RewardBatch, as_reward_fn
 from rubrax.rl.state import SAMPLE_STREAM, TrainState, stream_key
-from rubrax.rl.step import RLConfig, Trainer, make_batch, make_mesh, model_logits_fn
+from rubrax.rl.step import RLConfig, Trainer, local_rows, make_batch, make_mesh, model_logits_fn
 
 log = logging.getLogger("rubrax.rl")
 
@@ -501,6 +501,10 @@ def train(
 
     if sample.n != rl.group_size:
         raise ValueError(f"SampleConfig.n={sample.n} must equal RLConfig.group_size={rl.group_size}")
+    if jax.process_count() > 1 and loop.out_dir:
+        raise NotImplementedError(
+            "multi-host train() cannot write out_dir yet (checkpoints are saved from host copies on one "
+            "process); run it with out_dir=None (metrics stay in TrainResult.history) or on one host")
     if loop.overlap == "one_step_off_policy" and rl.behaviour_logprobs != "sampler":
         raise ValueError("overlap='one_step_off_policy' needs rl.behaviour_logprobs='sampler' (stale rollouts)")
     data = prompts if isinstance(prompts, PromptSet) else load_prompts(
@@ -559,6 +563,8 @@ def train(
             flush()
             batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, rewards.scores,
                                rewards.valid, group_size=rl.group_size)
+            if jax.process_count() > 1:  # every host holds all rollouts; it feeds its own rows
+                batch = jax.tree.map(lambda x: x[local_rows(trainer.mesh, len(x))], batch)
             release_host_memory()  # sampling's freed buffers, before the update's peak
             t2 = time.perf_counter()
             state, metrics = trainer(state, batch, ref)

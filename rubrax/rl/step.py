@@ -24,9 +24,10 @@ the modern form of pmap). `fsdp=True` also shards every parameter and its Adam
 moments along their largest dimension divisible by the device count; XLA
 all-gathers them where the forward needs them. Multi-host: call
 `jax.distributed.initialize()` on every host before anything else; `jax.devices()`
-then lists all hosts' devices, `make_mesh()` spans them, and each host feeds its own
-slice of the batch through `jax.make_array_from_process_local_data` (see
-`shard_batch`). The step itself is unchanged.
+then lists all hosts' devices, `make_mesh()` spans them, `Trainer.place_state` builds
+each host's shards from identical host values, and each host feeds its own rows
+(`local_rows`) through `jax.make_array_from_process_local_data` (see `shard_batch`).
+The step itself is unchanged. Tested with two CPU processes (tests/test_rl_multihost.py).
 """
 
 from __future__ import annotations
@@ -420,6 +421,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def local_rows(mesh: Mesh, rows: int) -> slice:
+    """The rows of a `rows`-row global batch that this process feeds (multi-host): those of
+    its own devices under `batch_sharding(mesh)` (one contiguous block, since make_mesh
+    orders devices by process)."""
+    index = batch_sharding(mesh).addressable_devices_indices_map((rows,))
+    spans = sorted({(i[0].start or 0, rows if i[0].stop is None else i[0].stop) for i in index.values()})
+    lo, hi = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != hi - lo:
+        raise ValueError(f"this process's rows of the batch are not contiguous: {spans}")
+    return slice(lo, hi)
+
+
 def shard_batch(batch: RolloutBatch, mesh: Mesh) -> RolloutBatch:
     """Places a host batch on the mesh, split along the batch axis.
 
@@ -468,7 +481,7 @@ class Trainer:
         train(), which may also serve as the reference policy). A jitted copy, because
         device_put(..., may_alias=False) still aliases the first shard of a 1 -> N device
         replicated put (jax 0.10)."""
-        placed = jax.device_put(state, self.state_shardings)
+        placed = _put_global(state, self.state_shardings)
         copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=self.state_shardings)
         out = copy(placed)
         del placed
@@ -476,7 +489,24 @@ class Trainer:
         return out
 
     def place_ref(self, ref_params: Any) -> Any:
-        return jax.device_put(ref_params, self.ref_shardings)
+        return _put_global(ref_params, self.ref_shardings)
 
     def __call__(self, state: TrainState, batch: RolloutBatch, ref_params: Any):
         return self.update_fn(state, shard_batch(batch, self.mesh), ref_params)
+
+
+def _put_global(tree: Any, shardings: Any) -> Any:
+    """device_put onto (possibly multi-host) shardings. Single process: plain device_put.
+    Several processes: every process holds the same host values (same init / checkpoint),
+    and each builds only its own shards (`jax.make_array_from_callback`); device_put
+    itself refuses arrays already committed to a local device there."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)

@@ -1,0 +1,67 @@
+"""One process of the two-process (2 hosts x 4 CPU devices) RL-update test.
+
+    python tests/multihost_worker.py PROCESS_ID PORT OUT.npz FSDP          # the update
+    python tests/multihost_worker.py PROCESS_ID PORT OUT.npz loop          # the host loop
+
+Update: the same two updates as test_rl_step._run on a mesh spanning both processes
+(gloo collectives over 127.0.0.1), each process feeding only its own half of every
+batch (its `local_rows`); process 0 writes the final params and metrics to OUT.npz.
+Loop: test_rl_loop.run(3) (sampling, rewards, updates) on the same two-process mesh;
+process 0 writes the metric history.
+"""
+
+import os
+import sys
+
+pid, port, out, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_rl_step as t  # noqa: E402
+
+from rubrax.rl.state import TrainState  # noqa: E402
+from rubrax.rl.step import Trainer, local_rows, make_mesh  # noqa: E402
+
+assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+if mode == "loop":
+    import test_rl_loop
+
+    result = test_rl_loop.run(3, mesh=make_mesh())
+    if pid == 0:
+        keys = sorted(k for k in result.history[-1] if not k.startswith("time/"))
+        np.savez(out, **{k: np.array([h[k] for h in result.history]) for k in keys})
+    multihost_utils.sync_global_devices("done")
+    sys.exit(0)
+fsdp = mode == "1"
+tx = optax.adam(1e-2)
+mesh = make_mesh()  # all 8 devices, both processes
+# committed to a local device, as loaded or unstacked params are (plain device_put
+# cannot place those on a mesh spanning other processes)
+local = jax.local_devices()[0]
+state = TrainState.create(jax.device_put(t.make_params(), local), tx, seed=3)
+ref = jax.device_put(t.make_params(1), local)
+trainer = Trainer(t.PPO_CFG, t.bigram_logits, tx, state, ref, mesh=mesh, fsdp=fsdp)
+state, ref = trainer.place_state(state), trainer.place_ref(ref)
+half = t.B // 2
+for s in range(2):
+    batch = t.make_rollouts(seed=s)
+    rows = local_rows(mesh, t.B)
+    assert rows == slice(pid * half, (pid + 1) * half)
+    local = jax.tree.map(lambda x: np.asarray(x)[rows], batch)
+    state, metrics = trainer(state, local, ref)
+params = multihost_utils.process_allgather(state.params, tiled=True)
+metrics = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in metrics.items()}
+if pid == 0:
+    np.savez(out, w=np.asarray(params["w"]), step=int(multihost_utils.process_allgather(state.step, tiled=True)),
+             **{f"m_{k}": v for k, v in metrics.items()})
+multihost_utils.sync_global_devices("done")
