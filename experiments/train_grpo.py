@@ -4,11 +4,10 @@
     python experiments/train_grpo.py --config experiments/configs/grpo_paper.json --out runs/health \
         --set model=/models/Qwen3-8B-Base --set train=data/health_train.jsonl
 
-Rerunning with the same --out resumes from the latest checkpoint. Multi-host: the
-update and rubrax.rl.loop.train() run across hosts after `jax.distributed.initialize()`
-(tested with two CPU processes), but train() cannot checkpoint there yet, so this
-script (which always writes --out) is single-host. Logic lives in rubrax.rl.recipe /
-rubrax.rl.loop.
+Rerunning with the same --out resumes from the latest checkpoint. Multi-host: call
+with the same arguments on every host after `jax.distributed.initialize()`, with --out
+on a filesystem all hosts see (train() across two processes, stopped and resumed, is
+tested to equal one process). Logic lives in rubrax.rl.recipe / rubrax.rl.loop.
 """
 
 import sys

@@ -6,8 +6,9 @@
 Update: the same two updates as test_rl_step._run on a mesh spanning both processes
 (gloo collectives over 127.0.0.1), each process feeding only its own half of every
 batch (its `local_rows`); process 0 writes the final params and metrics to OUT.npz.
-Loop: test_rl_loop.run(3) (sampling, rewards, updates) on the same two-process mesh;
-process 0 writes the metric history.
+Loop: test_rl_loop.run (sampling, rewards, updates) on the same two-process mesh, stopped
+after 2 of 3 steps and resumed from its checkpoint; process 0 writes the final params
+(the metrics are in OUT's folder, run/metrics.jsonl, written by process 0 alone).
 """
 
 import os
@@ -34,12 +35,19 @@ from rubrax.rl.step import Trainer, local_rows, make_mesh  # noqa: E402
 
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 if mode == "loop":
+    # Stopped after 2 of 3 steps (checkpoint in a directory both processes share), then
+    # resumed from it: orbax multi-process save/restore + the pre-sampled batch.
     import test_rl_loop
 
-    result = test_rl_loop.run(3, mesh=make_mesh())
+    run_dir = os.path.join(os.path.dirname(out), "run")
+    kw = dict(mesh=make_mesh(), rl=test_rl_loop.RLConfig(group_size=test_rl_loop.G, kl_coef=0.05), out_dir=run_dir,
+              checkpoint_every=1, overlap="one_step_off_policy")
+    first = test_rl_loop.run(3, stop_after=2, **kw)
+    resumed = test_rl_loop.run(3, **kw)
+    assert [h["step"] for h in resumed.history] == [2], resumed.history
+    params = multihost_utils.process_allgather(resumed.state.params, tiled=True)
     if pid == 0:
-        keys = sorted(k for k in result.history[-1] if not k.startswith("time/"))
-        np.savez(out, **{k: np.array([h[k] for h in result.history]) for k in keys})
+        np.savez(out, **{f"p{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))})
     multihost_utils.sync_global_devices("done")
     sys.exit(0)
 fsdp = mode == "1"

@@ -26,6 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="override loop.total_steps")
     p.add_argument("--stop-after", type=int, default=None, help="stop this invocation after that many total steps")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: jax.distributed.initialize() first (cluster auto-detection: SLURM, Open MPI, "
+                        "TPU pods, ...; or --coordinator/--num-processes/--process-id)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="with --distributed: process 0's address")
+    p.add_argument("--num-processes", type=int, default=None, help="with --distributed")
+    p.add_argument("--process-id", type=int, default=None, help="with --distributed")
 
 
 def register(subparsers: Any) -> None:
@@ -64,6 +70,11 @@ def apply_overrides(config: dict[str, Any], sets: Sequence[str]) -> dict[str, An
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "distributed", False):
+        import jax
+
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
     from rubrax.rl.recipe import parse_recipe, run_recipe
 
     with open(args.config, encoding="utf-8") as f:

@@ -401,13 +401,14 @@ class _Logger:
         from tqdm.auto import tqdm
 
         self.writer = None
-        if loop.out_dir:
+        primary = jax.process_index() == 0  # multi-host: one process writes metrics / W&B
+        if loop.out_dir and primary:
             from rubrax.train.metrics import MetricsWriter
 
             tb = os.path.join(loop.out_dir, "tb") if loop.tensorboard else None
             self.writer = MetricsWriter(os.path.join(loop.out_dir, "metrics.jsonl"), tensorboard_dir=tb)
         self.wandb = None
-        if loop.wandb_project:
+        if loop.wandb_project and primary:
             try:
                 import wandb
             except ImportError:
@@ -501,10 +502,6 @@ def train(
 
     if sample.n != rl.group_size:
         raise ValueError(f"SampleConfig.n={sample.n} must equal RLConfig.group_size={rl.group_size}")
-    if jax.process_count() > 1 and loop.out_dir:
-        raise NotImplementedError(
-            "multi-host train() cannot write out_dir yet (checkpoints are saved from host copies on one "
-            "process); run it with out_dir=None (metrics stay in TrainResult.history) or on one host")
     if loop.overlap == "one_step_off_policy" and rl.behaviour_logprobs != "sampler":
         raise ValueError("overlap='one_step_off_policy' needs rl.behaviour_logprobs='sampler' (stale rollouts)")
     data = prompts if isinstance(prompts, PromptSet) else load_prompts(
@@ -575,12 +572,14 @@ def train(
             if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end:
                 if ckpt_dir:
                     flush()
-                    if pending is not None:
+                    if pending is not None and jax.process_index() == 0:  # identical on every host
                         os.makedirs(pending_dir, exist_ok=True)
                         pending.to_npz(os.path.join(pending_dir, f"{done}.npz"))
                     checkpoint.save(ckpt_dir, done, state, {"step": done, "config": dict(run_config or {})},
                                     max_to_keep=loop.keep_checkpoints, overwrite=True)
-                    _prune_pending(pending_dir, checkpoint.all_steps(ckpt_dir))
+                    kept = checkpoint.all_steps(ckpt_dir)  # every process: orbax syncs them
+                    if jax.process_index() == 0:
+                        _prune_pending(pending_dir, kept)
             if eval_hooks and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.total_steps):
                 flush()
                 scores = {}

@@ -67,8 +67,12 @@ def save(
     if step < 0:
         raise ValueError(f"checkpoint step must be >= 0, got {step}")
     extra = _jsonable(dict(extra or {}))
-    # Host copies: orbax would otherwise keep references to donated device buffers.
-    pytree = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, pytree)
+    if jax.process_count() == 1:
+        # Host copies: orbax would otherwise keep references to donated device buffers.
+        pytree = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, pytree)
+    # Multi-host: arrays span other processes' devices, so each process hands orbax its
+    # global arrays and writes its own shards (ckpt_dir must be on a shared filesystem);
+    # the save is synchronous, so nothing is read after the next step donates them.
     with _manager(ckpt_dir, max_to_keep) as mngr:
         if step in mngr.all_steps():
             if not overwrite:
