@@ -38,13 +38,23 @@ if mode == "loop":
     # Stopped after 2 of 3 steps (checkpoint in a directory both processes share), then
     # resumed from it: orbax multi-process save/restore + the pre-sampled batch.
     import test_rl_loop
+    from rubrax.rl.toy import TargetWordReward
+
+    class Counting(TargetWordReward):
+        scored = 0
+
+        def __call__(self, prompts, completions, **columns):
+            Counting.scored += len(completions)
+            return super().__call__(prompts, completions, **columns)
 
     run_dir = os.path.join(os.path.dirname(out), "run")
     kw = dict(mesh=make_mesh(), rl=test_rl_loop.RLConfig(group_size=test_rl_loop.G, kl_coef=0.05), out_dir=run_dir,
-              checkpoint_every=1, overlap="one_step_off_policy")
+              checkpoint_every=1, overlap="one_step_off_policy", reward=Counting(target="yes"))
     first = test_rl_loop.run(3, stop_after=2, **kw)
     resumed = test_rl_loop.run(3, **kw)
     assert [h["step"] for h in resumed.history] == [2], resumed.history
+    # each host scored only the rows it feeds (4 prompts x G per step, half each), 3 steps
+    assert Counting.scored == 3 * 4 * test_rl_loop.G // 2, Counting.scored
     params = multihost_utils.process_allgather(resumed.state.params, tiled=True)
     if pid == 0:
         np.savez(out, **{f"p{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))})

@@ -372,6 +372,26 @@ class RewardRunner:
         self._loop.close()
 
 
+def _scored_rows(mesh, rows: int, group_size: int) -> slice:
+    """The rollouts this process scores: all of them on one host; on several, only the
+    rows it feeds to the update (`local_rows`), so judge calls are not repeated per host,
+    unless that block would split a group (group-aware rewards see whole groups)."""
+    if jax.process_count() == 1:
+        return slice(None)
+    mine = local_rows(mesh, rows)
+    if mine.start % group_size or (mine.stop - mine.start) % group_size:
+        return slice(None)
+    return mine
+
+
+def _sum_over_hosts(counts: dict[str, int]) -> dict[str, int]:
+    from jax.experimental import multihost_utils
+
+    keys = sorted(counts)
+    totals = multihost_utils.process_allgather(np.asarray([counts[k] for k in keys], np.int64)).sum(axis=0)
+    return {k: int(v) for k, v in zip(keys, totals)}
+
+
 def reward_inputs(prompts: PromptSet, ro: Rollouts, group_size: int):
     """(prompt texts, completions, columns) with every per-prompt field repeated G times."""
     rows = np.repeat(ro.indices, group_size)
@@ -550,7 +570,9 @@ def train(
             t0 = time.perf_counter()
             ro = pending if pending is not None else sampler(step, state.params)
             t_sample = time.perf_counter() - t0
-            future = runner.submit(*reward_inputs(data, ro, rl.group_size))
+            texts, completions, columns = reward_inputs(data, ro, rl.group_size)
+            mine = _scored_rows(trainer.mesh, len(completions), rl.group_size)
+            future = runner.submit(texts[mine], completions[mine], {k: v[mine] for k, v in columns.items()})
             pending = None
             if loop.overlap == "one_step_off_policy" and step + 1 < loop.total_steps:
                 pending = sampler(step + 1, state.params)  # overlaps with the judges
@@ -558,8 +580,12 @@ def train(
             rewards, counts = future.result()
             t_reward = time.perf_counter() - t1
             flush()
-            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, rewards.scores,
-                               rewards.valid, group_size=rl.group_size)
+            scores, valid = np.zeros(len(completions), np.float32), np.zeros(len(completions), bool)
+            scores[mine], valid[mine] = rewards.scores, rewards.valid  # other hosts' rows: never fed
+            if jax.process_count() > 1 and mine != slice(None):
+                counts = _sum_over_hosts(counts)
+            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, scores, valid,
+                               group_size=rl.group_size)
             if jax.process_count() > 1:  # every host holds all rollouts; it feeds its own rows
                 batch = jax.tree.map(lambda x: x[local_rows(trainer.mesh, len(x))], batch)
             release_host_memory()  # sampling's freed buffers, before the update's peak
