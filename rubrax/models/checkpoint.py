@@ -258,7 +258,6 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfi
                 stacked = np.empty((config.num_hidden_layers,) + value.shape, value.dtype)
             stacked[i] = value
         _set(params.setdefault("layers", {}), path, jnp.asarray(stacked, pdt))
-        del stacked
     return params
 
 

@@ -372,16 +372,16 @@ class RewardRunner:
         self._loop.close()
 
 
-def _scored_rows(mesh, rows: int, group_size: int) -> slice:
-    """The rollouts this process scores: all of them on one host; on several, only the
-    rows it feeds to the update (`local_rows`), so judge calls are not repeated per host,
-    unless that block would split a group (group-aware rewards see whole groups)."""
+def _fed_and_scored_rows(mesh, rows: int, group_size: int) -> tuple[slice, slice]:
+    """(rows this process feeds to the update, rows it scores). One host: all, all.
+    Several: its own rows (`local_rows`) for both, so judge calls are not repeated per
+    host, unless that block would split a group (group-aware rewards see whole groups:
+    then it scores all rows)."""
     if jax.process_count() == 1:
-        return slice(None)
-    mine = local_rows(mesh, rows)
-    if mine.start % group_size or (mine.stop - mine.start) % group_size:
-        return slice(None)
-    return mine
+        return slice(None), slice(None)
+    fed = local_rows(mesh, rows)
+    whole_groups = fed.start % group_size == 0 and (fed.stop - fed.start) % group_size == 0
+    return fed, fed if whole_groups else slice(None)
 
 
 def _sum_over_hosts(counts: dict[str, int]) -> dict[str, int]:
@@ -571,7 +571,7 @@ def train(
             ro = pending if pending is not None else sampler(step, state.params)
             t_sample = time.perf_counter() - t0
             texts, completions, columns = reward_inputs(data, ro, rl.group_size)
-            mine = _scored_rows(trainer.mesh, len(completions), rl.group_size)
+            fed, mine = _fed_and_scored_rows(trainer.mesh, len(completions), rl.group_size)
             future = runner.submit(texts[mine], completions[mine], {k: v[mine] for k, v in columns.items()})
             pending = None
             if loop.overlap == "one_step_off_policy" and step + 1 < loop.total_steps:
@@ -582,12 +582,12 @@ def train(
             flush()
             scores, valid = np.zeros(len(completions), np.float32), np.zeros(len(completions), bool)
             scores[mine], valid[mine] = rewards.scores, rewards.valid  # other hosts' rows: never fed
-            if jax.process_count() > 1 and mine != slice(None):
+            if mine != slice(None):
                 counts = _sum_over_hosts(counts)
             batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, scores, valid,
                                group_size=rl.group_size)
-            if jax.process_count() > 1:  # every host holds all rollouts; it feeds its own rows
-                batch = jax.tree.map(lambda x: x[local_rows(trainer.mesh, len(x))], batch)
+            if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
+                batch = jax.tree.map(lambda x: x[fed], batch)
             release_host_memory()  # sampling's freed buffers, before the update's peak
             t2 = time.perf_counter()
             state, metrics = trainer(state, batch, ref)
