@@ -24,9 +24,25 @@ Aggregation of a per-token quantity x_it over the mask m_it of one (mini)batch:
     "sequence"  mean_i [sum_t m x / sum_t m]          (original GRPO: per-sample mean first)
     "dr_grpo"   sum_it m x / (N_seq * T_max)          (Dr. GRPO: no length normalisation)
 
+with T_max the completion budget C (max new tokens: a constant, whatever the prompt width).
 The denominators can be passed in explicitly so that micro-batches of one minibatch
 sum exactly to the minibatch loss (gradient accumulation is then exact).
 All functions are pure jnp, float32, mask-aware.
+
+Against TRL (GRPOTrainer._compute_loss, trl 1.16; tests/test_trl_parity.py feeds both the
+same per-token logprobs, masks and advantages): "token" = TRL's bnpo and dapo, "sequence"
+= grpo, "dr_grpo" = dr_grpo (max_completion_length = C), clip_low / clip_high = epsilon_low
+/ epsilon_high, k3 = TRL's KL; loss and gradient agree to float32 rounding. Differences
+that remain, by design:
+ - KL weighting: TRL multiplies the per-token k3 by the (differentiable) importance ratio
+   by default (`use_bias_correction_kl=True`), which changes the KL gradient even on policy
+   (its value there is 1, its derivative is not 0). rubrax does not, unless
+   RLConfig.kl_importance_weighted=True (then it matches TRL's default).
+ - Empty completions: N_seq counts rows with at least one completion token; TRL's grpo and
+   dr_grpo divide by all B rows, so with e empty rows TRL's loss is (B - e) / B of ours.
+ - Invalid samples (valid=False: the judge failed) leave every term and every divisor
+   (N_seq, token count); TRL has no such rows (a failed reward is NaN in its advantages,
+   and the row still counts in its divisors).
 """
 
 from __future__ import annotations
