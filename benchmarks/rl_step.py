@@ -58,7 +58,7 @@ def run_rubrax(args) -> dict:
     from rubrax.policy import SampleConfig
     from rubrax.rewards.base import as_reward_fn
     from rubrax.rl.batch import make_batch
-    from rubrax.rl.loop import LoopConfig, _layout
+    from rubrax.rl.loop import LoopConfig, arrange_layers
     from rubrax.rl.prompts import load_prompts
     from rubrax.rl.reward_runner import reward_inputs
     from rubrax.rl.rollouts import RolloutSampler
@@ -75,7 +75,7 @@ def run_rubrax(args) -> dict:
         params = models.init_params(config, jax.random.PRNGKey(0))
     else:
         params, config = models.load_pretrained(path)
-    params = _layout(params, "auto")  # what train() does: per-layer buffers on CPU
+    params = arrange_layers(params, "auto")  # what train() does: per-layer buffers on CPU
     P, G, L = args.prompts, args.group, args.new_tokens
     records = [{"prompt": PROMPTS[i % len(PROMPTS)]} for i in range(P * (args.iters + 1))]
     prompts = load_prompts(records, tok, max_prompt_tokens=args.prompt_tokens, chat_template=False)

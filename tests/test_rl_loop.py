@@ -232,13 +232,13 @@ def test_loop_on_eight_devices_equals_one_device():
     assert_same_run(one, eight)
 
 
-def test_stacked_and_unstacked_layer_layouts_train_alike():
-    """LoopConfig.layer_layout: the scan over stacked layers and the unrolled per-layer
+def test_scan_and_unrolled_layer_loops_train_alike():
+    """LoopConfig.layer_loop: the scan over stacked layers and the unrolled per-layer
     layout (the CPU default) give the same run; the result keeps its layout."""
     from rubrax.models import is_unstacked, stack_layers
 
     rl = RLConfig(group_size=G, kl_coef=0.05)
-    a = run(2, rl=rl, layer_layout="stacked")
-    b = run(2, rl=rl, layer_layout="unstacked")
+    a = run(2, rl=rl, layer_loop="scan")
+    b = run(2, rl=rl, layer_loop="unrolled")
     assert not is_unstacked(a.state.params) and is_unstacked(b.state.params)
     assert_same_run(a, b, params_b=stack_layers(b.state.params))

@@ -89,11 +89,13 @@ class LoopConfig:
         rerun with the same out_dir to continue). None = run to total_steps.
     reward_chunk_size: rows per reward call (default one group); reward_timeout_s per call.
     num_devices: the first that many devices form the data mesh (None = all, all hosts).
-    layer_layout: "stacked" (layers under a scan), "unstacked" (per-layer buffers, an
-        unrolled loop: on CPU the update's backward is ~1.3x faster and sampling reads each
-        layer in place instead of splitting the weights every step) or "auto" (unstacked on
-        the CPU backend). Only for rubrax.models params (the default logits_fn); the
-        state, checkpoints and result keep that layout (save_pretrained takes either).
+    layer_loop: how the layers run, the vocabulary of SampleConfig.layer_loop: "scan"
+        (stacked [L, ...] params under a scan: one compiled layer body, the accelerator
+        choice), "unrolled" (per-layer buffers, `rubrax.models.unstack_layers`, an unrolled
+        loop: on CPU the update's backward is ~1.3x faster and sampling reads each layer in
+        place instead of splitting the weights every step) or "auto" (unrolled on the CPU
+        backend, scan elsewhere). Only for rubrax.models params (the default logits_fn);
+        the state, checkpoints and result keep that layout (save_pretrained takes either).
     checkpoint_every / eval_every: 0 = only at the end / never (besides the end).
     """
 
@@ -113,7 +115,7 @@ class LoopConfig:
     chat_template: bool = True
     prompt_field: str = "prompt"
     fsdp: bool = False
-    layer_layout: str = "auto"
+    layer_loop: str = "auto"
     num_devices: int | None = None
     progress: bool = True
     tensorboard: bool = True
@@ -132,8 +134,8 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.reward_timeout_s must be > 0 or None, got {self.reward_timeout_s}")
         if self.prompt_bucket is not None and (not isinstance(self.prompt_bucket, int) or self.prompt_bucket < 1):
             raise ValueError(f"LoopConfig.prompt_bucket must be a positive int or None, got {self.prompt_bucket!r}")
-        if self.layer_layout not in ("auto", "stacked", "unstacked"):
-            raise ValueError(f"LoopConfig.layer_layout must be 'auto', 'stacked' or 'unstacked', got {self.layer_layout!r}")
+        if self.layer_loop not in ("auto", "scan", "unrolled"):
+            raise ValueError(f"LoopConfig.layer_loop must be 'auto', 'scan' or 'unrolled', got {self.layer_loop!r}")
         if self.reward_chunk_size is not None and self.reward_chunk_size < 1:
             raise ValueError(f"LoopConfig.reward_chunk_size must be >= 1, got {self.reward_chunk_size}")
         if self.num_devices is not None and self.num_devices < 1:
@@ -155,13 +157,13 @@ class TrainResult:
     trainer: Trainer
 
 
-def _layout(params: Any, layout: str) -> Any:
-    """rubrax.models params in the requested layer layout (see LoopConfig.layer_layout)."""
+def arrange_layers(params: Any, layer_loop: str) -> Any:
+    """rubrax.models params stacked for "scan" or split for "unrolled" (see LoopConfig.layer_loop)."""
     from rubrax.models import llama
 
     if not isinstance(params, dict) or "layers" not in params:
         return params
-    if layout == "unstacked" or (layout == "auto" and jax.default_backend() == "cpu"):
+    if layer_loop == "unrolled" or (layer_loop == "auto" and jax.default_backend() == "cpu"):
         return llama.unstack_layers(params)
     return llama.stack_layers(params)
 
@@ -279,8 +281,8 @@ def _check_settings(rl: RLConfig, sample: Any, loop: LoopConfig) -> None:
 def _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh) -> tuple[Trainer, TrainState, Any]:
     """(trainer, placed state, placed reference) of a fresh run."""
     if logits_fn is None:
-        params = _layout(params, loop.layer_layout)
-        ref_params = None if ref_params is None else _layout(ref_params, loop.layer_layout)
+        params = arrange_layers(params, loop.layer_loop)
+        ref_params = None if ref_params is None else arrange_layers(ref_params, loop.layer_loop)
     # The reference is the caller's params themselves (no copy, unless the layout changed):
     # the TrainState gets its own copy (Trainer.place_state never aliases), so donation
     # never touches them.
