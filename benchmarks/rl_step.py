@@ -82,7 +82,7 @@ def run_rubrax(args) -> dict:
     rl = RLConfig(group_size=G, kl_coef=0.01, loss_aggregation="token")
     sample = SampleConfig(max_new_tokens=L, n=G, stop_token_ids=(), prompt_bucket=args.prompt_bucket)
     loop = LoopConfig(total_steps=args.iters + 1, prompts_per_step=P, max_prompt_tokens=args.prompt_tokens,
-                      prompt_bucket=args.prompt_bucket, progress=False)
+                      trim_prompts=True, progress=False)
     tx = make_optimizer(OptimConfig(learning_rate=1e-6, schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0), loop.total_steps)
     state = TrainState.create(params, tx, seed=0)
     ref = params  # the state gets its own copy; the reference shares the loaded buffers (as in train())

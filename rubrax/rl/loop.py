@@ -9,8 +9,9 @@ One step k:
     `default_rng([seed, e])`, so the records of step k depend only on k and the seed);
     tokenised once at start-up (chat template by default), left-padded to the fixed
     width `max_prompt_tokens` so every batch has the same shape (one compilation), or,
-    with `prompt_bucket`, to the batch's longest prompt rounded up to that multiple
-    (one compilation per width; short prompts then cost no padded compute);
+    with `trim_prompts`, to the batch's longest prompt rounded up to a multiple of
+    SampleConfig.prompt_bucket (one compilation per width; short prompts then cost no
+    padded compute);
  2. rollouts (rubrax.rl.rollouts): `rubrax.policy.sample` draws G = rl.group_size completions per prompt
     with key fold_in(fold_in(root, k), SAMPLE_STREAM);
  3. rewards (rubrax.rl.reward_runner): the reward function's async form, called concurrently on chunks of
@@ -82,9 +83,10 @@ class LoopConfig:
     total_steps: RL iterations of the whole run (fixes the LR schedule).
     prompts_per_step: P prompts per iteration (x rl.group_size samples).
     max_prompt_tokens: fixed prompt width; longer prompts are skipped at load time (counted).
-    prompt_bucket: None keeps every batch at max_prompt_tokens wide; an int b trims each
-        batch's prompt block to its longest prompt rounded up to a multiple of b (the
-        update compiles once per distinct width; the samples are the same either way).
+    trim_prompts: False keeps every batch at max_prompt_tokens wide; True trims each
+        batch's prompt block to its longest prompt rounded up to a multiple of the
+        sampler's SampleConfig.prompt_bucket (the one bucket setting: the update compiles
+        once per distinct width; the samples are the same either way).
     stop_after: end this invocation after that many total steps (pre-emptible jobs;
         rerun with the same out_dir to continue). None = run to total_steps.
     reward_chunk_size: rows per reward call (default one group); reward_timeout_s per call.
@@ -102,7 +104,7 @@ class LoopConfig:
     total_steps: int
     prompts_per_step: int
     max_prompt_tokens: int = 512
-    prompt_bucket: int | None = None
+    trim_prompts: bool = False
     seed: int = 0
     overlap: str = "sync"
     reward_timeout_s: float | None = 600.0
@@ -132,8 +134,6 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.overlap must be one of {OVERLAP_MODES}, got {self.overlap!r}")
         if self.reward_timeout_s is not None and not self.reward_timeout_s > 0:
             raise ValueError(f"LoopConfig.reward_timeout_s must be > 0 or None, got {self.reward_timeout_s}")
-        if self.prompt_bucket is not None and (not isinstance(self.prompt_bucket, int) or self.prompt_bucket < 1):
-            raise ValueError(f"LoopConfig.prompt_bucket must be a positive int or None, got {self.prompt_bucket!r}")
         if self.layer_loop not in ("auto", "scan", "unrolled"):
             raise ValueError(f"LoopConfig.layer_loop must be 'auto', 'scan' or 'unrolled', got {self.layer_loop!r}")
         if self.reward_chunk_size is not None and self.reward_chunk_size < 1:
@@ -233,7 +233,7 @@ def train(
     end = min(loop.total_steps, loop.stop_after or loop.total_steps)
     sampler = RolloutSampler(data, tokenizer, model_config, sample, np.asarray(jax.device_get(state.key)),
                              prompts_per_step=loop.prompts_per_step, max_prompt_tokens=loop.max_prompt_tokens,
-                             prompt_bucket=loop.prompt_bucket, seed=loop.seed)
+                             prompt_bucket=sample.prompt_bucket if loop.trim_prompts else None, seed=loop.seed)
     runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=loop.reward_chunk_size or rl.group_size)
     logger = RunLogger(loop, start, run_config)
     # CPU only, and only for models whose transients are worth it: a trim costs ~30 ms.
