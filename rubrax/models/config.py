@@ -163,3 +163,30 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+_QWEN3 = dict(model_type="qwen3", qk_norm=True, head_dim=128, vocab_size=151936, rope_theta=1e6,
+              rms_norm_eps=1e-6, max_position_embeddings=40960, num_key_value_heads=8,
+              bos_token_id=None, eos_token_id=151643, pad_token_id=151643)
+# Architectures by name, for planning and benchmarking without a checkpoint (random or no
+# weights): the config.json fields of the public models.
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=False),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         rms_norm_eps=1e-5, rope_theta=1e5, tie_word_embeddings=True,
+                         max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+}
+
+
+def shape_config(name: str, **overrides) -> ModelConfig:
+    """ModelConfig of a named architecture (`SHAPES`), e.g. shape_config("qwen3-8b",
+    dtype="bfloat16")."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; expected one of {sorted(SHAPES)}")
+    return ModelConfig(**{**SHAPES[name], **overrides})
