@@ -5,7 +5,8 @@ batches endpoints (create, retrieve) that `rubrax.elicit.client` uses. Nothing l
 the machine.
 
 Scripting:
-- `responder(body) -> str`: the assistant text for a request. The default
+- `responder(body) -> str`: the assistant text for a request (or a tuple
+  (text, finish_reason), e.g. "length" for a reply cut at max_tokens). The default
   (`auto_responder`) understands rubrax's prompt templates: the verifier says "yes" to a
   criterion containing a double-quoted word iff the response contains that word
   (case-insensitive), the proposer writes `Mentions "<word>"` criteria, the judge prefers
@@ -124,13 +125,13 @@ class Fault:
         return h % 10_000 < self.rate * 10_000
 
 
-def completion(content: str, model: str, prompt_chars: int) -> dict[str, Any]:
+def completion(content: str, model: str, prompt_chars: int, finish_reason: str = "stop") -> dict[str, Any]:
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": 0,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": prompt_chars // 4 + 1, "completion_tokens": len(content) // 4 + 1, "total_tokens": prompt_chars // 4 + len(content) // 4 + 2},
     }
 
@@ -196,14 +197,16 @@ class FakeOpenAIServer:
                     self.status[resp.status] += 1
                     return resp
                 break
-        content = self.responder(body)
+        content, finish = self.responder(body), "stop"
+        if isinstance(content, tuple):
+            content, finish = content
         for fault in self.faults:
             if seen < fault.attempts and fault.hits(key):
                 content = self._corrupt(fault, content)
         self.status[200] += 1
         self.ok += 1
         self.ok_keys[key] += 1
-        return web.json_response(completion(content, body.get("model", "?"), size))
+        return web.json_response(completion(content, body.get("model", "?"), size, finish))
 
     async def _fault(self, fault: Fault, body: dict[str, Any]) -> web.StreamResponse | None:
         if fault.kind == "429":

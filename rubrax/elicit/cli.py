@@ -108,6 +108,8 @@ async def _propose(args: argparse.Namespace) -> int:
         job = await propose_rubrics(prompts, proposer, args.out, workers=_workers(args), progress=not args.no_progress)
         for pid, reason in proposer.failures[:10]:
             print(f"  proposal failed for {pid}: {reason}", file=sys.stderr)
+        for pid, reason in proposer.warnings[:10]:
+            print(f"  proposal for {pid} kept with: {reason}", file=sys.stderr)
         print_summary("rubrics propose", job.line(), client)
     return 0
 
