@@ -10,7 +10,8 @@ Scripting:
   (`auto_responder`) understands rubrax's prompt templates: the verifier says "yes" to a
   criterion containing a double-quoted word iff the response contains that word
   (case-insensitive), the proposer writes `Mentions "<word>"` criteria, the judge prefers
-  the response with more distinct words.
+  the response with more distinct words; any other request with a `seed` (rubrax
+  generate) gets `generated_answer`: some prompt words and filler, by model and seed.
 - `latency`: seconds slept before answering each chat request.
 - `faults`: a list of `Fault(kind, rate, attempts, ...)`. Whether a request is hit is
   decided by the hash of its body (deterministic under any concurrency); a hit request
@@ -109,7 +110,20 @@ def auto_responder(body: dict[str, Any]) -> str:
         n1 = len(set(_words(_block(user, "response_1") or "")))
         n2 = len(set(_words(_block(user, "response_2") or "")))
         return json.dumps({"winner": 1 if n1 >= n2 else 2})
+    if "seed" in body:  # a sampled answer (rubrax generate): varies with the model and the seed
+        return generated_answer(user, body.get("model", "?"), int(body["seed"]))
     return "I do not understand."
+
+
+FILLER = ("indeed", "perhaps", "notably", "clearly", "briefly", "overall", "however", "moreover", "thus", "finally")
+
+
+def generated_answer(prompt: str, model: str, seed: int) -> str:
+    """Some of the prompt's words and some filler, chosen by a hash of (model, seed, prompt)."""
+    h = hashlib.sha256(f"{model}\0{seed}\0{prompt}".encode()).digest()
+    words = list(dict.fromkeys(_words(prompt)))
+    kept = [w for i, w in enumerate(words) if h[i % len(h)] % 3]
+    return " ".join(kept + [FILLER[b % len(FILLER)] for b in h[: 1 + h[0] % 4]])
 
 
 @dataclasses.dataclass
