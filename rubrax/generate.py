@@ -306,7 +306,8 @@ async def _endpoints_cli(args: Any, prompts: list[tuple[str, str]], cfg: Generat
 
     async with AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(ChatClient(client_config(args, m))) for m in dict.fromkeys(args.model)]
-        summary = await generate_from_endpoints(prompts, clients, args.out, cfg, workers=args.workers or 2 * args.concurrency,
+        # each endpoint has its own `concurrency` requests in flight: enough workers to fill them all
+        summary = await generate_from_endpoints(prompts, clients, args.out, cfg, workers=args.workers or 2 * args.concurrency * len(clients),
                                                 progress=not args.no_progress)
         print_summary("generate", summary.line(), *clients)
     return 0 if summary.done == summary.items else 1
