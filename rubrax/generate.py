@@ -99,13 +99,18 @@ def _finish(sink: Any, summary: GenerateSummary, order: list[tuple[str, str]]) -
 
 
 async def generate_from_endpoints(prompts: Sequence[tuple[str, str]], clients: Sequence[Any], out_path: str | os.PathLike,
-                                  cfg: GenerateConfig, *, workers: int = 64, progress: bool = True) -> GenerateSummary:
-    """cfg.n responses of every client's model to every (prompt_id, prompt), into `out_path`."""
+                                  cfg: GenerateConfig, *, workers: int = 64, progress: bool = True,
+                                  n_per_client: Sequence[int] | None = None) -> GenerateSummary:
+    """cfg.n (or n_per_client[j] for client j) responses of every client's model to every
+    (prompt_id, prompt), into `out_path`."""
     from rubrax.elicit.client import ChatError
     from rubrax.elicit.pipeline import progress_bar, run_workers
 
     sink = _sink(out_path)
-    items = [(pid, p, c, i) for pid, p in prompts for c in clients for i in range(cfg.n)]
+    ns = list(n_per_client) if n_per_client is not None else [cfg.n] * len(clients)
+    if len(ns) != len(clients):
+        raise ValueError(f"generate: {len(ns)} sample counts for {len(clients)} endpoints")
+    items = [(pid, p, c, i) for pid, p in prompts for c, n in zip(clients, ns) for i in range(n)]
     order = [(pid, response_id(c.config.model, i)) for pid, _, c, i in items]
     todo = [it for it, key in zip(items, order) if key not in sink.done]
     summary = GenerateSummary(items=len(items), resumed=len(items) - len(todo))
