@@ -182,7 +182,7 @@ def load_local_policy(spec: str | os.PathLike, step: int | None = None, *, name:
 
 
 def _batch_tokens(policy: LocalPolicy, cfg: GenerateConfig, batch: Sequence[tuple[str, str]], bucket: int) -> tuple[Any, Any]:
-    from rubrax.rl.loop import left_pad
+    from rubrax.rl.rollouts import left_pad
 
     rows = [policy.tokenizer.apply_chat_template(cfg.messages(p), add_generation_prompt=True) for _, p in batch]
     width = -(-max(len(r) for r in rows) // bucket) * bucket
@@ -198,8 +198,8 @@ def generate_from_policy(prompts: Sequence[tuple[str, str]], policy: LocalPolicy
     from jax.sharding import NamedSharding, PartitionSpec
 
     from rubrax import policy as sampling
-    from rubrax.rl.loop import decode_completion
-    from rubrax.rl.step import make_mesh
+    from rubrax.rl.rollouts import decode_completion
+    from rubrax.sharding import make_mesh
 
     sink = _sink(out_path)
     order = [(pid, response_id(policy.name, i)) for pid, _ in prompts for i in range(cfg.n)]

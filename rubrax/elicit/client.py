@@ -250,10 +250,27 @@ class ChatClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Closes the connections and the cache. From a loop other than the one the
+        connections were made on (a reward graded on a background loop, closed later),
+        their sockets are closed directly."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is not None and running is not self._loop:
+            self.close()
+            return
         if self._sdk_client is not None:
             await self._sdk_client.close()
         if self._session is not None:
             await self._session.close()
+        self._sdk_client = self._session = None
+        self.cache.close()
+
+    def close(self) -> None:
+        """Synchronous close, for when no event loop of the client's runs any more."""
+        _abandon(self._session)
+        self._session = self._sdk_client = None
         self.cache.close()
 
     # ------------------------------------------------------------------ requests
@@ -273,6 +290,8 @@ class ChatClient:
     async def chat_detailed(self, messages: Sequence[Mapping[str, str]], *, json_output: bool = False, **sampling: Any) -> Completion:
         """`chat` with the finish reason (a completion cut at max_tokens says "length")."""
         self._bind_loop()
+        if self.cache.closed:  # used again after close(): a second run with the same reward
+            self.cache = ResponseCache(self.config.cache_dir)
         body = self.body(messages, json_output=json_output, **sampling)
         data = canonical_json(body)
         key = hashlib.sha256(data).hexdigest()

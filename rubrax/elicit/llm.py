@@ -433,6 +433,9 @@ class LLMVerifier:
         self.templates = templates or Templates.load()
         self.temperature, self.max_tokens = temperature, max_tokens
 
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
     def _sampling(self, sample: int) -> dict[str, Any]:
         return {"temperature": self.temperature, "max_tokens": self.max_tokens, "seed": sample if sample else None}
 

@@ -233,12 +233,8 @@ def stage_grpo(ctx: Context) -> StageResult:
             continue
         recipe = grpo_recipe(ctx, arm)
         reward = build_reward(recipe.reward)
-        client = reward.verifier.client
-        try:
-            out = run_recipe(recipe, out_dir=os.fspath(run_dir), progress=ctx.progress, reward_fn=reward)
-        finally:
-            client.close()
-        result.clients.append(client)
+        out = run_recipe(recipe, out_dir=os.fspath(run_dir), progress=ctx.progress, reward_fn=reward)  # closes the reward
+        result.clients.append(reward.verifier.client)
         final = {k: v for k, v in out.history[-1].items() if k in ("step", "reward_mean", "kl", "reward_invalid")} if out.history else {}
         done.write_text(json.dumps({"steps": int(out.state.step), **final}) + "\n")
         result.info[arm.name] = json.loads(done.read_text())

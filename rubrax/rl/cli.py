@@ -83,14 +83,18 @@ def run(args: argparse.Namespace) -> int:
 
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
-    from rubrax.rl.recipe import parse_recipe, run_recipe
+    from rubrax.rl.recipe import build_reward, parse_recipe, reward_clients, run_recipe
 
     with open(args.config, encoding="utf-8") as f:
         config = apply_overrides(json.load(f), args.set)
     if args.steps is not None:
         config.setdefault("loop", {})["total_steps"] = args.steps
     recipe = parse_recipe(config, args.config)
-    result = run_recipe(recipe, out_dir=args.out, stop_after=args.stop_after, progress=False if args.no_progress else None)
+    reward = build_reward(recipe.reward)
+    result = run_recipe(recipe, out_dir=args.out, reward_fn=reward, stop_after=args.stop_after,
+                        progress=False if args.no_progress else None)
+    for client in reward_clients(reward):  # every endpoint the run used
+        print(f"rubrax rl train: {client.config.model}: {client.stats.summary()}", file=sys.stderr)
     final: dict[str, Any] = {"step": int(result.state.step)}
     for rec in result.history:
         final.update({k: v for k, v in rec.items() if k in ("reward_mean", "kl", "entropy", "reward_invalid") or k.startswith("eval/")})
