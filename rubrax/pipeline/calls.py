@@ -63,12 +63,25 @@ def _rl_steps(cfg: ExperimentConfig, n_train: int) -> tuple[int, int]:
     return int(steps), per_step * int(rl.get("group_size", 8))
 
 
+def _prompt_ids(path: str, n: int | None, split: str) -> list[str]:
+    """The file's prompt ids, or n placeholder ids when the file is not there yet."""
+    import os
+
+    from rubrax.data.rubrics import read_prompts
+
+    if os.path.exists(path):
+        return [pid for pid, _ in read_prompts(path)]
+    if n is None:
+        raise FileNotFoundError(f"{path} not found (give prompts.n_{split} for a dry run without it)")
+    return [f"{split}-{i}" for i in range(n)]
+
+
 def count_calls(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """One row per stage: {stage, calls: {role/model: n}, rl_steps?, note?}."""
-    from rubrax.data.rubrics import load_rubrics, read_prompts
+    from rubrax.data.rubrics import load_rubrics
 
-    train_ids = [pid for pid, _ in read_prompts(cfg.train_prompts)]
-    test_ids = [pid for pid, _ in read_prompts(cfg.test_prompts)]
+    train_ids = _prompt_ids(cfg.train_prompts, cfg.n_train, "train")
+    test_ids = _prompt_ids(cfg.test_prompts, cfg.n_test, "test")
     P, Q, A = len(train_ids), len(test_ids), len(cfg.arms)
     rows = []
     pools: dict[str, int] = {}

@@ -17,7 +17,8 @@
       "healthbench": null                                              # or a HealthBench rubrics file
     }
 
-"pairs" is the number of RTD rounds (one pair of responses per round, used pairs dropped).
+"prompts" may also give "n_train" / "n_test": the prompt counts `--dry-run` uses when the
+files are not there yet. "pairs" is the number of RTD rounds (one pair of responses per round, used pairs dropped).
 "grpo" is a `rubrax rl train` recipe without "train"/"eval"/"reward" (the experiment fills
 them: the train prompts and the arm's rubric reward). Relative paths are relative to the
 config file. Keys starting with "_" are comments; unknown keys are errors naming the file
@@ -100,6 +101,8 @@ class ExperimentConfig:
     raw: Mapping[str, Any]
     train_prompts: str
     test_prompts: str
+    n_train: int | None = None  # --dry-run only, when the prompt files are absent
+    n_test: int | None = None
     proposer: Endpoint
     proposer_temperature: float
     proposer_max_tokens: int | None
@@ -203,7 +206,10 @@ def parse_config(raw: Mapping[str, Any], source: str = "<config>") -> Experiment
     for key in ("prompts", "proposer", "verifier", "judge", "pools", "arms", "grpo"):
         if key not in cfg:
             raise ConfigError(source, key, "missing")
-    prompts = _check_keys(cfg["prompts"], ("train", "test"), source, "prompts")
+    prompts = _check_keys(cfg["prompts"], ("train", "test", "n_train", "n_test"), source, "prompts")
+    for key in ("n_train", "n_test"):
+        if key in prompts and (not isinstance(prompts[key], int) or prompts[key] < 1):
+            raise ConfigError(source, f"prompts.{key}", f"must be a positive int, got {prompts[key]!r}")
     defaults = _check_keys(cfg.get("endpoint", {}), _CLIENT_FIELDS, source, "endpoint")
     proposer, p_extra = _endpoint(cfg["proposer"], defaults, source, "proposer", ("temperature", "max_tokens"))
     verifier, v_extra = _endpoint(cfg["verifier"], defaults, source, "verifier", ("mode",))
@@ -228,6 +234,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "<config>") -> Experiment
         source=source, raw=json.loads(json.dumps(cfg)),
         train_prompts=_path(prompts.get("train"), base, source, "prompts.train"),
         test_prompts=_path(prompts.get("test"), base, source, "prompts.test"),
+        n_train=prompts.get("n_train"), n_test=prompts.get("n_test"),
         proposer=proposer, proposer_temperature=float(p_extra.get("temperature", 0.0)), proposer_max_tokens=p_extra.get("max_tokens"),
         verifier=verifier, verifier_mode=v_extra.get("mode", "all"), judge=judge,
         sampling={"temperature": 1.0, "top_p": 0.95, "max_tokens": None, **sampling},

@@ -18,6 +18,7 @@ metrics. It must not hold arrays.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -167,7 +168,13 @@ def restore_item(ckpt_dir: str | os.PathLike, name: str, step: int | None = None
         step = latest_step(ckpt_dir)
     path = os.path.join(os.path.abspath(os.fspath(ckpt_dir)), str(int(step)), _STATE)
     ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(path)
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # the step-level metadata file is not in the item folder, as orbax warns: expected
+    try:
+        meta = ckptr.metadata(path)
+    finally:
+        absl.setLevel(level)
     tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
     if not isinstance(tree, dict) or name not in tree:
         raise KeyError(f"{path}: the saved state has no entry {name!r}; entries: {sorted(tree) if isinstance(tree, dict) else tree}")
