@@ -25,7 +25,7 @@ def run(tmp_path_factory):
         "sample": {"n": 2, "max_new_tokens": 6, "prompt_bucket": 16},
         "optim": {"learning_rate": 1e-2, "schedule": "constant", "warmup_ratio": 0.0},
         "loop": {"total_steps": 2, "prompts_per_step": 4, "max_prompt_tokens": 64, "prompt_bucket": 16, "checkpoint_every": 1,
-                 "progress": False, "tensorboard": False},
+                 "progress": False, "tensorboard": False, "export_dir": "hf_end"},
     }
     (root / "rl.json").write_text(json.dumps(config))
     assert rubrax_main(["rl", "train", "--config", str(root / "rl.json"), "--out", str(root / "run"), "--no-progress"]) == 0
@@ -81,3 +81,17 @@ def test_export_step_and_bad_inputs(run, capsys):
     assert "no checkpoint step 7" in capsys.readouterr().err and not (root / "bad").exists()
     assert rubrax_main(["rl", "export", str(root), "--out", str(root / "bad")]) == 2
     assert "no RL checkpoint" in capsys.readouterr().err
+
+
+def test_loop_export_dir_writes_the_final_policy(run):
+    """LoopConfig.export_dir: the loop's own end-of-training export equals `rubrax rl export` of the last step."""
+    from safetensors.numpy import load_file
+
+    root, _ = run
+    end = root / "run" / "hf_end"
+    assert json.loads((end / "rubrax_export.json").read_text())["step"] == 2
+    assert rubrax_main(["rl", "export", str(root / "run"), "--out", str(root / "hf_last")]) == 0
+    a, b = load_file(str(end / "model.safetensors")), load_file(str(root / "hf_last" / "model.safetensors"))
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    for name in ("tokenizer.json", "generation_config.json", "config.json"):
+        assert (end / name).read_text() == (root / "hf_last" / name).read_text(), name

@@ -105,6 +105,22 @@ def write_hf_folder(params: Any, config: Any, out_dir: str | os.PathLike, *, tok
     return out
 
 
+def export_trained(params: Any, config: Any, tokenizer: Any, out_dir: str | os.PathLike, *, step: int) -> Path | None:
+    """The end-of-training export of `LoopConfig.export_dir` (process 0 of a single-process run)."""
+    import jax
+
+    if jax.process_count() > 1:
+        import logging
+
+        logging.getLogger("rubrax.rl").warning("export_dir is single-process only: export with `rubrax rl export` after the run")
+        return None
+    if not hasattr(tokenizer, "hf"):
+        raise ValueError(f"LoopConfig.export_dir needs a transformers tokenizer (rubrax HFTokenizer), got {type(tokenizer).__name__}")
+    base = Path(tokenizer.hf.name_or_path) if os.path.isdir(str(tokenizer.hf.name_or_path)) else None
+    params = jax.device_get(params)
+    return write_hf_folder(params, config, out_dir, tokenizer=tokenizer, base_dir=base, provenance={"step": step, "base": os.fspath(base) if base else None})
+
+
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None, *, base: str | os.PathLike | None = None) -> Path:
     """Writes checkpoint `step` (default: latest) of an RL run as an HF folder at `out_dir`."""
     from rubrax.models import load_tokenizer
