@@ -363,7 +363,7 @@ def stage_report(ctx: Context) -> StageResult:
 
     path = write_report(ctx)
     print(f"report: {path}", file=sys.stderr)
-    return StageResult(info={"report": os.fspath(path)})
+    return StageResult(info={"report": os.fspath(path.relative_to(ctx.out))})  # relative: a moved run folder stays valid
 
 
 STAGE_FNS = {
