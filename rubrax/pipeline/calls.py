@@ -6,7 +6,9 @@ Counts, for P train prompts and Q test prompts:
 - rtd: per pool, P x sum over rounds t < T of (min(pool_size, pool) - 2t verifier calls
   + 1 proposer call), T the most rounds any arm takes from that pool: arms on the same pool
   share their first rounds (identical requests, answered once by the cache);
-- grpo: per arm, total_steps x prompts_per_step x group_size verifier calls at most
+- grpo: per arm, total_steps x prompts_per_step x group_size verifier calls at most,
+  plus with eval.curve_every k: (evaluations: every k-th step and the last) x Q judge
+  calls (x 2 with both orders)
   (identical completions are graded once); verify "per_criterion" multiplies by the
   criteria of the rubric, which only exist after the rubric stages: counted as 1 call per
   completion and flagged;
@@ -94,8 +96,12 @@ def count_calls(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     rows.append({"stage": "rtd", "calls": {f"verifier: {cfg.verifier.model}": v, f"proposer: {cfg.proposer.model}": p}})
     steps, per_step = _rl_steps(cfg, P)
     note = "at most; x criteria per rubric with verify per_criterion" if cfg.verifier_mode == "per_criterion" else "at most"
-    rows.append({"stage": "grpo", "calls": {f"verifier: {cfg.verifier.model}": A * steps * per_step}, "rl_steps": A * steps,
-                 "note": f"{steps} steps per arm x {A} arms; {note}"})
+    grpo = {f"verifier: {cfg.verifier.model}": A * steps * per_step}
+    every = cfg.eval["curve_every"]
+    if every:  # the win-rate curve: evaluations at every k-th step and at the end
+        evals = steps // every + (1 if steps % every else 0)
+        grpo[f"judge: {cfg.judge.model} (curve)"] = A * evals * Q * (2 if cfg.eval["both_orders"] else 1)
+    rows.append({"stage": "grpo", "calls": grpo, "rl_steps": A * steps, "note": f"{steps} steps per arm x {A} arms; {note}"})
     rows.append({"stage": "export", "calls": {}})
     rows.append({"stage": "responses", "calls": {}, "note": f"{(A + 1) * Q} local generations"})
     rows.append({"stage": "winrate", "calls": {f"judge: {cfg.judge.model}": A * Q * (2 if cfg.eval["both_orders"] else 1)}})

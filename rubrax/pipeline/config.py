@@ -18,7 +18,9 @@
     }
 
 "prompts" may also give "n_train" / "n_test": the prompt counts `--dry-run` uses when the
-files are not there yet. "pairs" is the number of RTD rounds (one pair of responses per round, used pairs dropped).
+files are not there yet. "eval.curve_every" k > 0 also judges each arm's policy against the base every k RL steps
+during training (the held-out win-rate curve; k x fewer calls than every step, still
+arms x steps / k x test prompts judge calls). "pairs" is the number of RTD rounds (one pair of responses per round, used pairs dropped).
 "grpo" is a `rubrax rl train` recipe without "train"/"eval"/"reward" (the experiment fills
 them: the train prompts and the arm's rubric reward). Relative paths are relative to the
 config file. Keys starting with "_" are comments; unknown keys are errors naming the file
@@ -227,8 +229,10 @@ def parse_config(raw: Mapping[str, Any], source: str = "<config>") -> Experiment
         raise ConfigError(source, "grpo.model", "missing")
     if grpo["model"] not in ("smollm2", "tiny"):
         grpo = {**grpo, "model": _path(grpo["model"], base, source, "grpo.model")}
-    evals = _check_keys(cfg.get("eval", {}), ("temperature", "top_p", "max_tokens", "batch_prompts", "both_orders", "bootstrap", "seed"),
-                        source, "eval")
+    evals = _check_keys(cfg.get("eval", {}), ("temperature", "top_p", "max_tokens", "batch_prompts", "both_orders", "bootstrap", "seed",
+                                              "curve_every"), source, "eval")
+    if not isinstance(evals.get("curve_every", 0), int) or evals.get("curve_every", 0) < 0:
+        raise ConfigError(source, "eval.curve_every", f"must be an int >= 0, got {evals['curve_every']!r}")
     healthbench = cfg.get("healthbench")
     return ExperimentConfig(
         source=source, raw=json.loads(json.dumps(cfg)),
@@ -240,7 +244,8 @@ def parse_config(raw: Mapping[str, Any], source: str = "<config>") -> Experiment
         sampling={"temperature": 1.0, "top_p": 0.95, "max_tokens": None, **sampling},
         pools=pools, pool_size=pool_size, drop_used=bool(rtd.get("drop_used", True)), rtd_seed=int(rtd.get("seed", 0)),
         arms=_arms(cfg["arms"], pools, source), grpo=grpo,
-        eval={"temperature": 0.0, "top_p": 1.0, "max_tokens": 2048, "batch_prompts": 8, "both_orders": True, "bootstrap": 2000, "seed": 0, **evals},
+        eval={"temperature": 0.0, "top_p": 1.0, "max_tokens": 2048, "batch_prompts": 8, "both_orders": True, "bootstrap": 2000, "seed": 0,
+              "curve_every": 0, **evals},
         healthbench=None if healthbench is None else _path(healthbench, base, source, "healthbench"),
     )
 

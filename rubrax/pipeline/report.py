@@ -26,6 +26,15 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in rows if "reward_mean" in r]
 
 
+def _eval_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The eval hook's rows (eval/win_rate at a step), with step shifted to the plot's convention."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [{**r, "step": r["step"] - 1} for r in rows if "eval/win_rate" in r]
+
+
 def _mean_criteria(path: Path) -> float | None:
     from rubrax.data.rubrics import load_rubrics
 
@@ -89,6 +98,10 @@ def write_report(ctx: Any) -> Path:
         _plot(curves, "reward_mean", out / "curve_reward.png", "training reward (rubric score)")
         _plot(curves, "kl", out / "curve_kl.png", "KL to the base policy")
         lines += ["", "![training reward](curve_reward.png)", "", "![KL](curve_kl.png)"]
+    wins = {arm.name: _eval_rows(out / "runs" / arm.name) for arm in ctx.cfg.arms}
+    if any(wins.values()):
+        _plot(wins, "eval/win_rate", out / "curve_winrate.png", "held-out win rate vs the base")
+        lines += ["", "![held-out win rate](curve_winrate.png)"]
     cost = _read_json(out / "cost.json")
     if cost:
         lines += ["", f"Endpoint cost so far: ${cost['total_usd']:.4f}" + ("" if cost["complete"] else " (+ endpoints without a price)")]

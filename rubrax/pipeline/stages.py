@@ -220,11 +220,41 @@ def grpo_recipe(ctx: Context, arm: Any) -> Any:
     return parse_recipe({**cfg.grpo, "train": cfg.train_prompts, "reward": reward}, f"{cfg.source}: grpo")
 
 
+def _curve_hooks(ctx: Context, recipe: Any, judge: Any) -> Any:
+    """make_hooks for run_recipe: the held-out win rate against the base's responses every
+    eval.curve_every steps (logged as eval/win_rate in the run's metrics.jsonl)."""
+    from rubrax.data.rubrics import read_responses
+
+    e = ctx.cfg.eval
+    refs = {r.prompt_id: r.response for r in read_responses(base_responses(ctx))}
+    records = [{"prompt_id": pid, "prompt": p} for pid, p in _test_prompts(ctx)]
+    width = int(recipe.loop.get("max_prompt_tokens", 512))
+
+    def make(tokenizer: Any, model_config: Any) -> list[Any]:
+        from rubrax.policy import SampleConfig
+        from rubrax.rl.hooks import winrate_eval_hook
+        from rubrax.rl.prompts import load_prompts
+
+        prompts = load_prompts(records, tokenizer, max_prompt_tokens=width, chat_template=True)
+        if prompts.skipped:
+            raise StageError(f"grpo: {prompts.skipped} test prompts are longer than grpo.loop.max_prompt_tokens={width}")
+        sample = SampleConfig(max_new_tokens=e["max_tokens"], temperature=e["temperature"], top_p=e["top_p"], n=1,
+                              prompt_bucket=int(recipe.loop.get("prompt_bucket") or 64))
+        references = [refs[str(pid)] for pid in prompts.columns["prompt_id"]]
+        return [winrate_eval_hook(prompts, references, judge, tokenizer, model_config, sample, max_prompt_tokens=width,
+                                  both_orders=e["both_orders"], seed=e["seed"], batch_size=e["batch_prompts"])]
+
+    return make
+
+
 def stage_grpo(ctx: Context) -> StageResult:
-    """GRPO of the base policy with each arm's rubric reward (resumes from checkpoints)."""
+    """GRPO of the base policy with each arm's rubric reward (resumes from checkpoints);
+    with eval.curve_every, the held-out win rate against the base along the way."""
+    from rubrax.elicit.llm import LLMJudge
     from rubrax.rl.recipe import build_reward, run_recipe
 
     result = StageResult()
+    every = ctx.cfg.eval["curve_every"]
     for arm in ctx.cfg.arms:
         run_dir = ctx.path("runs", arm.name, ".")
         done = run_dir / "done.json"
@@ -233,8 +263,15 @@ def stage_grpo(ctx: Context) -> StageResult:
             continue
         recipe = grpo_recipe(ctx, arm)
         reward = build_reward(recipe.reward)
-        out = run_recipe(recipe, out_dir=os.fspath(run_dir), progress=ctx.progress, reward_fn=reward)  # closes the reward
-        result.clients.append(reward.verifier.client)
+        judge_client = ctx.client(ctx.cfg.judge) if every else None
+        hooks = _curve_hooks(ctx, recipe, LLMJudge(judge_client, seed=ctx.cfg.eval["seed"])) if every else None
+        try:  # the loop closes the reward; the judge's loops (one per evaluation) have ended
+            out = run_recipe(recipe, out_dir=os.fspath(run_dir), progress=ctx.progress, reward_fn=reward, make_hooks=hooks,
+                             **({"eval_every": every} if every else {}))
+        finally:
+            if judge_client is not None:
+                judge_client.close()
+        result.clients += [reward.verifier.client] + ([judge_client] if judge_client is not None else [])
         final = {k: v for k, v in out.history[-1].items() if k in ("step", "reward_mean", "kl", "reward_invalid")} if out.history else {}
         done.write_text(json.dumps({"steps": int(out.state.step), **final}) + "\n")
         result.info[arm.name] = json.loads(done.read_text())
@@ -263,19 +300,28 @@ def base_policy_dir(ctx: Context) -> str:
     return os.fspath(base_model_dir(ctx.cfg.grpo["model"]))
 
 
-def stage_responses(ctx: Context) -> StageResult:
-    """Held-out responses of the base policy and of every arm (decoding settings of "eval")."""
+def _policy_responses(ctx: Context, name: str, folder: str) -> Any:
     from rubrax.generate import GenerateConfig, generate_from_policy, load_local_policy
 
     e = ctx.cfg.eval
     gen = GenerateConfig(temperature=e["temperature"], top_p=e["top_p"], max_tokens=e["max_tokens"])
-    prompts = _test_prompts(ctx)
-    result = StageResult()
-    for name, folder in [("base", base_policy_dir(ctx))] + [(a.name, os.fspath(ctx.path("policies", a.name))) for a in ctx.cfg.arms]:
-        policy = load_local_policy(folder, name=name)
-        summary = generate_from_policy(prompts, policy, ctx.path("responses", f"{name}.jsonl"), gen, batch_prompts=e["batch_prompts"],
-                                       seed=e["seed"], progress=ctx.progress)
-        result.info[name] = summary.line()
+    return generate_from_policy(_test_prompts(ctx), load_local_policy(folder, name=name), ctx.path("responses", f"{name}.jsonl"), gen,
+                                batch_prompts=e["batch_prompts"], seed=e["seed"], progress=ctx.progress)
+
+
+def base_responses(ctx: Context) -> Path:
+    """responses/base.jsonl (made once: by the grpo stage when it draws win-rate curves, else here)."""
+    path = ctx.path("responses", "base.jsonl")
+    _policy_responses(ctx, "base", base_policy_dir(ctx))  # resumable: nothing to do when complete
+    return path
+
+
+def stage_responses(ctx: Context) -> StageResult:
+    """Held-out responses of the base policy and of every arm (decoding settings of "eval")."""
+    base_responses(ctx)
+    result = StageResult(info={"base": "done"})
+    for arm in ctx.cfg.arms:
+        result.info[arm.name] = _policy_responses(ctx, arm.name, os.fspath(ctx.path("policies", arm.name))).line()
     return result
 
 

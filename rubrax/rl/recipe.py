@@ -183,11 +183,13 @@ def reward_clients(fn: Any) -> list[Any]:
     return found
 
 
-def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, reward_fn: Any = None, **loop_overrides: Any):
+def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, reward_fn: Any = None, make_hooks: Any = None, **loop_overrides: Any):
     """Loads everything the recipe names and trains; returns loop.TrainResult.
 
     `reward_fn`: the reward already built from recipe.reward (a caller that reads its
-    endpoint counters afterwards); default: built here. The loop closes it at the end."""
+    endpoint counters afterwards); default: built here. The loop closes it at the end.
+    `make_hooks(tokenizer, model_config) -> [EvalHook]`: more eval hooks (they need the
+    tokenizer and model this function loads)."""
     from rubrax.rl.hooks import reward_eval_hook
     from rubrax.rl.loop import train
     from rubrax.rl.prompts import load_prompts
@@ -207,6 +209,8 @@ def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, reward_fn: Any = None
         eval_sample = recipe.eval_sample or dataclasses.replace(recipe.sample, n=1, temperature=0.0)
         hooks.append(reward_eval_hook(load_prompts(held, tok, max_prompt_tokens=max_prompt, chat_template=chat), reward_fn, tok,
                                       model_config, eval_sample, max_prompt_tokens=max_prompt))
+    if make_hooks is not None:
+        hooks += list(make_hooks(tok, model_config))
     run_config = {"source": recipe.source, "model": recipe.model, "rl": dataclasses.asdict(recipe.rl),
                   "optim": dataclasses.asdict(recipe.optim), "reward": recipe.reward.get("name")}
     return train(params=params, model_config=model_config, tokenizer=tok, reward_fn=reward_fn, prompts=prompts, rl=recipe.rl,
