@@ -229,8 +229,24 @@ def build_reward(spec: Mapping[str, Any]):
     return get_reward(spec["name"], **kwargs)
 
 
-def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, **loop_overrides: Any):
-    """Loads everything the recipe names and trains; returns loop.TrainResult."""
+def reward_clients(fn: Any) -> list[Any]:
+    """The endpoint clients a reward function holds (an LLM verifier's; components of a
+    weighted sum), for the end-of-run summary of calls, cache hits, tokens and cost."""
+    client = getattr(getattr(fn, "verifier", None), "client", None)
+    found = [client] if client is not None and hasattr(client, "stats") else []
+    for inner in list(getattr(fn, "fns", ())) + [getattr(fn, "inner", None)]:
+        if inner is not None:
+            found += [c for c in reward_clients(inner) if all(c is not f for f in found)]
+    return found
+
+
+def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, reward_fn: Any = None, make_hooks: Any = None, **loop_overrides: Any):
+    """Loads everything the recipe names and trains; returns loop.TrainResult.
+
+    `reward_fn`: the reward already built from recipe.reward (a caller that reads its
+    endpoint counters afterwards); default: built here. The loop closes it at the end.
+    `make_hooks(tokenizer, model_config) -> [EvalHook]`: more eval hooks (they need the
+    tokenizer and model this function loads)."""
     from rubrax.rl.hooks import reward_eval_hook
     from rubrax.rl.loop import train
     from rubrax.rl.prompts import load_prompts
@@ -243,13 +259,15 @@ def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, **loop_overrides: Any
     chat = bool(recipe.loop.get("chat_template", True))
     prompts = load_prompts(records, tok, max_prompt_tokens=max_prompt, chat_template=chat)
     loop = recipe.loop_config(len(prompts), out_dir=out_dir, **loop_overrides)
-    reward_fn = build_reward(recipe.reward)
+    reward_fn = build_reward(recipe.reward) if reward_fn is None else reward_fn
     hooks = []
     if recipe.eval is not None or recipe.train is None:
         held = toy_prompts(16, seed=seed + 1) if recipe.eval is None else _records(recipe.eval, recipe, "test")
         eval_sample = recipe.eval_sample or dataclasses.replace(recipe.sample, n=1, temperature=0.0)
         hooks.append(reward_eval_hook(load_prompts(held, tok, max_prompt_tokens=max_prompt, chat_template=chat), reward_fn, tok,
                                       model_config, eval_sample, max_prompt_tokens=max_prompt))
+    if make_hooks is not None:
+        hooks += list(make_hooks(tok, model_config))
     run_config = {"source": recipe.source, "model": recipe.model, "rl": dataclasses.asdict(recipe.rl),
                   "optim": dataclasses.asdict(recipe.optim), "reward": recipe.reward.get("name")}
     return train(params=params, model_config=model_config, tokenizer=tok, reward_fn=reward_fn, prompts=prompts, rl=recipe.rl,
