@@ -191,8 +191,10 @@ def _batch_tokens(policy: LocalPolicy, cfg: GenerateConfig, batch: Sequence[tupl
 
 
 def generate_from_policy(prompts: Sequence[tuple[str, str]], policy: LocalPolicy, out_path: str | os.PathLike, cfg: GenerateConfig, *,
-                         batch_prompts: int = 8, seed: int = 0, prompt_bucket: int = 64, progress: bool = True) -> GenerateSummary:
-    """cfg.n responses of a local policy to every prompt, batched over the device mesh (resumable)."""
+                         batch_prompts: int = 8, seed: int = 0, prompt_bucket: int = 64, progress: bool = True,
+                         num_devices: int | None = None) -> GenerateSummary:
+    """cfg.n responses of a local policy to every prompt, batched over a data mesh of the
+    first `num_devices` devices (default all; the params are replicated on each) (resumable)."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
@@ -206,7 +208,7 @@ def generate_from_policy(prompts: Sequence[tuple[str, str]], policy: LocalPolicy
     summary = GenerateSummary(items=len(order), resumed=sum(k in sink.done for k in order))
     sample_cfg = sampling.SampleConfig(max_new_tokens=cfg.max_tokens or 512, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.n,
                                        stop_token_ids=policy.stop_ids, prompt_bucket=prompt_bucket)
-    mesh = make_mesh()
+    mesh = make_mesh(jax.devices()[:num_devices] if num_devices else None)
     params = jax.device_put(policy.params, NamedSharding(mesh, PartitionSpec()))
     root = jax.random.PRNGKey(seed)
     batches = [list(prompts[s : s + batch_prompts]) for s in range(0, len(prompts), batch_prompts)]
@@ -279,6 +281,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--system", default=None, help="system message sent before each prompt")
     p.add_argument("--batch-prompts", type=int, default=8, help="local policy: prompts per sampling batch")
     p.add_argument("--seed", type=int, default=0, help="local policy: sampling seed")
+    p.add_argument("--num-devices", type=int, default=None, help="local policy: devices of the data mesh (default: all)")
     add_client_args(p, model=False)
     p.set_defaults(func=run_cli)
 
@@ -294,7 +297,7 @@ def run_cli(args: Any) -> int:
         if args.policy is not None:
             policy = load_local_policy(args.policy, args.step)
             summary = generate_from_policy(prompts, policy, args.out, cfg, batch_prompts=args.batch_prompts, seed=args.seed,
-                                           progress=not args.no_progress)
+                                           progress=not args.no_progress, num_devices=args.num_devices)
             print(f"rubrax generate: {summary.line()} source={policy.name}", file=sys.stderr)
             return 0
         return asyncio.run(_endpoints_cli(args, prompts, cfg))

@@ -149,6 +149,10 @@ def test_bad_inputs_name_file_line_field_and_lose_nothing(tmp_path, capsys):
         assert f"{tmp_path / 'good.jsonl'}:5: field 'prompt_id': pool 'good' has 1 response(s) for prompt_id 't3'; a pair needs 2" in err
         assert len((tmp_path / "run" / "pools" / "great.jsonl").read_text().splitlines()) == 32
         calls = srv.ok
+        # the failed attempt's calls are counted in the cost ledger
+        (attempt,) = [json.loads(x) for x in (tmp_path / "run" / "stages" / "pools.attempts.jsonl").read_text().splitlines()]
+        assert sum(e["calls"] for e in attempt["endpoints"].values()) == calls == 64 and "a pair needs 2" in attempt["error"]
+        assert json.loads((tmp_path / "run" / "cost.json").read_text())["failed_attempts"] == {"pools": [0.0]}
         good.append({**good[4], "response_id": "g1"})
         (tmp_path / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
         assert ctt_main("--config", config, "--out", tmp_path / "run", "--stages", "pools") == 0

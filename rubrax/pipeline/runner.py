@@ -35,10 +35,11 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _endpoints(result: StageResult) -> dict[str, dict[str, Any]]:
+def _endpoints(clients: Sequence[Any]) -> dict[str, dict[str, Any]]:
     """Stats of the stage's clients, summed per model (a model may serve several roles)."""
     out: dict[str, dict[str, Any]] = {}
-    for c in result.clients:
+    unique = list({id(c): c for c in clients}.values())
+    for c in unique:
         stats = dataclasses.asdict(c.stats)
         acc = out.setdefault(c.config.model, {k: 0 for k in stats})
         for k, v in stats.items():
@@ -67,16 +68,35 @@ def _check_done(out: Path, cfg: ExperimentConfig, stage: str) -> bool:
     return True
 
 
+def _attempts_path(out: Path, stage: str) -> Path:
+    return out / "stages" / f"{stage}.attempts.jsonl"
+
+
 def write_cost(out: Path) -> dict[str, Any]:
-    stages = {}
+    """cost.json: each stage's cost, failed attempts included (their calls were paid too)."""
+    stages, attempts = {}, {}
     for stage in STAGES:
-        path = marker_path(out, stage)
+        path, tries = marker_path(out, stage), _attempts_path(out, stage)
         if path.exists():
             stages[stage] = json.loads(path.read_text())["cost_usd"]
-    known = [c for c in stages.values() if c is not None]
-    total = {"stages": stages, "total_usd": float(sum(known)), "complete": all(c is not None for c in stages.values())}
+        if tries.exists():
+            attempts[stage] = [json.loads(x)["cost_usd"] for x in tries.read_text().splitlines() if x.strip()]
+    costs = list(stages.values()) + [c for cs in attempts.values() for c in cs]
+    known = [c for c in costs if c is not None]
+    total = {"stages": stages, "failed_attempts": attempts, "total_usd": float(sum(known)), "complete": all(c is not None for c in costs)}
     _write_json(out / "cost.json", total)
     return total
+
+
+def _record_attempt(out: Path, stage: str, clients: Sequence[Any], err: Exception) -> None:
+    """A failed stage's calls and cost (a SIGKILL leaves no such record: its completed calls
+    are in the cache, and the rerun counts them as cache hits, not as cost)."""
+    if not clients:
+        return
+    endpoints = _endpoints(clients)
+    with open(_attempts_path(out, stage), "a", encoding="utf-8") as f:
+        f.write(json.dumps({"error": f"{type(err).__name__}: {err}"[:500], "endpoints": endpoints, "cost_usd": _cost(endpoints)}) + "\n")
+    write_cost(out)
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, stages: Sequence[str] | None = None, progress: bool = False) -> dict[str, Any]:
@@ -99,8 +119,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, stages: Seq
             if before not in wanted and not _check_done(out, cfg, before):
                 raise ValueError(f"stage {stage!r} needs stage {before!r} first (run it, or leave out --stages)")
         print(f"stage {stage}: running", file=sys.stderr)
-        result = STAGE_FNS[stage](ctx)
-        endpoints = _endpoints(result)
+        ctx.clients.clear()
+        try:
+            result = STAGE_FNS[stage](ctx)
+        except Exception as err:
+            _record_attempt(out, stage, ctx.clients, err)
+            raise
+        endpoints = _endpoints(ctx.clients + result.clients)
         _write_json(marker_path(out, stage), {"stage": stage, "fingerprint": cfg.fingerprint(stage), "config": cfg.stage_config(stage),
                                               "endpoints": endpoints, "cost_usd": _cost(endpoints), "info": result.info})
         for model, s in endpoints.items():

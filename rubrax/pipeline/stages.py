@@ -42,9 +42,13 @@ class StageResult:
 
 @dataclasses.dataclass(frozen=True)
 class Context:
+    """The run: its config, folder, and every endpoint client the current stage made (so
+    that a stage that fails still has its calls and cost counted)."""
+
     cfg: ExperimentConfig
     out: Path
     progress: bool = False
+    clients: list[Any] = dataclasses.field(default_factory=list)
 
     @property
     def cache_dir(self) -> str:
@@ -58,7 +62,9 @@ class Context:
     def client(self, endpoint: Any) -> Any:
         from rubrax.elicit.client import ChatClient
 
-        return ChatClient(endpoint.client_config(self.cache_dir))
+        client = ChatClient(endpoint.client_config(self.cache_dir))
+        self.clients.append(client)
+        return client
 
     def rubric_path(self, arm: Any) -> Path:
         return self.path("rubrics", "initial.jsonl" if arm.pool is None or arm.pairs == 0 else f"{arm.name}.jsonl")
@@ -263,6 +269,7 @@ def stage_grpo(ctx: Context) -> StageResult:
             continue
         recipe = grpo_recipe(ctx, arm)
         reward = build_reward(recipe.reward)
+        ctx.clients.append(reward.verifier.client)
         judge_client = ctx.client(ctx.cfg.judge) if every else None
         hooks = _curve_hooks(ctx, recipe, LLMJudge(judge_client, seed=ctx.cfg.eval["seed"])) if every else None
         try:  # the loop closes the reward; the judge's loops (one per evaluation) have ended
@@ -306,7 +313,8 @@ def _policy_responses(ctx: Context, name: str, folder: str) -> Any:
     e = ctx.cfg.eval
     gen = GenerateConfig(temperature=e["temperature"], top_p=e["top_p"], max_tokens=e["max_tokens"])
     return generate_from_policy(_test_prompts(ctx), load_local_policy(folder, name=name), ctx.path("responses", f"{name}.jsonl"), gen,
-                                batch_prompts=e["batch_prompts"], seed=e["seed"], progress=ctx.progress)
+                                batch_prompts=e["batch_prompts"], seed=e["seed"], progress=ctx.progress,
+                                num_devices=ctx.cfg.grpo.get("loop", {}).get("num_devices"))  # the devices the RL runs use
 
 
 def base_responses(ctx: Context) -> Path:
