@@ -23,6 +23,7 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("train", "rubrax.train.cli"),
     ("rl", "rubrax.rl.cli"),
     ("sim", "rubrax.sim.cli"),
+    ("report", "rubrax.report"),
 )
 
 

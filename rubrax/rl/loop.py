@@ -311,7 +311,7 @@ class _Sampler:
         ptoks, pmask = left_pad(rows, width, self.pad_id)
         key = stream_key(self.root_key, step, SAMPLE_STREAM)
         out = jax.device_get(policy.sample(params, ptoks, pmask, key, self.sample_cfg, config=self.model_config))
-        tokens, logprobs, mask = (np.asarray(x) for x in out)
+        tokens, logprobs, mask = (np.asarray(x) for x in (out.tokens, out.logprobs, out.mask))
         texts = [decode_completion(self.tokenizer, t, m, self.stop_ids) for t, m in zip(tokens, mask)]
         return Rollouts(step, idx, ptoks, pmask, tokens, logprobs.astype(np.float32), mask.astype(np.int32), texts)
 
