@@ -259,29 +259,32 @@ def _mark_peak(ax, c: Curves, color) -> None:
 
 
 def fig_reward_gold(data: RunData, out: str, x: str) -> str | None:
-    """Proxy (training reward) and gold against step (x="step") or KL (x="kl")."""
+    """Proxy (training reward; held-out proxy as markers) and gold against step (x="step")
+    or KL (x="kl"); one panel each, drawn only where there is data."""
     plt = _plt()
-    fig, (ax_r, ax_g) = plt.subplots(1, 2, figsize=(11, 4.2))
-    drawn = False
-    for c, color in zip(data.arms, _colors(len(data.arms))):
-        for ax, train_key, eval_key in ((ax_r, "reward", "proxy"), (ax_g, "gold", "gold")):
+    panels = []
+    for title, train_key, eval_key in (("proxy (training reward)", "reward", "proxy"), ("gold", "gold", "gold")):
+        lines = []
+        for c, color in zip(data.arms, _colors(len(data.arms))):
             for src, key, style, label in ((c.train, train_key, "-", c.name), (c.eval, eval_key, "o--", f"{c.name} (held-out)")):
-                s = src.get(key)
-                xs = _x_values(src, s, x)
-                if s is None or xs is None:
-                    continue
-                ax.plot(xs, s[1], style, color=color, label=label, ms=3, lw=1.2)
-                drawn = True
-        if x == "step":
-            _mark_peak(ax_g, c, color)
-    if not drawn:
-        plt.close(fig)
+                xs = _x_values(src, src.get(key), x)
+                if xs is not None:
+                    lines.append((xs, src[key][1], style, color, label, c))
+        if lines:
+            panels.append((title, lines))
+    if not panels:
         return None
-    for ax, title in ((ax_r, "proxy (training reward)"), (ax_g, "gold")):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for xs, ys, style, color, label, c in lines:
+            ax.plot(xs, ys, style, color=color, label=label, ms=3, lw=1.2)
+        if title == "gold" and x == "step":
+            for c, color in zip(data.arms, _colors(len(data.arms))):
+                _mark_peak(ax, c, color)
         ax.set_xlabel("RL step" if x == "step" else "KL(pi || pi0)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    ax_r.legend(fontsize=7)
+        ax.legend(fontsize=6)
     return _save(fig, out, f"reward_gold_vs_{x}.png")
 
 
@@ -384,10 +387,10 @@ def _value_at(s: tuple[np.ndarray, np.ndarray] | None, step: int) -> float:
 def arm_summary(c: Curves) -> dict[str, Any]:
     """The numbers of one arm's line in report.md."""
     gold = c.eval.get("gold") or c.train.get("gold")
-    proxy = c.eval.get("proxy") or c.train.get("reward")
+    proxy = c.eval.get("proxy") or c.train.get("reward")  # at the evaluations of gold, when there are
     peak = gold_peak(c)
     row = {"arm": c.name, "steps": int(max((s[0].max() for s in c.train.values() if s is not None and len(s[0])), default=0)),
-           "proxy": _first_last(proxy), "gold": _first_last(gold), "kl": _first_last(c.train.get("kl") or c.eval.get("kl")),
+           "proxy": _first_last(c.train.get("reward")), "gold": _first_last(gold), "kl": _first_last(c.train.get("kl") or c.eval.get("kl")),
            "length": _first_last(c.train.get("length")), "gold_peak_step": None, "gold_peak": math.nan, "overoptimised": False}
     if peak is not None:
         row["gold_peak_step"], row["gold_peak"] = peak
