@@ -51,3 +51,19 @@ def test_resume_reads_the_history_and_reevaluated_steps_replace_it(tmp_path):
     assert [r["step"] for r in again.history] == [10, 20, 30, 40] and again.peak["step"] == 40
     with pytest.raises(ValueError, match="patience"):
         GoldMonitorConfig(patience=0)
+
+
+def test_criteria_log_counts_verdicts_per_prompt_and_criterion(tmp_path):
+    import json
+
+    from rubrax.rl.monitor import CriteriaLog
+
+    infos = [{"prompt_id": "p", "verdicts": {"c1": "yes", "c2": "no"}}, {"prompt_id": "p", "verdicts": {"c1": "yes", "c2": "unknown"}},
+             {"prompt_id": "q", "verdicts": {"c1": "no"}}, {"error": "timeout"}]
+    log = CriteriaLog(str(tmp_path / "criteria.jsonl"))
+    log.write(3, infos)
+    log.write(4, [{"scores": 1}])  # a reward without verdicts: nothing written
+    rows = [json.loads(x) for x in open(tmp_path / "criteria.jsonl")]
+    assert rows == [{"step": 3, "prompt_id": "p", "criterion": "c1", "yes": 2, "no": 0, "unknown": 0},
+                    {"step": 3, "prompt_id": "p", "criterion": "c2", "yes": 0, "no": 1, "unknown": 1},
+                    {"step": 3, "prompt_id": "q", "criterion": "c1", "yes": 0, "no": 1, "unknown": 0}]

@@ -109,3 +109,103 @@ class GoldTracker:
         if peak is not None:
             out.update({"gold_best": peak["gold"], "gold_peak_step": float(peak["step"])})
         return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+class GoldMonitor:
+    """Eval hook of `train()`: gold and proxy of held-out samples, KL to the reference,
+    gold's peak, the best-by-gold params (see the module docstring).
+
+    prompts: a held-out `rubrax.rl.prompts.PromptSet`. gold_fn / proxy_fn: reward
+    functions (names, callables or RewardFn objects; the proxy is usually the training
+    reward). sample_cfg: how to decode them (temperature 1 without filters keeps the KL
+    estimate unbiased; n > 1 averages over more samples). ref_params: the reference
+    policy (None: no eval/kl). out_dir: where gold_monitor.json (the resumable history)
+    and best_gold/ (the best-by-gold params, with {"step", "gold"}) go.
+    `stop_requested` turns True when the early-stop rule fires (a step hook ends the run).
+    """
+
+    def __init__(self, prompts: Any, gold_fn: Any, proxy_fn: Any, tokenizer: Any, model_config: Any, sample_cfg: Any, *,
+                 max_prompt_tokens: int, ref_params: Any = None, out_dir: str | None = None,
+                 config: GoldMonitorConfig = GoldMonitorConfig(), seed: int = 0, batch_size: int = 64):
+        from rubrax.rewards.base import as_reward_fn
+        from rubrax.rl.rollouts import EvalSampler
+
+        self.prompts, self.model_config, self.ref_params, self.out_dir = prompts, model_config, ref_params, out_dir
+        self.gold_fn, self.proxy_fn, self.n = as_reward_fn(gold_fn), as_reward_fn(proxy_fn), sample_cfg.n
+        self.generate = EvalSampler(prompts, tokenizer, model_config, sample_cfg, max_prompt_tokens, seed, batch_size)
+        self.tracker = GoldTracker(config, os.path.join(out_dir, MONITOR_FILE) if out_dir else None)
+        self.stop_requested = self.tracker.should_stop() if self.tracker.history else False
+
+    @property
+    def best_dir(self) -> str | None:
+        return os.path.join(self.out_dir, "best_gold") if self.out_dir else None
+
+    def evaluate(self, step: int, params: Any) -> dict[str, float]:
+        """Mean gold, proxy (valid samples of each) and KL of the held-out samples."""
+        from rubrax.rl.reward_runner import reward_inputs
+
+        gold, proxy, kl = [], [], []
+        for ro in self.generate(step, params):
+            texts, completions, columns = reward_inputs(self.prompts, ro, self.n)
+            for fn, acc in ((self.gold_fn, gold), (self.proxy_fn, proxy)):
+                rb = fn(texts, completions, **columns)
+                acc.append(rb.scores[rb.valid])
+            if self.ref_params is not None:
+                kl.append(self._kl(ro, params))
+        mean = lambda parts: float(np.concatenate(parts).mean()) if parts and sum(map(len, parts)) else math.nan
+        return {"gold": mean(gold), "proxy": mean(proxy), "kl": mean(kl)}
+
+    def _kl(self, ro: Any, params: Any) -> np.ndarray:
+        """k1 per sample: sum over its tokens of log pi - log pi_ref (the sampler's logprobs
+        are pi's, at temperature 1)."""
+        import jax
+
+        from rubrax import policy
+
+        W = ro.prompt_tokens.shape[1]
+        seq = np.concatenate([np.repeat(ro.prompt_tokens, self.n, 0), ro.tokens], axis=1)
+        seq_mask = np.concatenate([np.repeat(ro.prompt_mask, self.n, 0), ro.mask], axis=1)
+        ref_logp = np.asarray(jax.device_get(policy.logprobs(self.ref_params, seq, seq_mask, config=self.model_config)))[:, W:]
+        return ((ro.logprobs - ref_logp) * ro.mask).sum(axis=1)
+
+    def __call__(self, step: int, params: Any) -> dict[str, float]:
+        scores = self.evaluate(step, params)
+        verdict = self.tracker.observe(step, **scores)
+        if verdict["new_best"] and self.tracker.config.keep_best and self.best_dir:
+            from rubrax.train import checkpoint
+
+            checkpoint.save(self.best_dir, step, params, {"step": int(step), "gold": scores["gold"]}, max_to_keep=1, overwrite=True)
+        self.stop_requested = verdict["stop"]
+        return self.tracker.figures()
+
+
+class CriteriaLog:
+    """Per-criterion verdict counts of the rubric reward, per training step, as JSONL rows
+    {step, prompt_id, criterion, yes, no, unknown} (read by `rubrax report`).
+
+    Reads the "verdicts" ({criterion id: yes/no/unknown}) and "prompt_id" that
+    `RubricReward` puts in each row's info; rewards without them add nothing.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @staticmethod
+    def rows(step: int, infos: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        counts: dict[tuple[str, str], Counter] = {}
+        for info in infos:
+            verdicts = info.get("verdicts") if isinstance(info, Mapping) else None
+            if not verdicts:
+                continue
+            for cid, v in verdicts.items():
+                key = (str(info.get("prompt_id")), str(cid))
+                counts.setdefault(key, Counter())[v if v in ("yes", "no") else "unknown"] += 1
+        return [{"step": int(step), "prompt_id": pid, "criterion": cid, "yes": c["yes"], "no": c["no"], "unknown": c["unknown"]}
+                for (pid, cid), c in counts.items()]
+
+    def write(self, step: int, infos: Sequence[Mapping[str, Any]]) -> None:
+        rows = self.rows(step, infos)
+        if rows:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
