@@ -24,6 +24,7 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("rl", "rubrax.rl.cli"),
     ("sim", "rubrax.sim.cli"),
     ("report", "rubrax.report"),
+    ("forecast", "rubrax.forecast"),
 )
 
 

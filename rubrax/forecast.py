@@ -14,6 +14,12 @@ A proxy that errs among the best responses predicts a win rate that rises, peaks
 falls with KL (the paper's Finding I): the forecast says where over-optimisation starts
 before any training. `rubrax report` draws it beside the run's measured (KL, gold) path.
 
+Python: `sample_base` (the RL loop's sampler on the base params) then `forecast(gold_fn,
+proxy_fn, prompts, samples)`. As a pipeline step over grading jobs: grade the same base
+responses with the gold and the proxy (`rubrax rubrics grade`, or any file of
+{prompt_id, response_id, score, valid}) and run
+    rubrax forecast --gold gold_grades.jsonl --proxy proxy_grades.jsonl --out RUN
+
 The betas span the proxy's own scale: beta_k = std(proxy) * logspace(-2.5, 1.5, K), the
 grid the tail world's report uses (`rubrax.sim.experiment.theory_rows`), so the two give
 the same numbers on the same samples (tested).
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -102,3 +109,67 @@ def write_forecast(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(dict(r)) + "\n" for r in rows)
     return path
+
+
+def _read_scores(path: str) -> dict[tuple[str, str], float | None]:
+    """{(prompt_id, response_id): score, or None when invalid} of a grades file."""
+    from rubrax.data.rubrics import RubricFormatError, iter_jsonl
+
+    out: dict[tuple[str, str], float | None] = {}
+    for line, rec in iter_jsonl(path):
+        for field in ("prompt_id", "response_id"):
+            if not isinstance(rec.get(field), (str, int)) or isinstance(rec.get(field), bool):
+                raise RubricFormatError(path, line, field, "missing or not a string")
+        key = (str(rec["prompt_id"]), str(rec["response_id"]))
+        if key in out:
+            raise RubricFormatError(path, line, "response_id", f"duplicate (prompt_id, response_id) {key}")
+        score, valid = rec.get("score"), rec.get("valid", True)
+        if valid and (isinstance(score, bool) or not isinstance(score, (int, float)) or not np.isfinite(score)):
+            raise RubricFormatError(path, line, "score", f"must be a finite number when valid, got {score!r}")
+        out[key] = float(score) if valid else None
+    return out
+
+
+def forecast_from_grades(gold_path: str, proxy_path: str, *, n_betas: int = 32, label: str = "proxy") -> list[dict[str, Any]]:
+    """The forecast from two grades files of the same base responses: a response counts
+    where both scores are valid; prompts with fewer responses are padded with invalid ones."""
+    gold, proxy = _read_scores(gold_path), _read_scores(proxy_path)
+    missing = sorted(set(gold) ^ set(proxy))
+    if missing:
+        raise ValueError(f"{gold_path} and {proxy_path} grade different responses, e.g. {missing[:3]} ({len(missing)} in all)")
+    by_prompt: dict[str, list[tuple[str, str]]] = {}
+    for key in gold:
+        by_prompt.setdefault(key[0], []).append(key)
+    n = max(len(v) for v in by_prompt.values())
+    shape = (len(by_prompt), n)
+    g, p, ok = np.zeros(shape), np.zeros(shape), np.zeros(shape, bool)
+    for i, keys in enumerate(by_prompt.values()):
+        for j, key in enumerate(keys):
+            if gold[key] is not None and proxy[key] is not None:
+                g[i, j], p[i, j], ok[i, j] = gold[key], proxy[key], True
+    return forecast_from_scores(g, p, ok, n_betas=n_betas, label=label)
+
+
+def _main(args: Any) -> int:
+    try:
+        rows = forecast_from_grades(args.gold, args.proxy, n_betas=args.betas, label=args.label)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not rows:
+        print("error: the proxy is constant over the base samples: nothing to forecast", file=sys.stderr)
+        return 2
+    path = write_forecast(args.out, rows)
+    best = max(rows, key=lambda r: r["win_rate"])
+    print(f"forecast={path} peak_win_rate={best['win_rate']:.4f} peak_kl={best['kl']:.4f} max_kl={max(r['kl'] for r in rows):.4f}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("forecast", help="the theory's forecast (win rate vs KL) from gold and proxy grades of base samples")
+    p.add_argument("--gold", required=True, help="gold grades JSONL {prompt_id, response_id, score, valid}")
+    p.add_argument("--proxy", required=True, help="proxy grades JSONL of the same responses")
+    p.add_argument("--out", required=True, help="run folder (writes forecast.jsonl there) or a file path")
+    p.add_argument("--betas", type=int, default=32, help="number of KL coefficients (log-spaced over the proxy's scale)")
+    p.add_argument("--label", default="proxy", help="name of the proxy in the report")
+    p.set_defaults(func=_main)
