@@ -213,7 +213,9 @@ def train(
     sample: rubrax.policy.SampleConfig with n == rl.group_size. optim:
     rubrax.train.optim.OptimConfig (schedule over total_steps * ppo_epochs *
     num_minibatches optimizer updates). eval_hooks: callables (step, params) -> dict of
-    scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>").
+    scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>");
+    a hook whose `stop_requested` attribute is then True ends the run there (with a
+    checkpoint), e.g. `rubrax.rl.monitor.GoldMonitor`'s early stop.
     mesh: a 1-D "data" mesh (default: loop.num_devices devices). logits_fn: a model
     other than rubrax.models (params, tokens, mask) -> logits.
     run_config: JSON-able description of the run, stored with checkpoints and W&B.
@@ -297,6 +299,11 @@ def train(
                 for hook in eval_hooks:
                     scores.update({f"eval/{k}": float(v) for k, v in hook(done, state.params).items()})
                 logger.write(done, scores)
+                if any(getattr(hook, "stop_requested", False) for hook in eval_hooks):  # e.g. the gold monitor
+                    log.info("an eval hook asked to stop after step %d", done)
+                    if ckpts.ckpt_dir and done != end and not (loop.checkpoint_every and done % loop.checkpoint_every == 0):
+                        ckpts.save(done, state, pending)
+                    break
         flush()
     finally:
         runner.close()
