@@ -50,6 +50,9 @@ class Curves:
     name: str
     train: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
     eval: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+    # True when the training KL is the update's per-token mean (no per-sequence seq_kl
+    # logged): not on the scale of eval/kl or of the theory's sequence-level KL.
+    kl_per_token: bool = False
 
 
 @dataclasses.dataclass
@@ -91,7 +94,11 @@ def load_train_run(run: str) -> Curves:
     """The curves of a train() run folder's metrics.jsonl."""
     rows = _read_jsonl(os.path.join(run, "metrics.jsonl"))
     c = Curves(os.path.basename(os.path.normpath(run)))
-    for canon, key in (("reward", "reward_mean"), ("kl", "kl"), ("length", "response_len_mean"),
+    seq_kl = _series(rows, "seq_kl")
+    if seq_kl is not None:
+        c.train["kl"] = seq_kl
+    c.kl_per_token = seq_kl is None and _series(rows, "kl") is not None
+    for canon, key in (("reward", "reward_mean"), ("kl", "kl" if seq_kl is None else "seq_kl"), ("length", "response_len_mean"),
                        ("zero_var_frac", "zero_var_frac"), ("invalid_frac", "reward_invalid_frac"),
                        ("is_log_ratio_abs_mean", "is_log_ratio_abs_mean")):
         s = _series(rows, key)
@@ -267,6 +274,8 @@ def fig_reward_gold(data: RunData, out: str, x: str) -> str | None:
         lines = []
         for c, color in zip(data.arms, _colors(len(data.arms))):
             for src, key, style, label in ((c.train, train_key, "-", c.name), (c.eval, eval_key, "o--", f"{c.name} (held-out)")):
+                if x == "kl" and src is c.train and c.kl_per_token and "kl" in c.eval:
+                    continue  # a per-token KL would share the axis with per-sequence ones
                 xs = _x_values(src, src.get(key), x)
                 if xs is not None:
                     lines.append((xs, src[key][1], style, color, label, c))
@@ -281,7 +290,8 @@ def fig_reward_gold(data: RunData, out: str, x: str) -> str | None:
         if title == "gold" and x == "step":
             for c, color in zip(data.arms, _colors(len(data.arms))):
                 _mark_peak(ax, c, color)
-        ax.set_xlabel("RL step" if x == "step" else "KL(pi || pi0)")
+        ax.set_xlabel("RL step" if x == "step" else "KL(pi || pi0) per sequence"
+                      + (" (training: per-token mean)" if any(c.kl_per_token and "kl" not in c.eval for c in data.arms) else ""))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
@@ -345,29 +355,31 @@ def fig_criteria(data: RunData, out: str, max_rows: int = 40) -> str | None:
 
 
 def fig_forecast(data: RunData, out: str) -> str | None:
-    """Predicted win rate against KL (lines) beside the measured (KL, win rate) path."""
+    """Predicted win rate and expected gold against KL (lines) beside the run's measured
+    (KL, win rate) and (KL, gold) paths (points; held-out evaluations when there are)."""
     if not data.forecast:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     names = sorted(set(data.forecast) | {c.name for c in data.arms})
     color = dict(zip(names, _colors(len(names))))
-    for label, rows in data.forecast.items():
-        ax.plot([r["kl"] for r in rows], [r["win_rate"] for r in rows], "-", color=color[label], lw=1.5,
-                label=f"{label}: forecast")
-    for c in data.arms:
-        src = c.eval if "win_rate" in c.eval else c.train
-        s = src.get("win_rate")
-        xs = _x_values(src, s, "kl")
-        target = c.name if c.name in data.forecast else (next(iter(data.forecast)) if len(data.forecast) == 1 else None)
-        if xs is not None and target is not None:
-            ax.plot(xs, s[1], "o", ms=3, color=color[target], alpha=0.7, label=f"{c.name}: measured")
-    ax.axhline(0.5, color="gray", lw=0.6, ls=":")
-    ax.set_xlabel("KL(pi || pi0)")
-    ax.set_ylabel("win rate vs base")
-    ax.set_title("Proposition 1 forecast from base samples vs the run")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    for ax, key, ylabel in ((axes[0], "win_rate", "win rate vs base"), (axes[1], "gold", "expected gold")):
+        for label, rows in data.forecast.items():
+            ax.plot([r["kl"] for r in rows], [r[key] for r in rows], "-", color=color[label], lw=1.5, label=f"{label}: forecast")
+        for c in data.arms:
+            src = c.eval if key in c.eval else c.train
+            xs = _x_values(src, src.get(key), "kl")
+            if xs is None or (src is c.train and c.kl_per_token):
+                continue
+            target = c.name if c.name in data.forecast else (next(iter(data.forecast)) if len(data.forecast) == 1 else c.name)
+            ax.plot(xs, src[key][1], "o", ms=3, color=color[target], alpha=0.7, label=f"{c.name}: measured")
+        if key == "win_rate":
+            ax.axhline(0.5, color="gray", lw=0.6, ls=":")
+        ax.set_xlabel("KL(pi || pi0) per sequence")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.suptitle("Proposition 1 forecast from base samples vs the run (the forecast's KL is at most log n)")
     return _save(fig, out, "forecast.png")
 
 

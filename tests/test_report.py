@@ -97,3 +97,24 @@ def test_report_errors_name_the_folder(tmp_path, capsys):
     (tmp_path / "bad" / "metrics.jsonl").open("a").write("{oops\n{\"step\": 1}\n")
     assert rubrax_main(["report", str(tmp_path / "bad")]) == 2
     assert "metrics.jsonl:2: not JSON" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_grpo_gold_preset_forecasts_monitors_and_reports(tmp_path):
+    """experiments/configs/grpo_tiny_gold.json end to end: the forecast is written before
+    training, the gold monitor logs held-out gold every 2 steps (peaking, then falling while
+    the proxy rises), and `rubrax report` draws every figure but the criteria map."""
+    import os
+
+    from rubrax.rl.cli import main as train_main
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "run"
+    assert train_main(["--config", os.path.join(root, "experiments", "configs", "grpo_tiny_gold.json"), "--out", str(out)]) == 0
+    forecast = [json.loads(x) for x in open(out / "forecast.jsonl")]
+    assert len(forecast) == 32 and all(0.5 <= r["win_rate"] <= 1.0 for r in forecast)
+    path, figures = write_report(str(out))
+    assert [t for t, p in figures.items() if p is None] == ["per-criterion pass rates"]
+    assert all(_png_ok(p) for p in figures.values() if p)
+    assert "| yes |" in open(path).read()  # gold fell after its peak while the proxy rose
+    assert os.path.isdir(out / "best_gold")
