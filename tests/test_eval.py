@@ -202,3 +202,29 @@ def test_cli_agreement_writes_the_per_criterion_table(tmp_path, capsys, monkeypa
     assert table['Mentions "apple"']["both_yes"] == 1 and table['Mentions "apple"']["agreement"] == 0.0
     assert table['Mentions "pear"']["separating"] == 2 and table['Mentions "pear"']["agreement"] == 1.0
     assert 'Mentions "pear"' in capsys.readouterr().out
+
+
+def test_winrate_eval_hook_reports_the_judges_position_bias():
+    """Inside the RL loop's eval hook: a judge that always prefers the first response shown
+    flips every pair when asked in both orders."""
+    import jax
+
+    from rubrax.models import ModelConfig, init_params
+    from rubrax.policy import SampleConfig
+    from rubrax.rl.hooks import winrate_eval_hook
+    from rubrax.rl.prompts import load_prompts
+    from rubrax.rl.toy import toy_prompts, toy_tokenizer
+
+    tok = toy_tokenizer()
+    cfg = ModelConfig.tiny(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1, max_position_embeddings=32,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    held = load_prompts(toy_prompts(4, seed=3), tok, max_prompt_tokens=8)
+
+    class First:
+        async def compare(self, prompt, a, b, *, key, swap=False):
+            return "b" if swap else "a"
+
+    hook = winrate_eval_hook(held, ["no"] * 4, First(), tok, cfg, SampleConfig(max_new_tokens=4, n=1, prompt_bucket=8),
+                             max_prompt_tokens=8, both_orders=True)
+    out = hook(0, init_params(cfg, jax.random.PRNGKey(0)))
+    assert out["judge_flip_rate"] == 1.0 and out["judge_first_position_rate"] == 1.0 and out["win_rate"] == 0.5
