@@ -55,14 +55,16 @@ def test_resume_reads_the_history_and_reevaluated_steps_replace_it(tmp_path):
 
 def test_criteria_log_counts_verdicts_per_prompt_and_criterion(tmp_path):
     import json
+    import types
 
     from rubrax.rl.monitor import CriteriaLog
 
     infos = [{"prompt_id": "p", "verdicts": {"c1": "yes", "c2": "no"}}, {"prompt_id": "p", "verdicts": {"c1": "yes", "c2": "unknown"}},
              {"prompt_id": "q", "verdicts": {"c1": "no"}}, {"error": "timeout"}]
-    log = CriteriaLog(str(tmp_path / "criteria.jsonl"))
-    log.write(3, infos)
-    log.write(4, [{"scores": 1}])  # a reward without verdicts: nothing written
+    log = CriteriaLog(str(tmp_path))
+    out = log(types.SimpleNamespace(step=3, infos=tuple(infos)))
+    assert out == {"rubric/pass_rate": 2 / 4, "rubric/saturated_frac": 1 / 3}  # p/c1 met by every sample
+    assert log(types.SimpleNamespace(step=4, infos=({"scores": 1},))) == {}  # a reward without verdicts
     rows = [json.loads(x) for x in open(tmp_path / "criteria.jsonl")]
     assert rows == [{"step": 3, "prompt_id": "p", "criterion": "c1", "yes": 2, "no": 0, "unknown": 0},
                     {"step": 3, "prompt_id": "p", "criterion": "c2", "yes": 0, "no": 1, "unknown": 1},

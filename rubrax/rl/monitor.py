@@ -183,12 +183,27 @@ class CriteriaLog:
     """Per-criterion verdict counts of the rubric reward, per training step, as JSONL rows
     {step, prompt_id, criterion, yes, no, unknown} (read by `rubrax report`).
 
-    Reads the "verdicts" ({criterion id: yes/no/unknown}) and "prompt_id" that
-    `RubricReward` puts in each row's info; rewards without them add nothing.
+    A step hook of `train()` (`step_hooks=[CriteriaLog(out_dir)]`): reads the "verdicts"
+    ({criterion id: yes/no/unknown}) and "prompt_id" that `RubricReward` puts in each
+    row's info; rewards without them add nothing. Logs rubric/pass_rate (known verdicts
+    that are yes) and rubric/saturated_frac (criteria of the step's prompts that every
+    sample of the group met: ties the reward cannot break). Multi-host: process 0 writes.
     """
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, CRITERIA_FILE)
+
+    def __call__(self, view: Any) -> dict[str, float]:
+        import jax
+
+        rows = self.rows(view.step, view.infos)
+        if rows and jax.process_index() == 0:
+            self._append(rows)
+        known = [(r["yes"], r["yes"] + r["no"]) for r in rows if r["yes"] + r["no"]]
+        if not known:
+            return {}
+        return {"rubric/pass_rate": sum(y for y, _ in known) / sum(n for _, n in known),
+                "rubric/saturated_frac": float(np.mean([y == n for y, n in known]))}
 
     @staticmethod
     def rows(step: int, infos: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -203,9 +218,7 @@ class CriteriaLog:
         return [{"step": int(step), "prompt_id": pid, "criterion": cid, "yes": c["yes"], "no": c["no"], "unknown": c["unknown"]}
                 for (pid, cid), c in counts.items()]
 
-    def write(self, step: int, infos: Sequence[Mapping[str, Any]]) -> None:
-        rows = self.rows(step, infos)
-        if rows:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+    def _append(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(dict(r)) + "\n" for r in rows)
