@@ -6,40 +6,28 @@ import jax
 import numpy as np
 import pytest
 
-from rubrax.models import ModelConfig, init_params
+from test_rl_loop import CONFIG, G, SAMPLE, TOK
+
+from rubrax.models import init_params
 from rubrax.policy import SampleConfig
-from rubrax.rewards.base import RewardBatch
 from rubrax.rl.loop import LoopConfig, train
 from rubrax.rl.monitor import GoldMonitor, GoldMonitorConfig
 from rubrax.rl.prompts import load_prompts
 from rubrax.rl.step import RLConfig
-from rubrax.rl.toy import TargetWordReward, toy_prompts, toy_tokenizer
+from rubrax.rl.toy import HalfTargetWordReward, TargetWordReward, toy_prompts
 from rubrax.sharding import make_mesh
 from rubrax.train import checkpoint
 from rubrax.train.metrics import read_metrics
 from rubrax.train.optim import OptimConfig
 
-G = 8
-TOK = toy_tokenizer()
-CONFIG = ModelConfig.tiny(
-    vocab_size=TOK.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, max_position_embeddings=64,
-    bos_token_id=TOK.bos_token_id, eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id,
-)
-SAMPLE = SampleConfig(max_new_tokens=6, n=G, prompt_bucket=8)
 EVAL_SAMPLE = SampleConfig(max_new_tokens=6, n=8, prompt_bucket=8)
-
-
-def half_yes(prompts, completions, **columns):
-    """Gold: 1 - 2 |share of "yes" - 1/2| (best at half "yes")."""
-    share = np.array([w.count("yes") / len(w) if (w := c.split()) else 0.0 for c in completions])
-    return RewardBatch(1.0 - 2.0 * np.abs(share - 0.5), np.ones(len(completions), bool))
 
 
 def run(tmp_path, steps=24, config=GoldMonitorConfig(), every=2):
     params = init_params(CONFIG, jax.random.PRNGKey(0))
     held = load_prompts(toy_prompts(8, seed=9), TOK, max_prompt_tokens=8)
-    monitor = GoldMonitor(held, half_yes, TargetWordReward(target="yes"), TOK, CONFIG, EVAL_SAMPLE, max_prompt_tokens=8,
-                          ref_params=params, out_dir=str(tmp_path), config=config)
+    monitor = GoldMonitor(held, HalfTargetWordReward(target="yes"), TargetWordReward(target="yes"), TOK, CONFIG, EVAL_SAMPLE,
+                          max_prompt_tokens=8, ref_params=params, out_dir=str(tmp_path), config=config)
     result = train(params=params, model_config=CONFIG, tokenizer=TOK, reward_fn=TargetWordReward(target="yes"),
                    prompts=toy_prompts(64), rl=RLConfig(group_size=G, kl_coef=1e-3), sample=SAMPLE,
                    optim=OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0),

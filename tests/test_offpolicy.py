@@ -1,4 +1,7 @@
-"""Off-policy corrections: importance weights by hand (token TIS, sequence MIS)."""
+"""Off-policy corrections: importance weights by hand (token TIS, sequence MIS), through
+the update (on-policy equivalence, a stale sampler corrected) and through train()."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -138,3 +141,39 @@ def test_truncation_is_counted_and_config_is_validated():
     with pytest.raises(ValueError, match="behaviour_logprobs='sampler'"):
         RLConfig(group_size=G, importance_correction="token_tis", behaviour_logprobs="recompute")
     RLConfig(group_size=G, importance_correction="token_tis", temperature=0.7)  # mu = the tempered sampler's logprobs
+
+
+def test_train_feeds_the_sampled_distributions_logprobs_under_a_correction(tmp_path):
+    """train() with top-k / tempered sampling, one step off policy and token TIS: the update
+    sees the sampler's own log q (mismatch metrics logged), and pending rollouts saved for a
+    resume keep it."""
+    from test_rl_loop import CONFIG, TOK
+
+    from rubrax.models import init_params
+    from rubrax.policy import SampleConfig
+    from rubrax.rl.loop import LoopConfig, train
+    from rubrax.rl.rollouts import Rollouts
+    from rubrax.rl.toy import TargetWordReward, toy_prompts
+    from rubrax.sharding import make_mesh
+    from rubrax.train.optim import OptimConfig
+
+    res = train(params=init_params(CONFIG, jax.random.PRNGKey(0)), model_config=CONFIG, tokenizer=TOK,
+                reward_fn=TargetWordReward(target="yes"), prompts=toy_prompts(16),
+                rl=RLConfig(group_size=4, importance_correction="token_tis", temperature=0.8),
+                sample=SampleConfig(max_new_tokens=4, n=4, temperature=0.8, top_k=5, prompt_bucket=8),
+                optim=OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0),
+                loop=LoopConfig(total_steps=3, prompts_per_step=2, max_prompt_tokens=8, overlap="one_step_off_policy",
+                                out_dir=str(tmp_path), checkpoint_every=1, progress=False, tensorboard=False),
+                mesh=make_mesh(jax.devices()[:1]))
+    steps = [h for h in res.history if "is_log_ratio_abs_mean" in h]
+    assert len(steps) == 3
+    # Step 0 is on policy: pi_old / q differs from 1 only by the top-k renormalisation
+    # (q > pi_old on kept tokens), a real mismatch the metrics see.
+    assert all(0 < h["is_log_ratio_abs_mean"] < 5 and np.isfinite(h["is_log_ratio_abs_max"]) for h in steps)
+    pending = Rollouts.from_npz(str(tmp_path / "pending" / "1.npz"))
+    assert pending.sampling_logprobs is not None and pending.sampling_logprobs.shape == pending.logprobs.shape
+    real = pending.mask > 0
+    assert not np.allclose(pending.sampling_logprobs[real], pending.logprobs[real], atol=1e-3)  # q is not the model's p
+    assert pending.behaviour_logprobs("token_tis") is pending.sampling_logprobs and pending.behaviour_logprobs("none") is pending.logprobs
+    with pytest.raises(ValueError, match="sampling_logprobs"):
+        dataclasses.replace(pending, sampling_logprobs=None).behaviour_logprobs("token_tis")
