@@ -121,12 +121,16 @@ class GoldMonitor:
     estimate unbiased; n > 1 averages over more samples). ref_params: the reference
     policy (None: no eval/kl). out_dir: where gold_monitor.json (the resumable history)
     and best_gold/ (the best-by-gold params, with {"step", "gold"}) go.
-    `stop_requested` turns True when the early-stop rule fires (a step hook ends the run).
+    evaluate_reference: before the first evaluation, evaluate ref_params as step 0 (the
+    base policy, when training starts from it): gold may peak before any training step
+    (logged as eval/gold_base). `stop_requested` turns True when the early-stop rule
+    fires (train() then ends the run).
     """
 
     def __init__(self, prompts: Any, gold_fn: Any, proxy_fn: Any, tokenizer: Any, model_config: Any, sample_cfg: Any, *,
                  max_prompt_tokens: int, ref_params: Any = None, out_dir: str | None = None,
-                 config: GoldMonitorConfig = GoldMonitorConfig(), seed: int = 0, batch_size: int = 64):
+                 config: GoldMonitorConfig = GoldMonitorConfig(), seed: int = 0, batch_size: int = 64,
+                 evaluate_reference: bool = True):
         from rubrax.rewards.base import as_reward_fn
         from rubrax.rl.rollouts import EvalSampler
 
@@ -135,6 +139,7 @@ class GoldMonitor:
         self.generate = EvalSampler(prompts, tokenizer, model_config, sample_cfg, max_prompt_tokens, seed, batch_size)
         self.tracker = GoldTracker(config, os.path.join(out_dir, MONITOR_FILE) if out_dir else None)
         self.stop_requested = self.tracker.should_stop() if self.tracker.history else False
+        self.evaluate_reference = evaluate_reference and ref_params is not None
 
     @property
     def best_dir(self) -> str | None:
@@ -169,6 +174,15 @@ class GoldMonitor:
         return ((ro.logprobs - ref_logp) * ro.mask).sum(axis=1)
 
     def __call__(self, step: int, params: Any) -> dict[str, float]:
+        if self.evaluate_reference and not self.tracker.history:
+            self._observe(0, self.ref_params)
+        self._observe(step, params)
+        out = self.tracker.figures()
+        if self.tracker.history[0]["step"] == 0:
+            out["gold_base"] = self.tracker.history[0]["gold"]
+        return out
+
+    def _observe(self, step: int, params: Any) -> None:
         scores = self.evaluate(step, params)
         verdict = self.tracker.observe(step, **scores)
         if verdict["new_best"] and self.tracker.config.keep_best and self.best_dir:
@@ -176,7 +190,6 @@ class GoldMonitor:
 
             checkpoint.save(self.best_dir, step, params, {"step": int(step), "gold": scores["gold"]}, max_to_keep=1, overwrite=True)
         self.stop_requested = verdict["stop"]
-        return self.tracker.figures()
 
 
 class CriteriaLog:
