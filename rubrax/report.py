@@ -8,7 +8,8 @@ Reads any of (whatever is there; a figure whose data is missing is skipped and n
   RUN/arms/*.jsonl     a tail-world run (`rubrax sim run`): per-arm curves (proxy, gold,
                        win rate, KL, length per step) and the theory rows (the forecast)
   RUN/forecast.jsonl   the theory's forecast (`rubrax.forecast.write_forecast`)
-  RUN/criteria.jsonl   per-criterion verdict counts per step (`rubrax.rl.monitor.CriteriaLog`)
+  RUN/criteria.jsonl   per-criterion verdict counts per step (`rubrax.rl.monitor.CriteriaLog`;
+                       a tail-world run has one per rubric arm under RUN/runs/seed<s>_<arm>/)
 
 Figures: reward (proxy) and gold against step and against KL, with gold's peak marked;
 response length against step; the zero-variance group fraction and the invalid-reward
@@ -189,6 +190,9 @@ def load_run(run: str) -> RunData:
         forecast = {k: sorted(v, key=lambda r: r["kl"]) for k, v in forecast.items()}
     path = os.path.join(run, "criteria.jsonl")
     criteria = _read_jsonl(path) if os.path.exists(path) else []
+    for path in sorted(glob.glob(os.path.join(run, "runs", "seed*_*", "criteria.jsonl"))):  # tail world: per arm
+        arm = os.path.basename(os.path.dirname(path))
+        criteria += [{**r, "prompt_id": f"{arm}:{r['prompt_id']}"} for r in _read_jsonl(path)]
     return RunData(kind, arms, forecast, criteria)
 
 

@@ -437,6 +437,7 @@ def run_rl_arm(ctx: SeedContext, cfg: SimConfig, arm: str, proxy: Any, log: Log,
     the final evaluation; rows: one per step (from the run's metrics.jsonl) + the final one.
     eval_hooks (e.g. rubrax.rl.monitor.GoldMonitor) run every cfg.eval_every steps."""
     from rubrax.rl.loop import LoopConfig, train
+    from rubrax.rl.monitor import CriteriaLog  # rubric arms: per-criterion verdicts per step, for `rubrax report`
 
     t0 = time.perf_counter()
     run_dir = work / f"seed{ctx.seed}_{arm}"
@@ -448,7 +449,8 @@ def run_rl_arm(ctx: SeedContext, cfg: SimConfig, arm: str, proxy: Any, log: Log,
     )
     res = train(params=ctx.base_params, model_config=ctx.model_config, tokenizer=ctx.tokenizer, reward_fn=proxy,
                 prompts=ctx.prompts, rl=cfg.rl, sample=cfg.sample, optim=cfg.optim, loop=loop, eval_hooks=eval_hooks,
-                step_hooks=[tracking_hook(ctx, cfg.rl.group_size)], run_config={"seed": ctx.seed, "arm": arm})
+                step_hooks=[tracking_hook(ctx, cfg.rl.group_size), CriteriaLog(str(run_dir))],
+                run_config={"seed": ctx.seed, "arm": arm})
     rows = _step_rows(run_dir / "metrics.jsonl", ctx.seed, arm)
     if [r["step"] for r in rows] != list(range(cfg.rl_steps)):
         raise RuntimeError(f"{run_dir}/metrics.jsonl has steps {[r['step'] for r in rows]}, expected 0..{cfg.rl_steps - 1}")
