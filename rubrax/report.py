@@ -142,15 +142,34 @@ def load_sim_run(run: str) -> tuple[list[Curves], dict[str, list[dict[str, Any]]
             for r in _read_jsonl(path):
                 theory[r["arm"]].append(r)
         elif arm not in SIM_EXTRA:
-            curves[arm] += [r for r in _read_jsonl(path) if not r.get("final")]
+            # As the testbed's own report: an RL arm's final evaluation (more samples, after
+            # the last step) is not a point of its curve; the SFT arm's evaluations all are.
+            curves[arm] += [r for r in _read_jsonl(path) if not r.get("final") or arm == "sft_great"]
     arms = []
     for arm, rows in curves.items():
         c = Curves(arm)
         for canon, key in (("reward", "proxy"), ("gold", "gold"), ("kl", "kl"), ("length", "length"), ("win_rate", "win_rate")):
-            c.train[canon] = _mean_by_step(rows, key)
+            steps, values = _mean_by_step(rows, key)
+            if len(steps):  # the SFT arm has no proxy
+                c.train[canon] = steps, values
+        c.train.update(_sim_update_metrics(run, arm))
         arms.append(c)
     forecast = {arm: _mean_theory(rows) for arm, rows in theory.items()}
     return arms, forecast
+
+
+def _sim_update_metrics(run: str, arm: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """zero_var_frac / invalid_frac of a tail-world arm's train() runs (RUN/runs/seed<s>_<arm>/
+    metrics.jsonl), means over seeds per step."""
+    rows = []
+    for path in glob.glob(os.path.join(run, "runs", f"seed*_{arm}", "metrics.jsonl")):
+        rows += [r for r in _read_jsonl(path) if "zero_var_frac" in r]
+    out = {}
+    for canon, key in (("zero_var_frac", "zero_var_frac"), ("invalid_frac", "reward_invalid_frac")):
+        steps, values = _mean_by_step(rows, key)
+        if len(steps):
+            out[canon] = steps, values
+    return out
 
 
 def _mean_by_step(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -442,7 +461,8 @@ def write_markdown(data: RunData, run: str, out: str, figures: Mapping[str, str 
         fmt = lambda k: f"{r[k]:.3f}" if k in r else "n/a"
         lines.append(f"| {r['arm']} | {r['steps']} | {r['proxy']} | {r['gold']} | {peak} | {r['kl']} | {r['length']} | "
                      f"{fmt('zero_var_frac')} | {fmt('invalid_frac')} | {'yes' if r['overoptimised'] else 'no'} |")
-    lines += ["", "Over-optimised: gold ended below its peak while the proxy ended above its value at gold's peak.", ""]
+    lines += ["", "Over-optimised: gold ended below its peak while the proxy ended above its value at gold's peak "
+              "(a flag on the curves as logged: on short, noisy runs read the figures).", ""]
     if data.forecast:
         lines += ["## Forecast (Proposition 1 on base samples)", "", *_forecast_lines(data), ""]
     rates = criterion_rates(data.criteria)

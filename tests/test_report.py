@@ -77,9 +77,11 @@ def test_report_of_a_tail_world_run(tmp_path):
         _write(run / "arms" / f"seed{seed}_theory.jsonl", [{"seed": seed, "arm": a, "beta": b, "kl": 1 / b, "win_rate": 0.5 + 0.1 / b, "gold": 0.3}
                                                            for a in ("gold", "bt_off_policy") for b in (1.0, 2.0, 4.0)])
         _write(run / "arms" / f"seed{seed}_agreement.jsonl", [{"seed": seed, "arm": "gold"}])
+        _write(run / "arms" / f"seed{seed}_sft_great.jsonl", [{"seed": seed, "arm": "sft_great", "step": s, "gold": 0.2, "proxy": None,
+                                                               "win_rate": 0.6, "kl": 1.0, "length": 9.0} for s in (0, 5)])
     (run / "report.md").write_text("the tail world's own report")
     data = load_run(str(run))
-    assert data.kind == "sim" and sorted(c.name for c in data.arms) == ["bt_off_policy", "gold"]
+    assert data.kind == "sim" and sorted(c.name for c in data.arms) == ["bt_off_policy", "gold", "sft_great"]
     arm = {c.name: c for c in data.arms}["bt_off_policy"]
     np.testing.assert_allclose(arm.train["gold"][1], [0.305, 0.355, 0.405, 0.355, 0.305])  # seed means, no final row
     assert [r["kl"] for r in data.forecast["gold"]] == [0.25, 0.5, 1.0]
@@ -88,6 +90,7 @@ def test_report_of_a_tail_world_run(tmp_path):
     assert all(_png_ok(p) for p in figures.values() if p) and figures["forecast against the measured path"]
     md = open(md_path).read()
     assert "| bt_off_policy | 4 | 0.000 -> 0.400 | 0.305 -> 0.305 | 0.405 (2) |" in md
+    assert "| sft_great | 5 | n/a | 0.200 -> 0.200 |" in md  # no proxy: n/a, not a crash
 
 
 def test_report_errors_name_the_folder(tmp_path, capsys):
