@@ -353,28 +353,41 @@ def fig_lines(data: RunData, out: str, keys: Sequence[tuple[str, str]], name: st
     return _save(fig, out, name)
 
 
-def fig_criteria(data: RunData, out: str, max_rows: int = 40) -> str | None:
-    """Heat map of per-criterion pass rates (rows: criteria, by final rate; columns: steps)."""
+def fig_criteria(data: RunData, out: str, max_rows: int = 40, max_cols: int = 25) -> str | None:
+    """Heat map of per-criterion pass rates: rows are criteria (by their late pass rate,
+    highest first), columns are step bins (at most max_cols, pooling the verdicts of a bin:
+    one step's few samples per prompt are noisy)."""
     rates = criterion_rates(data.criteria)
     if not rates:
         return None
     plt = _plt()
     steps = np.array(sorted({int(s) for st, _ in rates.values() for s in st}))
-    keys = sorted(rates, key=lambda k: -rates[k][1][-1])[:max_rows]
-    grid = np.full((len(keys), len(steps)), np.nan)
-    col = {s: j for j, s in enumerate(steps)}
-    for i, k in enumerate(keys):
-        for s, r in zip(*rates[k]):
-            grid[i, col[int(s)]] = r
+    edges = np.unique(np.linspace(steps[0], steps[-1] + 1, min(max_cols, len(steps)) + 1).astype(int))
+    counts = _binned_counts(data.criteria, edges)
+    late = lambda k: float(np.nanmean(counts[k][0][-max(1, len(edges) // 4):] / np.maximum(counts[k][1][-max(1, len(edges) // 4):], 1)))
+    keys = sorted(counts, key=lambda k: -late(k))[:max_rows]
+    grid = np.array([np.where(counts[k][1] > 0, counts[k][0] / np.maximum(counts[k][1], 1), np.nan) for k in keys])
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.22 * len(keys)))
     im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest",
-                   extent=(steps[0] - 0.5, steps[-1] + 0.5, len(keys) - 0.5, -0.5))
+                   extent=(edges[0] - 0.5, edges[-1] - 0.5, len(keys) - 0.5, -0.5))
     sat = set(saturated(rates))
     ax.set_yticks(range(len(keys)), [f"{'* ' if k in sat else ''}{k[0]}/{k[1]}" for k in keys], fontsize=6)
     ax.set_xlabel("RL step")
     ax.set_title("per-criterion pass rate (* = saturated: the ties refinement targets)")
     fig.colorbar(im, ax=ax, fraction=0.03)
     return _save(fig, out, "criteria_pass_rates.png")
+
+
+def _binned_counts(rows: Sequence[Mapping[str, Any]], edges: np.ndarray) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """(prompt_id, criterion) -> (yes per step bin, known verdicts per step bin)."""
+    out: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    for r in rows:
+        key = (str(r["prompt_id"]), str(r["criterion"]))
+        yes, known = out.setdefault(key, (np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)))
+        b = int(np.clip(np.searchsorted(edges, int(r["step"]), side="right") - 1, 0, len(edges) - 2))
+        yes[b] += int(r.get("yes", 0))
+        known[b] += int(r.get("yes", 0)) + int(r.get("no", 0))
+    return {k: v for k, v in out.items() if v[1].sum() > 0}
 
 
 def fig_forecast(data: RunData, out: str) -> str | None:
