@@ -346,6 +346,9 @@ def fig_lines(data: RunData, out: str, keys: Sequence[tuple[str, str]], name: st
         for c, color in zip(data.arms, _colors(len(data.arms))):
             if key in c.train:
                 ax.plot(*c.train[key], color=color, label=c.name, lw=1.2)
+        if key.endswith("_frac"):  # a rate: its scale starts at 0 (an all-zero curve reads as 0, not as noise)
+            top = max(float(np.nanmax(c.train[key][1])) for c in data.arms if key in c.train)
+            ax.set_ylim(0, max(0.05, 1.1 * top))
         ax.set_xlabel("RL step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
