@@ -221,7 +221,9 @@ def train(
     sample: rubrax.policy.SampleConfig with n == rl.group_size. optim:
     rubrax.train.optim.OptimConfig (schedule over total_steps * ppo_epochs *
     num_minibatches optimizer updates). eval_hooks: callables (step, params) -> dict of
-    scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>").
+    scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>"); a
+    hook whose `stop_requested` attribute is then True ends the run there (with a
+    checkpoint), e.g. `rubrax.rl.monitor.GoldMonitor`'s early stop.
     step_hooks: callables (rubrax.rl.hooks.StepView) -> dict of scalars, run after every
     step and logged with its metrics. mesh: a 1-D "data" mesh (default: loop.num_devices
     devices). logits_fn: a model other than rubrax.models (params, tokens, mask) -> logits.
@@ -253,14 +255,14 @@ def train(
             rewards, counts = _timed(late.times, "time/reward_wait_s", future.result)
             late.flush()
             scores, valid, counts = _gather_rewards(rewards, counts, len(ro.completions), mine)
-            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, scores, valid,
-                               group_size=rl.group_size)
+            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.behaviour_logprobs(rl.importance_correction),
+                               scores, valid, group_size=rl.group_size)
             if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
                 batch = jax.tree.map(lambda x: x[fed], batch)
             if trim_host:
                 release_host_memory()  # sampling's freed buffers, before the update's peak
             state, metrics = _timed(late.times, "time/update_dispatch_s", trainer, state, batch, ref)
-            late.hold(step, metrics, counts, ro, scores, valid)
+            late.hold(step, metrics, counts, ro, scores, valid, rewards.info)
             done = step + 1
             if ckpts.ckpt_dir and ((loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end):
                 late.flush()
@@ -268,6 +270,11 @@ def train(
             if eval_hooks and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.total_steps):
                 late.flush()
                 logger.write(done, run_eval_hooks(eval_hooks, done, state.params))
+                if any(getattr(hook, "stop_requested", False) for hook in eval_hooks):  # e.g. the gold monitor
+                    log.info("an eval hook asked to stop after step %d", done)
+                    if ckpts.ckpt_dir and done != end and not (loop.checkpoint_every and done % loop.checkpoint_every == 0):
+                        ckpts.save(done, state, pending)
+                    break
         late.flush()
     finally:
         runner.close()
@@ -340,18 +347,18 @@ class _LateStep:
         self.times: dict[str, float] = {}
         self.held: tuple | None = None
 
-    def hold(self, step: int, metrics: Any, counts: Mapping[str, int], ro: Rollouts, scores, valid) -> None:
+    def hold(self, step: int, metrics: Any, counts: Mapping[str, int], ro: Rollouts, scores, valid, infos=()) -> None:
         host = {**self.times, "reward_timeouts": counts["timeouts"], "reward_exceptions": counts["exceptions"]}
         self.times = {}
-        self.held = (step, metrics, host, ro, scores, valid)
+        self.held = (step, metrics, host, ro, scores, valid, tuple(infos))
 
     def flush(self) -> None:
         if self.held is None:
             return
-        step, dev, host, ro, scores, valid = self.held
+        step, dev, host, ro, scores, valid, infos = self.held
         self.held = None
         record = {k: (v.item() if hasattr(v, "item") else v) for k, v in {**jax.device_get(dev), **host}.items()}
         if self.step_hooks:
-            record.update(run_step_hooks(self.step_hooks, StepView(step, self.prompts, ro, scores, valid, record)))
+            record.update(run_step_hooks(self.step_hooks, StepView(step, self.prompts, ro, scores, valid, record, infos)))
         self.logger.write(step, record)
         self.logger.bar.update(1)
