@@ -237,13 +237,10 @@ def train(
     ckpts = RunCheckpoints(loop.out_dir, keep=loop.keep_checkpoints, run_config=run_config)
     state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
     end = min(loop.total_steps, loop.stop_after or loop.total_steps)
-    sampler = RolloutSampler(data, tokenizer, model_config, sample, np.asarray(jax.device_get(state.key)),
-                             prompts_per_step=loop.prompts_per_step, max_prompt_tokens=loop.max_prompt_tokens,
-                             prompt_bucket=sample.prompt_bucket if loop.trim_prompts else None, seed=loop.seed)
+    sampler = _make_sampler(data, tokenizer, model_config, sample, loop, state)
     runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=loop.reward_chunk_size or rl.group_size)
     logger = RunLogger(loop, start, run_config)
-    # CPU only, and only for models whose transients are worth it: a trim costs ~30 ms.
-    trim_host = jax.default_backend() == "cpu" and _tree_bytes(state.params) >= TRIM_MIN_BYTES
+    trim_host = _worth_trimming(state.params)
     late = _LateStep(logger, data, step_hooks)
     try:
         for step in range(start, end):
@@ -264,26 +261,43 @@ def train(
             state, metrics = _timed(late.times, "time/update_dispatch_s", trainer, state, batch, ref)
             late.hold(step, metrics, counts, ro, scores, valid, rewards.info)
             done = step + 1
-            if ckpts.ckpt_dir and ((loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end):
+            saved = bool(ckpts.ckpt_dir) and (_due(loop.checkpoint_every, done) or done == end)
+            if saved:
                 late.flush()
                 ckpts.save(done, state, pending)
-            if eval_hooks and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.total_steps):
+            if eval_hooks and (_due(loop.eval_every, done) or done == loop.total_steps):
                 late.flush()
-                logger.write(done, run_eval_hooks(eval_hooks, done, state.params))
-                if any(getattr(hook, "stop_requested", False) for hook in eval_hooks):  # e.g. the gold monitor
-                    log.info("an eval hook asked to stop after step %d", done)
-                    if ckpts.ckpt_dir and done != end and not (loop.checkpoint_every and done % loop.checkpoint_every == 0):
-                        ckpts.save(done, state, pending)
+                if _evaluate(eval_hooks, done, state, pending, logger, ckpts, saved):
                     break
         late.flush()
     finally:
         runner.close()
         logger.close()
     if loop.export_dir and int(state.step) >= loop.total_steps:
-        from rubrax.rl.export import export_trained
-
-        export_trained(state.params, model_config, tokenizer, os.path.join(loop.out_dir or "", loop.export_dir), step=int(state.step))
+        _export(state, model_config, tokenizer, loop)
     return TrainResult(state=state, history=logger.history, out_dir=loop.out_dir, trainer=trainer)
+
+
+def _make_sampler(data: PromptSet, tokenizer, model_config, sample, loop: LoopConfig, state) -> RolloutSampler:
+    return RolloutSampler(data, tokenizer, model_config, sample, np.asarray(jax.device_get(state.key)),
+                          prompts_per_step=loop.prompts_per_step, max_prompt_tokens=loop.max_prompt_tokens,
+                          prompt_bucket=sample.prompt_bucket if loop.trim_prompts else None, seed=loop.seed)
+
+
+def _due(every: int, done: int) -> bool:
+    return bool(every) and done % every == 0
+
+
+def _evaluate(eval_hooks, done: int, state, pending, logger: RunLogger, ckpts: RunCheckpoints, saved: bool) -> bool:
+    """Runs and logs the eval hooks after step `done`; True when one of them asks the run
+    to stop there (e.g. the gold monitor's early stop), after a checkpoint of that step."""
+    logger.write(done, run_eval_hooks(eval_hooks, done, state.params))
+    if not any(getattr(hook, "stop_requested", False) for hook in eval_hooks):
+        return False
+    log.info("an eval hook asked to stop after step %d", done)
+    if ckpts.ckpt_dir and not saved:
+        ckpts.save(done, state, pending)
+    return True
 
 
 def _check_settings(rl: RLConfig, sample: Any, loop: LoopConfig) -> None:
@@ -309,8 +323,15 @@ def _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh) -
     return trainer, trainer.place_state(state), trainer.place_ref(ref)
 
 
-def _tree_bytes(tree: Any) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+def _worth_trimming(params: Any) -> bool:
+    """CPU only, and only for models whose host transients matter: a trim costs ~30 ms."""
+    return jax.default_backend() == "cpu" and sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) >= TRIM_MIN_BYTES
+
+
+def _export(state, model_config, tokenizer, loop: LoopConfig) -> None:
+    from rubrax.rl.export import export_trained
+
+    export_trained(state.params, model_config, tokenizer, os.path.join(loop.out_dir or "", loop.export_dir), step=int(state.step))
 
 
 def _timed(times: dict[str, float], name: str, fn: Callable, *args):
