@@ -18,7 +18,7 @@ from rubrax.data.pairs import (
     write_pairs,
 )
 from rubrax.data.records import RecordError
-from rubrax.sim.tokenizer import WordTokenizer
+from rubrax.models.tokenizer import WordTokenizer
 
 
 def write_lines(path, records):

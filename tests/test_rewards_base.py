@@ -22,7 +22,7 @@ from rubrax.rewards import (
     get_reward,
     register_reward,
 )
-from rubrax.rewards import base
+from rubrax.rewards import registry
 
 PROMPTS = ["p0", "p1", "p2", "p3"]
 COMPLETIONS = ["a", "bb", "ccc", "dddd"]
@@ -275,7 +275,7 @@ def test_registry_by_name():
         with pytest.raises(ValueError, match="already registered"):
             register_reward("test_len_scaled")(Fixed)
     finally:
-        base._REGISTRY.pop("test_len_scaled", None)
+        registry._REGISTRY.pop("test_len_scaled", None)
 
 
 def test_registry_function_factory_and_unknown_name():
@@ -288,7 +288,7 @@ def test_registry_function_factory_and_unknown_name():
         assert isinstance(fn, CallableReward)
         np.testing.assert_allclose(fn(PROMPTS, COMPLETIONS).scores, [2, 3, 4, 5])
     finally:
-        base._REGISTRY.pop("test_plain_fn", None)
+        registry._REGISTRY.pop("test_plain_fn", None)
     with pytest.raises(KeyError, match="unknown reward 'no_such_reward'"):
         get_reward("no_such_reward")
 

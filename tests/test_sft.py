@@ -10,7 +10,7 @@ import pytest
 from rubrax.data.records import RecordError
 from rubrax.data.sft import SFTExample, encode_prompt_response, encode_sft, read_sft
 from rubrax.models import ModelConfig, forward, init_params
-from rubrax.sim.tokenizer import WordTokenizer
+from rubrax.models.tokenizer import WordTokenizer
 from rubrax.train.optim import OptimConfig
 from rubrax.train.sft import sft_eval, sft_loss, train_sft
 from rubrax.train.trainer import TrainConfig

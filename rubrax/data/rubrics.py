@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from rubrax.data.records import RecordError, write_jsonl
-from rubrax.rewards.rubric import Criterion, Rubric
+from rubrax.rubric import Criterion, Rubric
 
 SCHEMAS = ("auto", "rubrax", "junkaiz", "healthbench")
 SCALES = ("paper", "points")

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from rubrax.rewards.registry import resolve_reward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,59 +199,41 @@ async def acall_reward(fn: Any, prompts: Sequence[str], completions: Sequence[st
     return await as_reward_fn(fn).acall(prompts, completions, **columns)
 
 
-# --------------------------------------------------------------------------- registry
-
-_REGISTRY: dict[str, Callable[..., Any]] = {}
+# --------------------------------------------------------------------------- building by name
 
 
-def register_reward(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: registers a reward-function factory (a class or function) under `name`.
+def make_reward(factory: Any, kwargs: Mapping[str, Any] | None = None, *, name: str | None = None) -> RewardFnBase:
+    """A reward function from what a name resolves to (`rubrax.rewards.registry`).
 
-    Configs then pick rewards by name: `get_reward("rubric", rubrics=...)`.
+    - a RewardFn class (or any class): instantiated with `kwargs`;
+    - a TRL-style callable `fn(prompts, completions, **kw) -> list[float]` (it takes a
+      `completions` argument): wrapped, with `kwargs` bound to every call;
+    - a factory function: called with `kwargs`; what it returns is the reward;
+    - a reward object (an instance): used as it is (no kwargs).
     """
-
-    def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ValueError(f"reward {name!r} is already registered to {_REGISTRY[name]!r}")
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
-
-
-# Modules that register rewards on import; imported lazily by get_reward so that the
-# registry is complete without importing jax for host-only rewards.
-_PROVIDERS = (
-    "rubrax.rewards.rubric",
-    "rubrax.rewards.bradley_terry",
-    "rubrax.sim.rewards",
-    "rubrax.rl.toy",
-)
+    kwargs = dict(kwargs or {})
+    label = name or getattr(factory, "__name__", None)
+    if isinstance(factory, type):
+        return as_reward_fn(factory(**kwargs))
+    if not callable(factory) or isinstance(factory, RewardFnBase):
+        if kwargs:
+            raise TypeError(f"reward {label!r} is an object, not a class or function: it takes no kwargs (got {sorted(kwargs)})")
+        return as_reward_fn(factory)
+    if _takes_completions(factory):
+        return CallableReward(functools.partial(factory, **kwargs) if kwargs else factory, name=label)
+    return as_reward_fn(factory(**kwargs))
 
 
-def _load_providers() -> None:
-    import importlib
-
-    for module in _PROVIDERS:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if not (err.name and module.startswith(err.name)):
-                raise
-
-
-def available_rewards() -> list[str]:
-    _load_providers()
-    return sorted(_REGISTRY)
+def _takes_completions(fn: Callable[..., Any]) -> bool:
+    try:
+        return "completions" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def get_reward(name: str, **kwargs: Any) -> RewardFnBase:
-    """Builds the reward function registered under `name` with keyword arguments."""
-    if name not in _REGISTRY:
-        _load_providers()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown reward {name!r}; registered: {', '.join(sorted(_REGISTRY)) or '(none)'}")
-    return as_reward_fn(_REGISTRY[name](**kwargs))
+    """Builds the reward `name` (registered, "module:attr" or "file.py:attr") with kwargs."""
+    return make_reward(resolve_reward(name), kwargs, name=name)
 
 
 # --------------------------------------------------------------------------- combinators

@@ -140,7 +140,7 @@ def load_model(recipe: GRPORecipe, seed: int):
 
 def _words_tokenizer(recipe: GRPORecipe):
     from rubrax.data.records import iter_source
-    from rubrax.sim.tokenizer import WordTokenizer
+    from rubrax.models.tokenizer import WordTokenizer
 
     words = {w for _, _, rec in iter_source(_records(recipe.train, recipe)) for w in str(rec.get("prompt", "")).split()}
     from rubrax.rl.toy import TOY_WORDS

@@ -61,7 +61,7 @@ from rubrax.sim import generators as gen
 from rubrax.sim.agents import SimProposer, SimVerifier
 from rubrax.sim.presets import SimConfig
 from rubrax.sim.rewards import GoldReward
-from rubrax.sim.tokenizer import WordTokenizer
+from rubrax.models.tokenizer import WordTokenizer
 from rubrax.sim.world import World
 
 Log = Callable[[str], None]
@@ -340,6 +340,7 @@ def train_bt(ctx: SeedContext, cfg: SimConfig, arm: str, log: Log) -> Any:
 
     from rubrax.data import pairs as pairs_lib
     from rubrax.rewards import bradley_terry as bt
+    from rubrax.train.reward_model import train_reward_model
     from rubrax.train.optim import OptimConfig
     from rubrax.train.trainer import TrainConfig
 
@@ -363,7 +364,7 @@ def train_bt(ctx: SeedContext, cfg: SimConfig, arm: str, log: Log) -> Any:
         optim=OptimConfig(learning_rate=cfg.bt.lr, schedule="cosine", warmup_ratio=0.1),
         batch_size=cfg.bt.batch_size, num_epochs=cfg.bt.epochs, seed=ctx.seed, progress=False, log_every=steps,
     )
-    res = bt.train_reward_model(params, ctx.model_config, data, train_cfg, desc=f"{arm} s{ctx.seed}")
+    res = train_reward_model(params, ctx.model_config, data, train_cfg, desc=f"{arm} s{ctx.seed}")
     reward = bt.BTReward(res.params, ctx.model_config, ctx.tokenizer, max_length=max_len, batch_size=64, length_multiple=max_len)
     ctx.timings[f"{arm}_train_s"] = time.perf_counter() - t0
     log(f"[seed {ctx.seed}] {arm}: {len(ps.pairs)} pairs, {steps} steps, train loss "
