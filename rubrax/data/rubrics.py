@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from rubrax.data.records import RecordError, write_jsonl
+from rubrax.data.records import RecordError, iter_jsonl, write_jsonl
 from rubrax.rubric import Criterion, Rubric
 
 SCHEMAS = ("auto", "rubrax", "junkaiz", "healthbench")
@@ -37,54 +37,6 @@ SCALES = ("paper", "points")
 
 class RubricFormatError(RecordError):
     """Bad rubric/response record: names the source (file or dataset), the line/row and the field."""
-
-
-# --------------------------------------------------------------------------- JSONL reading
-
-
-def _find_bad_text(obj: Any, path: str = "") -> str | None:
-    """Path of the first string (key or value) holding undecodable bytes (surrogate escapes)."""
-    if isinstance(obj, str):
-        return path if any("\udc80" <= ch <= "\udcff" for ch in obj) else None
-    if isinstance(obj, list):
-        for i, v in enumerate(obj):
-            found = _find_bad_text(v, f"{path}[{i}]")
-            if found is not None:
-                return found
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            sub = f"{path}.{k}" if path else k
-            if _find_bad_text(k, sub) is not None:
-                return sub
-            found = _find_bad_text(v, sub)
-            if found is not None:
-                return found
-    return None
-
-
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yields (line number, object) for each non-blank line; clear errors otherwise."""
-    source = os.fspath(path)
-    with open(source, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                text = raw.decode("utf-8", errors="surrogateescape")
-                try:
-                    field = _find_bad_text(json.loads(text))
-                except json.JSONDecodeError:
-                    field = None
-                raise RubricFormatError(source, lineno, field, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise RubricFormatError(source, lineno, None, f"invalid JSON: {err.msg} at column {err.colno}") from None
-            if not isinstance(obj, dict):
-                raise RubricFormatError(source, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
 
 
 # --------------------------------------------------------------------------- field helpers
@@ -230,7 +182,7 @@ def _collect(rows: Iterable[tuple[int, Mapping[str, Any]]], source: str, schema:
 
 def load_rubrics(path: str | os.PathLike, *, schema: str = "auto", scale: str | None = None) -> dict[str, Rubric]:
     """Reads a rubrics JSONL file (any supported schema) into {prompt_id: Rubric}, in file order."""
-    return _collect(iter_jsonl(path), os.fspath(path), schema, scale)
+    return _collect(((line, rec) for _, line, rec in iter_jsonl(path, error=RubricFormatError)), os.fspath(path), schema, scale)
 
 
 def load_rubrics_dataset(name_or_path: str, *, config: str | None = None, split: str = "train", schema: str = "auto", scale: str | None = None) -> dict[str, Rubric]:
@@ -318,7 +270,7 @@ def read_responses(path: str | os.PathLike) -> list[ResponseRecord]:
     """Reads a responses JSONL file; (prompt_id, response_id) must be unique."""
     source = os.fspath(path)
     out, seen = [], {}
-    for line, rec in iter_jsonl(source):
+    for _, line, rec in iter_jsonl(source, error=RubricFormatError):
         r = parse_response(rec, source=source, line=line)
         if r.key in seen:
             raise RubricFormatError(source, line, "response_id", f"duplicate (prompt_id, response_id) {r.key} (first on line {seen[r.key]})")
@@ -331,7 +283,7 @@ def read_prompts(path: str | os.PathLike) -> list[tuple[str, str]]:
     """Reads {prompt_id, prompt} records (prompt_id derived from the text when absent)."""
     source = os.fspath(path)
     out, seen = [], {}
-    for line, rec in iter_jsonl(source):
+    for _, line, rec in iter_jsonl(source, error=RubricFormatError):
         prompt = _prompt(rec, source, line)
         pid = _id(rec, "prompt_id", source, line) if "prompt_id" in rec else derived_prompt_id(prompt)
         if pid in seen:

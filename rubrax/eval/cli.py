@@ -61,11 +61,12 @@ async def _winrate(args: argparse.Namespace) -> int:
 
 
 def read_pairs(path: str) -> list[Any]:
-    from rubrax.data.rubrics import RubricFormatError, iter_jsonl
+    from rubrax.data.records import iter_jsonl
+    from rubrax.data.rubrics import RubricFormatError
     from rubrax.eval.agreement import Pair
 
     pairs = []
-    for line, rec in iter_jsonl(path):
+    for _, line, rec in iter_jsonl(path, error=RubricFormatError):
         for field in ("prompt_id", "prompt", "response_a", "response_b", "gold"):
             if not isinstance(rec.get(field), (str, int)) or isinstance(rec.get(field), bool):
                 raise RubricFormatError(path, line, field, "missing or not a string")

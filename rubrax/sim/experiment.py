@@ -47,7 +47,6 @@ import asyncio
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,13 +55,14 @@ from typing import Any
 
 import numpy as np
 
-from rubrax.data.records import write_jsonl
+from rubrax.data.records import read_jsonl, write_jsonl
+from rubrax.models.tokenizer import WordTokenizer
 from rubrax.sim import generators as gen
 from rubrax.sim.agents import SimProposer, SimVerifier
 from rubrax.sim.presets import SimConfig
 from rubrax.sim.rewards import GoldReward
-from rubrax.models.tokenizer import WordTokenizer
 from rubrax.sim.world import World
+from rubrax.theory import mid_cdf
 
 Log = Callable[[str], None]
 RUBRIC_ARMS = ("rubric_initial", "rubric_1_good", "rubric_1_great", "rubric_4_great", "rubric_4_great_diverse")
@@ -70,13 +70,6 @@ BT_ARMS = ("bt_on_policy", "bt_off_policy", "bt_mixed")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def mid_cdf(sorted_base: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """F0(v) with ties counted half: (#{base < v} + #{base <= v}) / (2 n)."""
-    lt = np.searchsorted(sorted_base, values, side="left")
-    le = np.searchsorted(sorted_base, values, side="right")
-    return (lt + le) / (2.0 * len(sorted_base))
 
 
 def _hash_rng(*parts: object) -> np.random.Generator:
@@ -124,7 +117,7 @@ class SeedContext:
         return [p.text for p in self.world.prompts]
 
     def win_rate(self, prompt_index: np.ndarray, gold: np.ndarray) -> np.ndarray:
-        return np.array([mid_cdf(self.base_sorted_PxN[i], np.array([g]))[0] for i, g in zip(prompt_index, gold)])
+        return np.asarray(mid_cdf(self.base_sorted_PxN[np.asarray(prompt_index)], np.asarray(gold)[:, None])[:, 0], np.float64)
 
 
 # ----------------------------------------------------------------------------- policy plumbing
@@ -598,11 +591,6 @@ def theory_rows(ctx: SeedContext, cfg: SimConfig, proxies: Mapping[str, Any]) ->
 # ----------------------------------------------------------------------------- the whole run
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _rubric_records(rubrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [
         {"prompt_id": r.prompt_id, "prompt": r.prompt, "rubrics": [{"criterion": c.text, "weight": c.weight} for c in r.criteria]}
@@ -654,10 +642,10 @@ def run_experiment(cfg: SimConfig, out_dir: str | os.PathLike, log: Log = print)
                     rows = run_rl_arm(ctx, cfg, runner, arm, proxies[arm], log)
                 write_jsonl(done[arm], rows)
         for arm in cfg.arms:
-            curves += _read_jsonl(done[arm])
-        agreement += _read_jsonl(extra["agreement"])
-        theory += _read_jsonl(extra["theory"])
-        base_stats += _read_jsonl(extra["base"])
+            curves += read_jsonl(done[arm])
+        agreement += read_jsonl(extra["agreement"])
+        theory += read_jsonl(extra["theory"])
+        base_stats += read_jsonl(extra["base"])
         log(f"[seed {seed}] done, {time.perf_counter() - t_start:.0f}s elapsed")
     return {"curves": curves, "agreement": agreement, "theory": theory, "base": base_stats,
             "elapsed_s": time.perf_counter() - t_start}
