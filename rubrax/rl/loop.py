@@ -60,7 +60,7 @@ from rubrax.rl.batch import make_batch
 from rubrax.rl.hooks import EvalHook
 from rubrax.rl.prompts import PromptSet, load_prompts
 from rubrax.rl.resume import RunCheckpoints
-from rubrax.rl.reward_runner import RewardRunner, fed_and_scored_rows, reward_inputs, sum_over_hosts
+from rubrax.rl.reward_runner import RewardRunner, fed_and_scored_rows, reward_inputs, reward_metrics, sum_over_hosts
 from rubrax.rl.rollouts import RolloutSampler
 from rubrax.rl.runlog import RunLogger
 from rubrax.rl.state import TrainState
@@ -284,7 +284,7 @@ def train(
             t2 = time.perf_counter()
             state, metrics = trainer(state, batch, ref)
             host = {"time/sample_s": t_sample, "time/reward_wait_s": t_reward, "time/update_dispatch_s": time.perf_counter() - t2,
-                    "reward_timeouts": counts["timeouts"], "reward_exceptions": counts["exceptions"]}
+                    **reward_metrics(counts)}
             late = (step, metrics, host)
             done = step + 1
             if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end:
