@@ -331,8 +331,9 @@ def train_bt(ctx: SeedContext, cfg: SimConfig, arm: str, log: Log) -> Any:
     """A BT reward model for `arm` (on-policy / off-policy great / mixed pairs)."""
     import jax
 
-    from rubrax.data import pairs as pairs_lib
+    from rubrax.data.pairs import encode_pairs
     from rubrax.rewards import bradley_terry as bt
+    from rubrax.train import pair_sets as pairs_lib
     from rubrax.train.reward_model import train_reward_model
     from rubrax.train.optim import OptimConfig
     from rubrax.train.trainer import TrainConfig
@@ -350,7 +351,7 @@ def train_bt(ctx: SeedContext, cfg: SimConfig, arm: str, log: Log) -> Any:
     else:
         ps = pairs_lib.mixed_pairs(ctx.prompt_texts, ctx.base_samples, great, judge, **kw)
     max_len = 8 + cfg.rl.max_new_tokens
-    data = pairs_lib.encode_pairs(ctx.tokenizer, ps.pairs, max_length=max_len, pad_to=max_len)
+    data = encode_pairs(ctx.tokenizer, ps.pairs, max_length=max_len, pad_to=max_len)
     params = bt.init_params(ctx.model_config, jax.random.PRNGKey(ctx.seed + 7), backbone=ctx.base_params)
     steps = max(1, cfg.bt.epochs * (len(ps.pairs) // cfg.bt.batch_size))
     train_cfg = TrainConfig(
