@@ -174,15 +174,23 @@ def _string_constants(tree: ast.AST) -> list[str]:
     return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
 
 
-def test_the_core_never_names_the_testbed():
-    # Below the testbed, not even a string (a lazy registry entry, an importlib call) names rubrax.sim.
-    testbed = LAYER_NAMES.index("testbed")
-    naming = sorted(
+def _naming(prefix: str, below: str) -> list[str]:
+    """Modules under layer `below` with a string (not a docstring) that contains `prefix`."""
+    top = LAYER_NAMES.index(below)
+    return sorted(
         m for m, p in module_files().items()
-        if layer_of(m) is not None and layer_of(m) < testbed
-        and any("rubrax.sim" in s for s in _string_constants(ast.parse(p.read_text(encoding="utf-8"))))
+        if layer_of(m) is not None and layer_of(m) < top
+        and any(prefix in s for s in _string_constants(ast.parse(p.read_text(encoding="utf-8"))))
     )
+
+
+def test_the_core_never_names_the_testbed():
+    # Below the testbed, not even a string (a lazy registry entry, an importlib call) names
+    # rubrax.sim; the reward registry names no module of the workflows (the toy task included).
+    naming = _naming("rubrax.sim", "testbed")
     assert not naming, f"core modules naming rubrax.sim: {naming}"
+    registry = [m for m in _naming("rubrax.rl", "workflows") if m.startswith("rubrax.rewards")]
+    assert not registry, f"reward modules naming rubrax.rl: {registry}"
 
 
 def test_rubric_types_are_a_leaf_without_rubrax_imports(graph):
