@@ -49,7 +49,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -57,11 +57,11 @@ import numpy as np
 
 from rubrax.hostmem import release_host_memory
 from rubrax.rl.batch import make_batch
-from rubrax.rl.hooks import EvalHook
+from rubrax.rl.hooks import EvalHook, StepHook, StepView, run_eval_hooks, run_step_hooks
 from rubrax.rl.prompts import PromptSet, load_prompts
 from rubrax.rl.resume import RunCheckpoints
 from rubrax.rl.reward_runner import RewardRunner, fed_and_scored_rows, reward_inputs, reward_metrics, sum_over_hosts
-from rubrax.rl.rollouts import RolloutSampler
+from rubrax.rl.rollouts import RolloutSampler, Rollouts
 from rubrax.rl.runlog import RunLogger
 from rubrax.rl.state import TrainState
 from rubrax.rl.step import RLConfig, Trainer, model_logits_fn
@@ -203,6 +203,7 @@ def train(
     loop: LoopConfig,
     ref_params: Any = None,
     eval_hooks: Sequence[EvalHook] = (),
+    step_hooks: Sequence[StepHook] = (),
     mesh: Any = None,
     logits_fn: Any = None,
     run_config: Mapping[str, Any] | None = None,
@@ -214,17 +215,65 @@ def train(
     rubrax.train.optim.OptimConfig (schedule over total_steps * ppo_epochs *
     num_minibatches optimizer updates). eval_hooks: callables (step, params) -> dict of
     scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>").
-    mesh: a 1-D "data" mesh (default: loop.num_devices devices). logits_fn: a model
-    other than rubrax.models (params, tokens, mask) -> logits.
+    step_hooks: callables (rubrax.rl.hooks.StepView) -> dict of scalars, run after every
+    step and logged with its metrics. mesh: a 1-D "data" mesh (default: loop.num_devices
+    devices). logits_fn: a model other than rubrax.models (params, tokens, mask) -> logits.
     run_config: JSON-able description of the run, stored with checkpoints and W&B.
     """
+    _check_settings(rl, sample, loop)
+    data = prompts if isinstance(prompts, PromptSet) else load_prompts(
+        prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
+    )
+    trainer, state, ref = _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh)
+    ckpts = RunCheckpoints(loop.out_dir, keep=loop.keep_checkpoints, run_config=run_config)
+    state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
+    end = min(loop.total_steps, loop.stop_after or loop.total_steps)
+    sampler = RolloutSampler(data, tokenizer, model_config, sample, np.asarray(jax.device_get(state.key)),
+                             prompts_per_step=loop.prompts_per_step, max_prompt_tokens=loop.max_prompt_tokens,
+                             prompt_bucket=loop.prompt_bucket, seed=loop.seed)
+    runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=loop.reward_chunk_size or rl.group_size)
+    logger = RunLogger(loop, start, run_config)
+    late = _LateStep(logger, data, step_hooks)
+    try:
+        for step in range(start, end):
+            ro = _timed(late.times, "time/sample_s", lambda: pending if pending is not None else sampler(step, state.params))
+            future, fed, mine = _submit(runner, data, ro, rl.group_size, trainer.mesh)
+            pending = None
+            if loop.overlap == "one_step_off_policy" and step + 1 < loop.total_steps:
+                pending = sampler(step + 1, state.params)  # overlaps with the judges
+            rewards, counts = _timed(late.times, "time/reward_wait_s", future.result)
+            late.flush()
+            scores, valid, counts = _gather_rewards(rewards, counts, len(ro.completions), mine)
+            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, scores, valid,
+                               group_size=rl.group_size)
+            if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
+                batch = jax.tree.map(lambda x: x[fed], batch)
+            release_host_memory()  # sampling's freed buffers, before the update's peak
+            state, metrics = _timed(late.times, "time/update_dispatch_s", trainer, state, batch, ref)
+            late.hold(step, metrics, counts, ro, scores, valid)
+            done = step + 1
+            if ckpts.ckpt_dir and ((loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end):
+                late.flush()
+                ckpts.save(done, state, pending)
+            if eval_hooks and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.total_steps):
+                late.flush()
+                logger.write(done, run_eval_hooks(eval_hooks, done, state.params))
+        late.flush()
+    finally:
+        runner.close()
+        logger.close()
+    return TrainResult(state=state, history=logger.history, out_dir=loop.out_dir, trainer=trainer)
+
+
+def _check_settings(rl: RLConfig, sample: Any, loop: LoopConfig) -> None:
     if sample.n != rl.group_size:
         raise ValueError(f"SampleConfig.n={sample.n} must equal RLConfig.group_size={rl.group_size}")
     if loop.overlap == "one_step_off_policy" and rl.behaviour_logprobs != "sampler":
         raise ValueError("overlap='one_step_off_policy' needs rl.behaviour_logprobs='sampler' (stale rollouts)")
-    data = prompts if isinstance(prompts, PromptSet) else load_prompts(
-        prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
-    )
+
+
+def _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh) -> tuple[Trainer, TrainState, Any]:
+    """(trainer, placed state, placed reference) of a fresh run."""
     if logits_fn is None:
         params = _layout(params, loop.layer_layout)
         ref_params = None if ref_params is None else _layout(ref_params, loop.layer_layout)
@@ -236,69 +285,55 @@ def train(
         mesh = make_mesh(jax.devices()[: loop.num_devices] if loop.num_devices else None)
     trainer = _cached_trainer(rl, optim, loop, model_config, logits_fn, mesh, params, ref)
     state = TrainState.create(params, trainer.tx, seed=loop.seed)
-    state, ref = trainer.place_state(state), trainer.place_ref(ref)
+    return trainer, trainer.place_state(state), trainer.place_ref(ref)
 
-    ckpts = RunCheckpoints(loop.out_dir, keep=loop.keep_checkpoints, run_config=run_config)
-    state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
-    end = min(loop.total_steps, loop.stop_after or loop.total_steps)
 
-    root_key = np.asarray(jax.device_get(state.key))
-    sampler = RolloutSampler(data, tokenizer, model_config, sample, root_key, prompts_per_step=loop.prompts_per_step,
-                             max_prompt_tokens=loop.max_prompt_tokens, prompt_bucket=loop.prompt_bucket, seed=loop.seed)
-    runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=loop.reward_chunk_size or rl.group_size)
-    logger = RunLogger(loop, start, run_config)
-    late: tuple[int, Any, dict] | None = None  # (step, device metrics, host metrics) not yet written
+def _timed(times: dict[str, float], name: str, fn: Callable, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    times[name] = time.perf_counter() - t0
+    return out
 
-    def flush():
-        nonlocal late
-        if late is not None:
-            s, dev, host = late
-            logger.write(s, {**jax.device_get(dev), **host})
-            logger.bar.update(1)
-            late = None
 
-    try:
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            ro = pending if pending is not None else sampler(step, state.params)
-            t_sample = time.perf_counter() - t0
-            texts, completions, columns = reward_inputs(data, ro, rl.group_size)
-            fed, mine = fed_and_scored_rows(trainer.mesh, len(completions), rl.group_size)
-            future = runner.submit(texts[mine], completions[mine], {k: v[mine] for k, v in columns.items()})
-            pending = None
-            if loop.overlap == "one_step_off_policy" and step + 1 < loop.total_steps:
-                pending = sampler(step + 1, state.params)  # overlaps with the judges
-            t1 = time.perf_counter()
-            rewards, counts = future.result()
-            t_reward = time.perf_counter() - t1
-            flush()
-            scores, valid = np.zeros(len(completions), np.float32), np.zeros(len(completions), bool)
-            scores[mine], valid[mine] = rewards.scores, rewards.valid  # other hosts' rows: never fed
-            if mine != slice(None):
-                counts = sum_over_hosts(counts)
-            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, scores, valid,
-                               group_size=rl.group_size)
-            if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
-                batch = jax.tree.map(lambda x: x[fed], batch)
-            release_host_memory()  # sampling's freed buffers, before the update's peak
-            t2 = time.perf_counter()
-            state, metrics = trainer(state, batch, ref)
-            host = {"time/sample_s": t_sample, "time/reward_wait_s": t_reward, "time/update_dispatch_s": time.perf_counter() - t2,
-                    **reward_metrics(counts)}
-            late = (step, metrics, host)
-            done = step + 1
-            if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end:
-                if ckpts.ckpt_dir:
-                    flush()
-                    ckpts.save(done, state, pending)
-            if eval_hooks and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.total_steps):
-                flush()
-                scores = {}
-                for hook in eval_hooks:
-                    scores.update({f"eval/{k}": float(v) for k, v in hook(done, state.params).items()})
-                logger.write(done, scores)
-        flush()
-    finally:
-        runner.close()
-        logger.close()
-    return TrainResult(state=state, history=logger.history, out_dir=loop.out_dir, trainer=trainer)
+def _submit(runner: RewardRunner, data: PromptSet, ro: Rollouts, group_size: int, mesh):
+    """Starts scoring the rows this process scores; (future, rows it feeds, rows it scores)."""
+    texts, completions, columns = reward_inputs(data, ro, group_size)
+    fed, mine = fed_and_scored_rows(mesh, len(completions), group_size)
+    return runner.submit(texts[mine], completions[mine], {k: v[mine] for k, v in columns.items()}), fed, mine
+
+
+def _gather_rewards(rewards, counts, rows: int, mine: slice):
+    """[rows] scores and validity (rows other hosts scored: invalid, never fed) and the
+    failure counts summed over hosts."""
+    scores, valid = np.zeros(rows, np.float32), np.zeros(rows, bool)
+    scores[mine], valid[mine] = rewards.scores, rewards.valid
+    if mine != slice(None):
+        counts = sum_over_hosts(counts)
+    return scores, valid, counts
+
+
+class _LateStep:
+    """The step whose metrics are still on the device: they are fetched (and the step
+    hooks run) only when the next step has been dispatched, so the host never waits on
+    the device just to log."""
+
+    def __init__(self, logger: RunLogger, prompts: PromptSet, step_hooks: Sequence[StepHook]):
+        self.logger, self.prompts, self.step_hooks = logger, prompts, tuple(step_hooks)
+        self.times: dict[str, float] = {}
+        self.held: tuple | None = None
+
+    def hold(self, step: int, metrics: Any, counts: Mapping[str, float | int], ro: Rollouts, scores, valid) -> None:
+        host = {**self.times, **reward_metrics(counts)}
+        self.times = {}
+        self.held = (step, metrics, host, ro, scores, valid)
+
+    def flush(self) -> None:
+        if self.held is None:
+            return
+        step, dev, host, ro, scores, valid = self.held
+        self.held = None
+        record = {k: (v.item() if hasattr(v, "item") else v) for k, v in {**jax.device_get(dev), **host}.items()}
+        if self.step_hooks:
+            record.update(run_step_hooks(self.step_hooks, StepView(step, self.prompts, ro, scores, valid, record)))
+        self.logger.write(step, record)
+        self.logger.bar.update(1)
