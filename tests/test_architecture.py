@@ -11,6 +11,7 @@ package. A new module must be placed in LAYERS before this test passes.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -49,10 +50,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 LAYER_NAMES = [name for name, _ in LAYERS]
 
 
-def module_files() -> dict[str, Path]:
+def module_files(root: Path = ROOT) -> dict[str, Path]:
+    """{dotted module name: file} of the package in folder `root`."""
     out = {}
-    for path in sorted(ROOT.rglob("*.py")):
-        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
         out[".".join(parts)] = path
@@ -73,11 +75,11 @@ def layer_of(module: str) -> int | None:
     return best
 
 
-def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
-    """The rubrax modules `module` imports anywhere in its source."""
+def imports_of(module: str, path: Path, tree: ast.AST, known: set[str]) -> set[str]:
+    """The modules of `known` that `module` imports anywhere in its source."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -90,10 +92,41 @@ def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != module}
 
 
+def _string_constants(tree: ast.AST) -> list[str]:
+    """The string constants of a module that are not docstrings."""
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def read_sources(root: Path) -> dict[str, dict[str, list[str]]]:
+    """{"imports": {module: modules it imports}, "strings": {module: its string constants}}."""
+    files = module_files(root)
+    out: dict[str, dict[str, list[str]]] = {"imports": {}, "strings": {}}
+    for m, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        out["imports"][m] = sorted(imports_of(m, path, tree, set(files)))
+        out["strings"][m] = _string_constants(tree)
+    return out
+
+
+def static_facts(root: Path = ROOT) -> dict[str, dict[str, list[str]]]:
+    """`read_sources(root)`, run in a fresh interpreter: CPython 3.11.7's ast.parse can raise
+    "AST constructor recursion depth mismatch" once other tests have run in this process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
+    out = subprocess.run([sys.executable, __file__, str(root)], capture_output=True, text=True, env=env, check=True, timeout=120)
+    return json.loads(out.stdout)
+
+
 @pytest.fixture(scope="module")
-def graph() -> dict[str, set[str]]:
-    files = module_files()
-    return {m: imports_of(m, p, set(files)) for m, p in files.items()}
+def facts() -> dict[str, dict[str, list[str]]]:
+    return static_facts()
+
+
+@pytest.fixture(scope="module")
+def graph(facts) -> dict[str, set[str]]:
+    return {m: set(deps) for m, deps in facts["imports"].items()}
 
 
 def test_every_module_is_placed_in_a_layer(graph):
@@ -149,13 +182,15 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     assert layer_of("rubrax.sim.world") == LAYER_NAMES.index("testbed")
     assert layer_of("rubrax.brand_new_module") is None
     # Imports inside functions and relative ones are read: p.sub.x imports p.y and p.sub.z.
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "__init__.py").write_text("")
-    (tmp_path / "sub" / "x.py").write_text("def f():\n    from ..y import g\n    from . import z\n")
-    (tmp_path / "y.py").write_text("if True:\n    import p.sub.x\n")
-    known = {"p", "p.sub", "p.sub.x", "p.sub.z", "p.y"}
-    assert imports_of("p.sub.x", tmp_path / "sub" / "x.py", known) == {"p.y", "p.sub.z"}
-    assert imports_of("p.y", tmp_path / "y.py", known) == {"p.sub.x"}
+    pkg = tmp_path / "p"
+    (pkg / "sub").mkdir(parents=True)
+    for f in ("__init__.py", "sub/__init__.py", "sub/z.py"):
+        (pkg / f).write_text("")
+    (pkg / "sub" / "x.py").write_text("def f():\n    from ..y import g\n    from . import z\n")
+    (pkg / "y.py").write_text("if True:\n    import p.sub.x\n    NAME = 'p.sub.z'\n")
+    facts = static_facts(pkg)
+    assert facts["imports"]["p.sub.x"] == ["p.sub.z", "p.y"] and facts["imports"]["p.y"] == ["p.sub.x"]
+    assert facts["strings"]["p.y"] == ["p.sub.z"] and facts["imports"]["p"] == []
 
 
 def test_package_docstring_gives_the_layers_in_order():
@@ -167,29 +202,19 @@ def test_package_docstring_gives_the_layers_in_order():
         assert f"    {letter}" in doc, f"the shape glossary lacks {letter.strip()!r}"
 
 
-def _string_constants(tree: ast.AST) -> list[str]:
-    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
-    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
-
-
-def _naming(prefix: str, below: str) -> list[str]:
+def _naming(facts, prefix: str, below: str) -> list[str]:
     """Modules under layer `below` with a string (not a docstring) that contains `prefix`."""
     top = LAYER_NAMES.index(below)
-    return sorted(
-        m for m, p in module_files().items()
-        if layer_of(m) is not None and layer_of(m) < top
-        and any(prefix in s for s in _string_constants(ast.parse(p.read_text(encoding="utf-8"))))
-    )
+    return sorted(m for m, strings in facts["strings"].items()
+                  if layer_of(m) is not None and layer_of(m) < top and any(prefix in s for s in strings))
 
 
-def test_the_core_never_names_the_testbed():
+def test_the_core_never_names_the_testbed(facts):
     # Below the testbed, not even a string (a lazy registry entry, an importlib call) names
     # rubrax.sim; the reward registry names no module of the workflows (the toy task included).
-    naming = _naming("rubrax.sim", "testbed")
+    naming = _naming(facts, "rubrax.sim", "testbed")
     assert not naming, f"core modules naming rubrax.sim: {naming}"
-    registry = [m for m in _naming("rubrax.rl", "workflows") if m.startswith("rubrax.rewards")]
+    registry = [m for m in _naming(facts, "rubrax.rl", "workflows") if m.startswith("rubrax.rewards")]
     assert not registry, f"reward modules naming rubrax.rl: {registry}"
 
 
@@ -217,3 +242,7 @@ def test_host_side_imports_pull_no_jax():
     assert "rubrax.rewards.rubric" in seen and "rubrax.sim.rewards" in seen  # the probe did resolve both
     assert not {m for m in seen if m == "jax" or m.startswith(("jax.", "flax", "orbax"))}
     assert "rubrax.rewards.bradley_terry" not in seen
+
+
+if __name__ == "__main__":  # static_facts runs this file: python test_architecture.py PACKAGE_DIR
+    print(json.dumps(read_sources(Path(sys.argv[1]))))
