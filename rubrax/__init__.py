@@ -10,8 +10,9 @@ tests/test_architecture.py walks the import graph and holds every module to this
     entry points   cli, main_job, the */cli.py sub-commands, experiments/
     testbed        sim/ (the tail world; registers its own rewards, the core never names it)
     workflows      rl/ loop and its modules (prompts, rollouts, reward_runner, resume, runlog,
-                   hooks, recipe), train/ (trainer, sft, reward_model, pair_sets, metrics), elicit/,
-                   eval/, generate, plan, report
+                   hooks, recipe, export), train/ (trainer, sft, reward_model, pair_sets,
+                   metrics), elicit/, eval/, generate, plan, report, pipeline/ (the paper's
+                   stages end to end, composed of the other workflows)
     rewards        rewards/ (the RewardFn protocol, the lazy registry, combinators, BT,
                    rubric), rl/toy (the toy task's reward)
     device core    policy, models/ (Flax LMs, checkpoints, tokenizers), rl/ step, batch,

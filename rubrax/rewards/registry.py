@@ -102,12 +102,19 @@ def _import(module: str, name: str) -> Any:
         raise  # the module exists but one of its own imports is missing: its traceback says which
 
 
-def _load_file(path: str, name: str, base_dir: str | os.PathLike | None) -> Any:
-    """Imports a Python file once (cached in sys.modules under a name derived from its path)."""
+def reward_file(path: str, base_dir: str | os.PathLike | None = None, *, name: str | None = None) -> str:
+    """The absolute path of a reward file: `path` itself when absolute, else under
+    `base_dir` (a config's folder), else under the working directory."""
     tried = [path] if os.path.isabs(path) else [os.path.join(d, path) for d in dict.fromkeys([os.fspath(base_dir or "."), "."])]
     found = next((os.path.abspath(p) for p in tried if os.path.isfile(p)), None)
     if found is None:
-        raise UnknownRewardError(f"reward {name!r}: no file {path!r} (tried {', '.join(os.path.abspath(p) for p in tried)})")
+        raise UnknownRewardError(f"reward {name or path!r}: no file {path!r} (tried {', '.join(os.path.abspath(p) for p in tried)})")
+    return found
+
+
+def _load_file(path: str, name: str, base_dir: str | os.PathLike | None) -> Any:
+    """Imports a Python file once (cached in sys.modules under a name derived from its path)."""
+    found = reward_file(path, base_dir, name=name)
     mod_name = "rubrax_user_reward_" + hashlib.sha1(found.encode()).hexdigest()[:12]
     if mod_name in sys.modules:
         return sys.modules[mod_name]

@@ -94,6 +94,9 @@ class LoopConfig:
         the CPU backend). Only for rubrax.models params (the default logits_fn); the
         state, checkpoints and result keep that layout (save_pretrained takes either).
     checkpoint_every / eval_every: 0 = only at the end / never (besides the end).
+    export_dir: when training reaches total_steps, also write the policy there as an HF
+        folder (rubrax.rl.export; relative to out_dir; needs a transformers tokenizer;
+        single process: multi-host runs export with `rubrax rl export` afterwards).
     """
 
     total_steps: int
@@ -117,6 +120,7 @@ class LoopConfig:
     progress: bool = True
     tensorboard: bool = True
     wandb_project: str | None = None
+    export_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "prompts_per_step", "max_prompt_tokens"):
@@ -262,6 +266,10 @@ def train(
     finally:
         runner.close()
         logger.close()
+    if loop.export_dir and int(state.step) >= loop.total_steps:
+        from rubrax.rl.export import export_trained
+
+        export_trained(state.params, model_config, tokenizer, os.path.join(loop.out_dir or "", loop.export_dir), step=int(state.step))
     return TrainResult(state=state, history=logger.history, out_dir=loop.out_dir, trainer=trainer)
 
 
