@@ -18,7 +18,7 @@ tests/test_architecture.py walks the import graph and holds every module to this
     device core    policy, models/ (Flax LMs, checkpoints, tokenizers), rl/ step, batch,
                    losses, advantages, state, sharding, train/ optim and checkpoint
     leaves         theory/, rubric (Criterion, Rubric, verdicts, aggregate), data/ (file
-                   formats), hostmem, jaxcache, runs
+                   formats), hostmem, jaxcache, runs, validate
 
 Shape letters, in names such as `logp_BxT` (one alphabet for the whole package):
 
