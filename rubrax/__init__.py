@@ -7,7 +7,8 @@ does not import jax, so host-side tools (rubric elicitation, grading) start fast
 Layers, top first. A module imports from its own layer or lower ones, never higher;
 tests/test_architecture.py walks the import graph and holds every module to this:
 
-    entry points   cli, main_job, the */cli.py sub-commands, experiments/
+    entry points   cli, main_job, the */cli.py sub-commands (but elicit/cli, whose endpoint
+                   flags rubrax.generate shares, sits with the workflows), experiments/
     testbed        sim/ (the tail world; registers its own rewards, the core never names it)
     workflows      rl/ loop and its modules (prompts, rollouts, reward_runner, resume, runlog,
                    hooks, recipe, export), train/ (trainer, sft, reward_model, pair_sets,

@@ -265,7 +265,7 @@ def generate(prompts: str | os.PathLike | Sequence[tuple[str, str]], out_path: s
 
 
 def register(subparsers: Any) -> None:
-    from rubrax.elicit.flags import add_client_args
+    from rubrax.elicit.cli import add_client_args
 
     p = subparsers.add_parser("generate", help="responses of endpoint models or a local policy (pools, evaluation)", description=__doc__)
     p.add_argument("--prompts", required=True, help="JSONL of {prompt_id, prompt}")
@@ -309,7 +309,7 @@ def run_cli(args: Any) -> int:
 async def _endpoints_cli(args: Any, prompts: list[tuple[str, str]], cfg: GenerateConfig) -> int:
     from contextlib import AsyncExitStack
 
-    from rubrax.elicit.flags import client_config, print_summary
+    from rubrax.elicit.cli import client_config, print_summary
     from rubrax.elicit.client import ChatClient
 
     async with AsyncExitStack() as stack:

@@ -41,10 +41,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "rubrax.rl.runlog", "rubrax.rl.hooks", "rubrax.rl.recipe", "rubrax.train", "rubrax.train.trainer", "rubrax.train.metrics",
         "rubrax.train.sft", "rubrax.train.presets", "rubrax.train.reward_model", "rubrax.train.pair_sets", "rubrax.elicit.*", "rubrax.eval.*",
         "rubrax.generate", "rubrax.plan", "rubrax.report", "rubrax.rl.export", "rubrax.pipeline.*",
+        # the endpoint flags every endpoint job shares live here, and rubrax.generate (which
+        # registers its own sub-command) uses them: so this CLI module sits with the workflows
+        "rubrax.elicit.cli",
     )),
     ("testbed", ("rubrax.sim.*",)),
     ("entry points", (
-        "rubrax.cli", "rubrax.main_job", "rubrax.elicit.cli", "rubrax.eval.cli", "rubrax.rl.cli", "rubrax.sim.cli",
+        "rubrax.cli", "rubrax.main_job", "rubrax.eval.cli", "rubrax.rl.cli", "rubrax.sim.cli",
         "rubrax.theory.cli", "rubrax.train.cli",
     )),
 )  # fmt: skip
