@@ -112,10 +112,10 @@ def component_counts(batch: RewardBatch, names: Sequence[str]) -> dict[str, floa
     return out
 
 
-def reward_metrics(counts: Mapping[str, float | int]) -> dict[str, float | int]:
-    """The step's reward metrics: failure counts, and per component reward/<name>/mean
-    (over its valid rows; NaN when none) and reward/<name>/invalid."""
-    out = {"reward_timeouts": counts["timeouts"], "reward_exceptions": counts["exceptions"]}
+def component_metrics(counts: Mapping[str, float | int]) -> dict[str, float | int]:
+    """Per component of the reward: reward/<name>/mean (over its valid rows; NaN when
+    none) and reward/<name>/invalid, from the (host-summed) `component_counts`."""
+    out: dict[str, float | int] = {}
     for key in counts:
         if key.startswith("reward/") and key.endswith("/sum"):
             name = key[len("reward/"): -len("/sum")]
