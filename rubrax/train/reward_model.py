@@ -15,7 +15,7 @@ import numpy as np
 
 from rubrax.models import ModelConfig
 from rubrax.rewards.bradley_terry import BTConfig, pair_eval, pair_loss, trainable_mask
-from rubrax.train.trainer import TrainConfig, TrainResult, train
+from rubrax.train.trainer import SupervisedResult, TrainConfig, train
 
 
 def train_reward_model(
@@ -27,7 +27,7 @@ def train_reward_model(
     *,
     eval_pairs: Mapping[str, np.ndarray] | None = None,
     **train_kwargs: Any,
-) -> TrainResult:
+) -> SupervisedResult:
     """Trains BT params on token arrays {tokens [N,2,T], mask [N,2,T], margin [N]?}.
 
     `train_kwargs` go to `rubrax.train.trainer.train` (ckpt_dir, metrics_path, stop_at, ...).
