@@ -11,8 +11,8 @@ tests/test_architecture.py walks the import graph and holds every module to this
                    flags rubrax.generate shares, sits with the workflows), experiments/
     testbed        sim/ (the tail world; registers its own rewards, the core never names it)
     workflows      rl/ loop and its modules (prompts, rollouts, reward_runner, resume, runlog,
-                   hooks, recipe, export), train/ (trainer, sft, reward_model, pair_sets,
-                   metrics), elicit/, eval/, generate, plan, report, pipeline/ (the paper's
+                   hooks, recipe, export, monitor), train/ (trainer, sft, reward_model, pair_sets,
+                   metrics), elicit/, eval/, generate, plan, report, forecast, pipeline/ (the paper's
                    stages end to end, composed of the other workflows)
     rewards        rewards/ (the RewardFn protocol, the lazy registry, combinators, BT,
                    rubric), rl/toy (the toy task's reward)

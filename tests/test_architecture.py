@@ -40,7 +40,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "rubrax.rl", "rubrax.rl.loop", "rubrax.rl.prompts", "rubrax.rl.rollouts", "rubrax.rl.reward_runner", "rubrax.rl.resume",
         "rubrax.rl.runlog", "rubrax.rl.hooks", "rubrax.rl.recipe", "rubrax.train", "rubrax.train.trainer", "rubrax.train.metrics",
         "rubrax.train.sft", "rubrax.train.presets", "rubrax.train.reward_model", "rubrax.train.pair_sets", "rubrax.elicit.*", "rubrax.eval.*",
-        "rubrax.generate", "rubrax.plan", "rubrax.report", "rubrax.rl.export", "rubrax.pipeline.*",
+        "rubrax.generate", "rubrax.plan", "rubrax.report", "rubrax.rl.export", "rubrax.pipeline.*", "rubrax.forecast",
+        "rubrax.rl.monitor",
         # the endpoint flags every endpoint job shares live here, and rubrax.generate (which
         # registers its own sub-command) uses them: so this CLI module sits with the workflows
         "rubrax.elicit.cli",

@@ -28,7 +28,8 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from rubrax.data.records import RecordError, iter_jsonl, write_jsonl
+from rubrax.data import records
+from rubrax.data.records import RecordError, write_jsonl
 from rubrax.rubric import Criterion, Rubric
 
 SCHEMAS = ("auto", "rubrax", "junkaiz", "healthbench")
@@ -37,6 +38,13 @@ SCALES = ("paper", "points")
 
 class RubricFormatError(RecordError):
     """Bad rubric/response record: names the source (file or dataset), the line/row and the field."""
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of each non-blank line: `rubrax.data.records.iter_jsonl` (the one
+    JSONL reader) with its errors as RubricFormatError, in the (line, record) form."""
+    for _, line, rec in records.iter_jsonl(path, error=RubricFormatError):
+        yield line, rec
 
 
 # --------------------------------------------------------------------------- field helpers
@@ -182,7 +190,7 @@ def _collect(rows: Iterable[tuple[int, Mapping[str, Any]]], source: str, schema:
 
 def load_rubrics(path: str | os.PathLike, *, schema: str = "auto", scale: str | None = None) -> dict[str, Rubric]:
     """Reads a rubrics JSONL file (any supported schema) into {prompt_id: Rubric}, in file order."""
-    return _collect(((line, rec) for _, line, rec in iter_jsonl(path, error=RubricFormatError)), os.fspath(path), schema, scale)
+    return _collect(iter_jsonl(path), os.fspath(path), schema, scale)
 
 
 def load_rubrics_dataset(name_or_path: str, *, config: str | None = None, split: str = "train", schema: str = "auto", scale: str | None = None) -> dict[str, Rubric]:
@@ -270,7 +278,7 @@ def read_responses(path: str | os.PathLike) -> list[ResponseRecord]:
     """Reads a responses JSONL file; (prompt_id, response_id) must be unique."""
     source = os.fspath(path)
     out, seen = [], {}
-    for _, line, rec in iter_jsonl(source, error=RubricFormatError):
+    for line, rec in iter_jsonl(source):
         r = parse_response(rec, source=source, line=line)
         if r.key in seen:
             raise RubricFormatError(source, line, "response_id", f"duplicate (prompt_id, response_id) {r.key} (first on line {seen[r.key]})")
@@ -283,7 +291,7 @@ def read_prompts(path: str | os.PathLike) -> list[tuple[str, str]]:
     """Reads {prompt_id, prompt} records (prompt_id derived from the text when absent)."""
     source = os.fspath(path)
     out, seen = [], {}
-    for _, line, rec in iter_jsonl(source, error=RubricFormatError):
+    for line, rec in iter_jsonl(source):
         prompt = _prompt(rec, source, line)
         pid = _id(rec, "prompt_id", source, line) if "prompt_id" in rec else derived_prompt_id(prompt)
         if pid in seen:

@@ -73,12 +73,11 @@ async def _winrate(args: argparse.Namespace) -> int:
 
 
 def read_pairs(path: str) -> list[Any]:
-    from rubrax.data.records import iter_jsonl
-    from rubrax.data.rubrics import RubricFormatError
+    from rubrax.data.rubrics import RubricFormatError, iter_jsonl
     from rubrax.eval.agreement import Pair
 
     pairs = []
-    for _, line, rec in iter_jsonl(path, error=RubricFormatError):
+    for line, rec in iter_jsonl(path):
         for field in ("prompt_id", "prompt", "response_a", "response_b", "gold"):
             if not isinstance(rec.get(field), (str, int)) or isinstance(rec.get(field), bool):
                 raise RubricFormatError(path, line, field, "missing or not a string")

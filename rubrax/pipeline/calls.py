@@ -26,14 +26,13 @@ from rubrax.pipeline.config import ExperimentConfig
 
 
 def _pool_sizes(cfg: ExperimentConfig, name: str, prompt_ids: list[str]) -> dict[str, int]:
-    from rubrax.data.records import iter_jsonl
-    from rubrax.data.rubrics import RubricFormatError
+    from rubrax.data.rubrics import iter_jsonl
 
     pool = cfg.pools[name]
     if not pool.file:
         return {pid: pool.size for pid in prompt_ids}
     sizes: dict[str, int] = {}
-    for _, _, rec in iter_jsonl(pool.file, error=RubricFormatError):
+    for _, rec in iter_jsonl(pool.file):
         sizes[str(rec.get("prompt_id"))] = sizes.get(str(rec.get("prompt_id")), 0) + 1
     return {pid: sizes.get(pid, 0) for pid in prompt_ids}
 

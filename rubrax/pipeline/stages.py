@@ -101,15 +101,14 @@ def pool_path(ctx: Context, name: str) -> Path:
 def read_pool(ctx: Context, name: str, prompt_ids: Sequence[str]) -> dict[str, list[Any]]:
     """{prompt_id: [Candidate]} of a pool, the first rtd.pool_size per prompt; every prompt
     needs at least one pair (errors name the file, the line and the field)."""
-    from rubrax.data.records import iter_jsonl
-    from rubrax.data.rubrics import parse_response
+    from rubrax.data.rubrics import iter_jsonl, parse_response
     from rubrax.elicit.rtd import Candidate
 
     path = os.fspath(pool_path(ctx, name))
     pools: dict[str, list[Any]] = {}
     lines: dict[str, int] = {}
     seen: dict[tuple[str, str], int] = {}
-    for _, line, rec in iter_jsonl(path, error=RubricFormatError):
+    for line, rec in iter_jsonl(path):
         r = parse_response(rec, source=path, line=line)
         if r.key in seen:
             raise RubricFormatError(path, line, "response_id", f"duplicate (prompt_id, response_id) {r.key} (first on line {seen[r.key]})")
