@@ -33,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from rubrax.rewards.registry import resolve_reward
+from rubrax.rewards.registry import available_rewards, register_reward, resolve_reward  # noqa: F401  (also re-exported here)
 
 
 @dataclasses.dataclass(frozen=True)
