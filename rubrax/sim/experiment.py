@@ -431,10 +431,13 @@ def tracking_hook(ctx: SeedContext, group_size: int):
     return hook
 
 
-def run_rl_arm(ctx: SeedContext, cfg: SimConfig, arm: str, proxy: Any, log: Log, work: Path) -> list[dict[str, Any]]:
+def run_rl_arm(ctx: SeedContext, cfg: SimConfig, arm: str, proxy: Any, log: Log, work: Path,
+               eval_hooks: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """GRPO on `proxy` through rubrax.rl.loop.train (resuming from work/seed<s>_<arm>), then
-    the final evaluation; rows: one per step (from the run's metrics.jsonl) + the final one."""
+    the final evaluation; rows: one per step (from the run's metrics.jsonl) + the final one.
+    eval_hooks (e.g. rubrax.rl.monitor.GoldMonitor) run every cfg.eval_every steps."""
     from rubrax.rl.loop import LoopConfig, train
+    from rubrax.rl.monitor import CriteriaLog  # rubric arms: per-criterion verdicts per step, for `rubrax report`
 
     t0 = time.perf_counter()
     run_dir = work / f"seed{ctx.seed}_{arm}"
@@ -442,11 +445,12 @@ def run_rl_arm(ctx: SeedContext, cfg: SimConfig, arm: str, proxy: Any, log: Log,
         total_steps=cfg.rl_steps, prompts_per_step=len(ctx.prompt_ids), max_prompt_tokens=ctx.prompt_tokens_PxW.shape[1],
         seed=10_000 + ctx.seed, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1, out_dir=str(run_dir),
         num_devices=1,  # the experiment's batches are tiny: fake CPU devices (tests) only add overhead
-        progress=False, tensorboard=False,
+        progress=False, tensorboard=False, eval_every=cfg.eval_every,
     )
     res = train(params=ctx.base_params, model_config=ctx.model_config, tokenizer=ctx.tokenizer, reward_fn=proxy,
-                prompts=ctx.prompts, rl=cfg.rl, sample=cfg.sample, optim=cfg.optim, loop=loop,
-                step_hooks=[tracking_hook(ctx, cfg.rl.group_size)], run_config={"seed": ctx.seed, "arm": arm})
+                prompts=ctx.prompts, rl=cfg.rl, sample=cfg.sample, optim=cfg.optim, loop=loop, eval_hooks=eval_hooks,
+                step_hooks=[tracking_hook(ctx, cfg.rl.group_size), CriteriaLog(str(run_dir))],
+                run_config={"seed": ctx.seed, "arm": arm})
     rows = _step_rows(run_dir / "metrics.jsonl", ctx.seed, arm)
     if [r["step"] for r in rows] != list(range(cfg.rl_steps)):
         raise RuntimeError(f"{run_dir}/metrics.jsonl has steps {[r['step'] for r in rows]}, expected 0..{cfg.rl_steps - 1}")
