@@ -1,5 +1,6 @@
 """Policy log-probabilities and the KV-cached sampler on tiny random models."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -282,10 +283,11 @@ def test_bad_prompts_raise_clear_errors(params):
 
 def test_unstacked_layers_sample_the_same_as_stacked(params):
     # llama.unstack_layers gives per-layer buffers decoded by an unrolled loop (faster on CPU);
-    # it must be the same model: same tokens, same logprobs.
+    # it must be the same model as the scan over stacked layers (the accelerator default,
+    # pinned here: on CPU "auto" would unroll both sides): same tokens, same logprobs.
     tokens, mask = left_padded([[5, 6, 7], [9, 10, 11, 12, 13]], 5)
     cfg = SampleConfig(max_new_tokens=8, temperature=1.0, n=2, stop_token_ids=(), prompt_bucket=8)
-    stacked = sample(params, tokens, mask, jax.random.key(3), cfg, config=CONFIG)
+    stacked = sample(params, tokens, mask, jax.random.key(3), dataclasses.replace(cfg, layer_loop="scan"), config=CONFIG)
     unstacked = sample(llama.unstack_layers(params), tokens, mask, jax.random.key(3), cfg,
                        config=CONFIG)
     assert len(llama.unstack_layers(params)["layers"]) == CONFIG.num_hidden_layers

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:
         config.setdefault("loop", {})["total_steps"] = args.steps
     recipe = parse_recipe(config, args.config)
-    reward = build_reward(recipe.reward)
+    reward = build_reward(recipe.reward, source=recipe.source)
     result = run_recipe(recipe, out_dir=args.out, reward_fn=reward, stop_after=args.stop_after,
                         progress=False if args.no_progress else None)
     for client in reward_clients(reward):  # every endpoint the run used

@@ -61,7 +61,7 @@ from rubrax.rl.batch import make_batch
 from rubrax.rl.hooks import EvalHook, StepHook, StepView, run_eval_hooks, run_step_hooks
 from rubrax.rl.prompts import PromptSet, load_prompts
 from rubrax.rl.resume import RunCheckpoints
-from rubrax.rl.reward_runner import RewardRunner, fed_and_scored_rows, reward_inputs, sum_over_hosts
+from rubrax.rl.reward_runner import RewardRunner, component_metrics, fed_and_scored_rows, reward_inputs, sum_over_hosts
 from rubrax.rl.rollouts import RolloutSampler, Rollouts
 from rubrax.rl.runlog import RunLogger
 from rubrax.rl.state import TrainState
@@ -368,8 +368,9 @@ class _LateStep:
         self.times: dict[str, float] = {}
         self.held: tuple | None = None
 
-    def hold(self, step: int, metrics: Any, counts: Mapping[str, int], ro: Rollouts, scores, valid, infos=()) -> None:
-        host = {**self.times, "reward_timeouts": counts["timeouts"], "reward_exceptions": counts["exceptions"]}
+    def hold(self, step: int, metrics: Any, counts: Mapping[str, float | int], ro: Rollouts, scores, valid, infos=()) -> None:
+        host = {**self.times, "reward_timeouts": counts["timeouts"], "reward_exceptions": counts["exceptions"],
+                **component_metrics(counts)}
         self.times = {}
         self.held = (step, metrics, host, ro, scores, valid, tuple(infos))
 

@@ -6,7 +6,9 @@ The reward function's async form is called concurrently on chunks of `chunk_size
 becomes `valid=False` (counted in "timeouts" / "exceptions", never a 0 reward). Every
 record field other than the prompt is passed as a keyword column, repeated G times.
 Multi-host: each process scores only the rows it feeds (whole groups), and the failure
-counts are summed over processes.
+counts are summed over processes. A combined reward (WeightedSum, e.g. a recipe's
+"rewards" list) also reports each component: reward/<name>/mean over the component's
+valid rows and reward/<name>/invalid, per step (`reward_metrics`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class RewardRunner:
     def __init__(self, reward_fn: Any, *, timeout_s: float | None, chunk_size: int):
         self.fn = as_reward_fn(reward_fn)
         self.timeout_s, self.chunk_size = timeout_s, chunk_size
+        # declared up front, so every step (and every host) reports the same keys
+        self.components = tuple(getattr(self.fn, "component_names", ()))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rubrax-rewards", daemon=True)
         self._thread.start()
@@ -68,12 +72,8 @@ class RewardRunner:
                 counts[failure] += len(batch)
                 if counts[failure] == len(batch):
                     log.warning("reward call failed (%s); its %d rows are masked: %s", failure, len(batch), batch.info[0].get("error"))
-        rb = RewardBatch(
-            np.concatenate([p.scores for p, _ in parts]),
-            np.concatenate([p.valid for p, _ in parts]),
-            tuple(i for p, _ in parts for i in p.info),
-        )
-        return rb, counts
+        rb = RewardBatch.concat([p for p, _ in parts])
+        return rb, {**counts, **component_counts(rb, self.components)}
 
     def close(self) -> None:
         """Closes the reward's connections on the loop that made them (no "Unclosed client
@@ -101,12 +101,37 @@ def fed_and_scored_rows(mesh, rows: int, group_size: int) -> tuple[slice, slice]
     return fed, fed if whole_groups else slice(None)
 
 
-def sum_over_hosts(counts: dict[str, int]) -> dict[str, int]:
+def component_counts(batch: RewardBatch, names: Sequence[str]) -> dict[str, float | int]:
+    """Sums that give each component's mean and invalid count (summable over hosts)."""
+    out: dict[str, float | int] = {}
+    for name in names:
+        scores, valid = batch.components.get(name, (np.zeros(len(batch), np.float32), np.zeros(len(batch), bool)))
+        out[f"reward/{name}/sum"] = float(scores[valid].sum(dtype=np.float64))
+        out[f"reward/{name}/valid"] = int(valid.sum())
+        out[f"reward/{name}/invalid"] = int((~valid).sum())
+    return out
+
+
+def component_metrics(counts: Mapping[str, float | int]) -> dict[str, float | int]:
+    """Per component of the reward: reward/<name>/mean (over its valid rows; NaN when
+    none) and reward/<name>/invalid, from the (host-summed) `component_counts`."""
+    out: dict[str, float | int] = {}
+    for key in counts:
+        if key.startswith("reward/") and key.endswith("/sum"):
+            name = key[len("reward/"): -len("/sum")]
+            n = counts[f"reward/{name}/valid"]
+            out[f"reward/{name}/mean"] = counts[key] / n if n else float("nan")
+            out[f"reward/{name}/invalid"] = counts[f"reward/{name}/invalid"]
+    return out
+
+
+def sum_over_hosts(counts: dict[str, float | int]) -> dict[str, float | int]:
     from jax.experimental import multihost_utils
 
     keys = sorted(counts)
-    totals = multihost_utils.process_allgather(np.asarray([counts[k] for k in keys], np.int64)).sum(axis=0)
-    return {k: int(v) for k, v in zip(keys, totals)}
+    # float64 holds the counts exactly (< 2^53) and the component score sums
+    totals = multihost_utils.process_allgather(np.asarray([counts[k] for k in keys], np.float64)).sum(axis=0)
+    return {k: int(v) if isinstance(counts[k], int) else float(v) for k, v in zip(keys, totals)}
 
 
 def reward_inputs(prompts: PromptSet, ro: Rollouts, group_size: int):

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from rubrax.rewards.base import RewardBatch, RewardFnBase, register_reward
+from rubrax.rewards.base import RewardBatch, RewardFnBase
+from rubrax.rewards.registry import register_reward
 
 TOY_WORDS: tuple[str, ...] = (
     "say", "red", "green", "blue", "cat", "dog", "sun", "moon",
@@ -29,8 +30,8 @@ TARGETS: tuple[str, ...] = TOY_WORDS[1:]
 
 
 def toy_tokenizer():
-    """The word-level tokenizer of the toy task (rubrax.sim's WordTokenizer over TOY_WORDS)."""
-    from rubrax.sim.tokenizer import WordTokenizer
+    """The word-level tokenizer of the toy task (rubrax.models.tokenizer.WordTokenizer over TOY_WORDS)."""
+    from rubrax.models.tokenizer import WordTokenizer
 
     return WordTokenizer(TOY_WORDS)
 

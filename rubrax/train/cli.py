@@ -111,7 +111,7 @@ def load_model(model: str, texts: Sequence[str], seed: int):
 
     if model == "tiny":
         from rubrax.models import ModelConfig, init_params
-        from rubrax.sim.tokenizer import WordTokenizer
+        from rubrax.models.tokenizer import WordTokenizer
 
         words = sorted({w for t in texts for w in t.split()})
         tok = WordTokenizer(words)
@@ -148,12 +148,13 @@ def run(task: str, args: argparse.Namespace) -> int:
     if task == "reward-model":
         from rubrax.data.pairs import encode_pairs
         from rubrax.rewards import bradley_terry as bt
+        from rubrax.train.reward_model import train_reward_model
 
         bt_cfg = bt.BTConfig(margin=args.margin, center_coef=args.center_coef, freeze_backbone=args.freeze_backbone)
         import jax
 
         bt_params = bt.init_params(config, jax.random.key(cfg.seed), backbone=params)
-        result = bt.train_reward_model(
+        result = train_reward_model(
             bt_params, config, encode_pairs(tok, train_items, max_length=args.max_length), cfg, bt_cfg,
             eval_pairs=encode_pairs(tok, eval_items, max_length=args.max_length), **common,
         )
