@@ -160,6 +160,19 @@ def file_digest(path: str | os.PathLike) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def value_digest(value: Any) -> str:
+    """SHA-256 of a JSON-able value's canonical form: a long setting (prompt templates) in one line."""
+    return "sha256:" + hashlib.sha256(json.dumps(_jsonable(value), sort_keys=True).encode()).hexdigest()
+
+
+def add_run_flags(parser: Any) -> None:
+    """--restart / --allow-changed, for every command that writes a resumable output."""
+    g = parser.add_argument_group("resume")
+    g.add_argument("--restart", action="store_true", help="remove this job's earlier outputs and start afresh")
+    g.add_argument("--allow-changed", action="store_true",
+                   help="resume although settings changed, when every change is safe (e.g. more steps or more inputs)")
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
