@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -189,23 +190,31 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-_SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password")
+_SECRET_NAME = re.compile(r"(^|_)(api_?key|secret|password|passwd|token|access_token|auth_token|bearer)$", re.I)
 
 
-def _check_no_secrets(tree: Any, path: str = "") -> None:
+def _secret_values() -> set[str]:
+    """Values of environment variables named like secrets: none may appear in a fingerprint."""
+    return {v for k, v in os.environ.items() if len(v) >= 8 and re.search(r"KEY|TOKEN|SECRET|PASSWORD", k, re.I)}
+
+
+def _check_no_secrets(tree: Any, secrets: set[str], path: str = "") -> None:
     if isinstance(tree, Mapping):
         for k, v in tree.items():
-            name = str(k).lower()
-            # api_key_env names a variable, not a key; the value itself is never fingerprinted.
-            if any(w in name for w in _SECRET_WORDS) and not name.endswith("_env") and v is not None:
+            if _SECRET_NAME.search(str(k)) and v is not None:
                 raise ValueError(f"fingerprint: {path + str(k)!r} looks like a secret; fingerprint the name of its variable instead")
-            _check_no_secrets(v, f"{path}{k}.")
+            _check_no_secrets(v, secrets, f"{path}{k}.")
+    elif isinstance(tree, list):
+        for v in tree:
+            _check_no_secrets(v, secrets, path)
+    elif isinstance(tree, str) and any(sec in tree for sec in secrets):
+        raise ValueError(f"fingerprint: {path[:-1]!r} holds the value of a secret environment variable; it must not be stored")
 
 
 def fingerprint(config: Mapping[str, Any], files: Mapping[str, str | os.PathLike | None] = ()) -> dict[str, Any]:
     """The inputs of a run: `config` (JSON-able settings) and the digests of `files` by name."""
     cfg = _jsonable(dict(config))
-    _check_no_secrets(cfg)
+    _check_no_secrets(cfg, _secret_values())
     digests = {name: (None if p is None else file_digest(p)) for name, p in dict(files).items()}
     return {"version": FINGERPRINT_VERSION, "config": cfg, "files": digests}
 

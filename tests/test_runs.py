@@ -116,9 +116,13 @@ def test_restart_removes_only_the_listed_outputs(tmp_path):
     assert sorted(os.listdir(where)) == [".lock", "notes.txt", "run.json"]
 
 
-def test_api_keys_never_enter_a_fingerprint(tmp_path):
+def test_api_keys_never_enter_a_fingerprint(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="secret"):
         runs.fingerprint({"endpoint": {"api_key": "sk-123"}})
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-live-0123456789")
+    with pytest.raises(ValueError, match="secret environment variable"):
+        runs.fingerprint({"endpoint": {"headers": ["Bearer sk-live-0123456789"]}})
+    assert runs.fingerprint({"max_new_tokens": 8})["config"] == {"max_new_tokens": 8}
     fp = runs.fingerprint({"endpoint": {"api_key_env": "OPENAI_API_KEY"}})
     assert fp["config"]["endpoint"]["api_key_env"] == "OPENAI_API_KEY"
 

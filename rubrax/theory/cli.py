@@ -56,6 +56,18 @@ def _figure2(args: argparse.Namespace) -> int:
 
 
 def _tilted(args: argparse.Namespace) -> int:
+    import jax
+
+    # float64: the KL range then reaches ~700 (float32 stops near 85, where beta underflows).
+    jax.config.update("jax_enable_x64", True)
+    try:
+        return _tilted_impl(args)
+    except ValueError as err:  # a KL or c out of range: say so, no traceback
+        print(f"rubrax theory tilted: {err}", file=sys.stderr)
+        return 2
+
+
+def _tilted_impl(args: argparse.Namespace) -> int:
     from rubrax.theory import beta_for_kl, misspec, tilted
 
     if args.map in ("top_wrong", "worst_wrong"):
@@ -75,8 +87,12 @@ def _tilted(args: argparse.Namespace) -> int:
 def _read_scores(path: pathlib.Path, prompt_key: str, gold_key: str, proxy_key: str):
     """Group records by prompt; returns OrderedDict prompt -> list of (gold, proxy) or None."""
     groups: OrderedDict = OrderedDict()
-    with open(path) as fh:
-        for line_no, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid UTF-8 at byte {err.start + 1}") from None
             if not line.strip():
                 continue
             try:
