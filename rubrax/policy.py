@@ -394,7 +394,7 @@ def sample(params, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, cfg: Samp
     SampleConfig.layer_loop. Both give the same samples (tested).
 
     Data parallel: with `mesh` (a `jax.sharding.Mesh`; its first axis is used, e.g.
-    `rubrax.rl.step.make_mesh()`), the rows are padded to a multiple of the axis size and
+    `rubrax.sharding.make_mesh()`), the rows are padded to a multiple of the axis size and
     split over it: each device decodes its own rows with its own KV cache, and `params`
     must already live on that mesh (replicated, or FSDP-sharded, as the RL trainer places
     them). mesh=None takes the mesh of `params` when they are placed on a mesh of more
