@@ -304,22 +304,37 @@ def _check_or_record(where, fp, folder, outputs, safe, restart, allow_changed) -
             os.remove(path)
         log.warning("%s: --restart: earlier outputs removed, starting afresh", where)
     elif os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RunError(f"{path}: unreadable fingerprint ({err}); use --restart to start afresh") from None
-        changes = diff_fingerprints(old, fp)
-        if changes:
-            unsafe = [k.removeprefix("config.") for k, _, _ in changes
-                      if not any(fnmatch.fnmatchcase(k.removeprefix("config."), pat) for pat in safe)]
-            described = [_describe(*c) for c in changes]
-            if not allow_changed or unsafe:
-                raise InputsChanged(where, described, unsafe, allow_changed)
+        described = _compare(where, fp, safe, allow_changed)
+        if described:
             log.warning("%s: continuing with changed settings (--allow-changed): %s", where, "; ".join(described))
     elif _has_outputs(where, folder, outputs):
         log.warning("%s: earlier outputs but no recorded fingerprint (an older rubrax?); assuming the same inputs", where)
     _write_json_atomic(path, fp)
+
+
+def check_run(where: str | os.PathLike, fp: Mapping[str, Any], *, folder: bool, outputs: Iterable[str] = (),
+              safe: Iterable[str] = (), restart: bool = False, allow_changed: bool = False) -> None:
+    """`open_run`'s check alone (no lock, nothing written): for the other processes of a multi-host run."""
+    where = os.fspath(where)
+    if not restart and os.path.exists(fingerprint_path(where)):
+        _compare(where, fp, tuple(safe), allow_changed)
+
+
+def _compare(where: str, fp: Mapping[str, Any], safe: Sequence[str], allow_changed: bool) -> list[str]:
+    """The accepted changes against the recorded fingerprint; InputsChanged for refused ones."""
+    path = fingerprint_path(where)
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{path}: unreadable fingerprint ({err}); use --restart to start afresh") from None
+    changes = diff_fingerprints(old, fp)
+    unsafe = [k.removeprefix("config.") for k, _, _ in changes
+              if not any(fnmatch.fnmatchcase(k.removeprefix("config."), pat) for pat in safe)]
+    described = [_describe(*c) for c in changes]
+    if changes and (not allow_changed or unsafe):
+        raise InputsChanged(where, described, unsafe, allow_changed)
+    return described
 
 
 def _has_outputs(where: str, folder: bool, outputs: Sequence[str]) -> bool:

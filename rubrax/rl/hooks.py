@@ -22,36 +22,44 @@ EvalHook = Callable[[int, Any], Mapping[str, float]]
 
 def reward_eval_hook(
     prompts: PromptSet, reward_fn: Any, tokenizer: Any, model_config: Any, sample_cfg: Any, *, max_prompt_tokens: int,
-    seed: int = 0, batch_size: int = 64,
+    seed: int = 0, batch_size: int = 64, timeout_s: float | None = 600.0, chunk_size: int | None = None,
 ) -> EvalHook:
     """An eval hook: mean reward (and invalid count) of samples on held-out prompts.
 
     Use a greedy SampleConfig (temperature=0, n=1) for the paper's evaluation decoding.
+    The reward is called as in training (rubrax.rewards.deadline): chunks of `chunk_size`
+    rows (default one batch), each with a deadline of `timeout_s`; calls that time out,
+    raise or return malformed scores are invalid and counted, never a crash or a hang.
     """
-    fn = as_reward_fn(reward_fn)
+    from rubrax.rewards.deadline import DeadlineRunner
+
+    runner = DeadlineRunner(as_reward_fn(reward_fn), timeout_s=timeout_s, chunk_size=chunk_size or batch_size * sample_cfg.n)
     generate = EvalSampler(prompts, tokenizer, model_config, sample_cfg, max_prompt_tokens, seed, batch_size)
 
     def hook(step: int, params: Any) -> dict[str, float]:
-        scores, valid = [], []
+        scores, valid, failed = [], [], {}
         for ro in generate(step, params):
             texts, completions, columns = reward_inputs(prompts, ro, sample_cfg.n)
-            rb = fn(texts, completions, **columns)
+            rb, counts = runner(texts, completions, **columns)
             scores.append(rb.scores[rb.valid])
             valid.append(rb.valid)
+            failed = {k: failed.get(k, 0) + v for k, v in counts.items()}
         s = np.concatenate(scores)
-        return {"reward_mean": float(s.mean()) if s.size else float("nan"), "reward_invalid": int((~np.concatenate(valid)).sum())}
+        return {"reward_mean": float(s.mean()) if s.size else float("nan"), "reward_invalid": int((~np.concatenate(valid)).sum()),
+                **{f"reward_{k}": v for k, v in failed.items()}}
 
     return hook
 
 
 def winrate_eval_hook(
     prompts: PromptSet, references: Sequence[str], judge: Any, tokenizer: Any, model_config: Any, sample_cfg: Any, *,
-    max_prompt_tokens: int, both_orders: bool = False, seed: int = 0, batch_size: int = 64,
+    max_prompt_tokens: int, both_orders: bool = False, seed: int = 0, batch_size: int = 64, timeout_s: float | None = 600.0,
 ) -> EvalHook:
     """An eval hook: win rate of the policy's responses against `references[i]` (the
     reference response to held-out prompt i) under a pairwise judge
     (`judge.compare(prompt, a, b, key=..., swap=...)`, e.g. rubrax.eval's LLM judge),
-    through rubrax.eval.winrate. Logs win_rate, its bootstrap interval and failures.
+    through rubrax.eval.winrate. Logs win_rate, its bootstrap interval and failures
+    (a comparison not judged within `timeout_s` counts as failed).
     """
     from rubrax.eval.winrate import WinItem, judge_outcome, win_rate
 
@@ -61,6 +69,12 @@ def winrate_eval_hook(
         raise ValueError("winrate_eval_hook: use one sample per prompt (SampleConfig.n=1)")
     generate = EvalSampler(prompts, tokenizer, model_config, sample_cfg, max_prompt_tokens, seed, batch_size)
 
+    async def judged(item: Any) -> float | None:
+        try:  # a judge that hangs past its deadline is a failed comparison, not a hung run
+            return await asyncio.wait_for(judge_outcome(judge, item, both_orders=both_orders), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+
     def hook(step: int, params: Any) -> dict[str, float]:
         items = [
             WinItem(key=f"{step}:{i}", prompt=prompts.texts[i], response=text, reference=references[i])
@@ -68,7 +82,7 @@ def winrate_eval_hook(
         ]
 
         async def judge_all():
-            return await asyncio.gather(*(judge_outcome(judge, it, both_orders=both_orders) for it in items))
+            return await asyncio.gather(*(judged(it) for it in items))
 
         wr = win_rate(asyncio.run(judge_all()), seed=seed)
         return {"win_rate": wr.win_rate, "win_rate_ci_low": wr.ci_low, "win_rate_ci_high": wr.ci_high, "win_rate_failed": wr.failed}

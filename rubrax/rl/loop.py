@@ -59,8 +59,8 @@ from rubrax.hostmem import release_host_memory
 from rubrax.rl.batch import make_batch
 from rubrax.rl.hooks import EvalHook
 from rubrax.rl.prompts import PromptSet, load_prompts
-from rubrax.rl.resume import RunCheckpoints
-from rubrax.rl.reward_runner import RewardRunner, fed_and_scored_rows, reward_inputs, sum_over_hosts
+from rubrax.rl.resume import RunCheckpoints, open_run_folder, run_inputs
+from rubrax.rl.reward_runner import InvalidStreak, RewardRunner, failure_metrics, fed_and_scored_rows, reward_inputs, sum_over_hosts
 from rubrax.rl.rollouts import RolloutSampler
 from rubrax.rl.runlog import RunLogger
 from rubrax.rl.state import TrainState
@@ -94,6 +94,12 @@ class LoopConfig:
         the CPU backend). Only for rubrax.models params (the default logits_fn); the
         state, checkpoints and result keep that layout (save_pretrained takes either).
     checkpoint_every / eval_every: 0 = only at the end / never (besides the end).
+    keep_checkpoints: the newest that many checkpoints are kept (None = all; >= 1).
+    max_invalid_steps: stop with an error once every reward has been invalid in that many
+        consecutive steps (a judge that is down; None = never).
+    restart / allow_changed: an out_dir holding a run with other inputs is refused
+        (rubrax.runs); restart removes its checkpoints and metrics first, allow_changed
+        continues when only settings safe to change on resume differ (rubrax.rl.resume).
     """
 
     total_steps: int
@@ -117,30 +123,31 @@ class LoopConfig:
     progress: bool = True
     tensorboard: bool = True
     wandb_project: str | None = None
+    max_invalid_steps: int | None = 5
+    restart: bool = False
+    allow_changed: bool = False
 
     def __post_init__(self) -> None:
+        from rubrax.validate import check_float, check_int
+
         for name in ("total_steps", "prompts_per_step", "max_prompt_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"LoopConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+            check_int(f"LoopConfig.{name}", getattr(self, name), low=1)
+        check_int("LoopConfig.seed", self.seed, low=0)
         for name in ("checkpoint_every", "eval_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"LoopConfig.{name} must be >= 0, got {getattr(self, name)}")
+            check_int(f"LoopConfig.{name}", getattr(self, name), low=0)
+        for name in ("prompt_bucket", "reward_chunk_size", "num_devices", "stop_after", "max_invalid_steps"):
+            check_int(f"LoopConfig.{name}", getattr(self, name), low=1, optional=True)
+        # 0 would delete the final checkpoint too: the trained policy would be lost.
+        check_int("LoopConfig.keep_checkpoints", self.keep_checkpoints, low=1, optional=True)
+        check_float("LoopConfig.reward_timeout_s", self.reward_timeout_s, low=0, open_low=True, optional=True)
         if self.overlap not in OVERLAP_MODES:
             raise ValueError(f"LoopConfig.overlap must be one of {OVERLAP_MODES}, got {self.overlap!r}")
-        if self.reward_timeout_s is not None and not self.reward_timeout_s > 0:
-            raise ValueError(f"LoopConfig.reward_timeout_s must be > 0 or None, got {self.reward_timeout_s}")
-        if self.prompt_bucket is not None and (not isinstance(self.prompt_bucket, int) or self.prompt_bucket < 1):
-            raise ValueError(f"LoopConfig.prompt_bucket must be a positive int or None, got {self.prompt_bucket!r}")
         if self.layer_layout not in ("auto", "stacked", "unstacked"):
             raise ValueError(f"LoopConfig.layer_layout must be 'auto', 'stacked' or 'unstacked', got {self.layer_layout!r}")
-        if self.reward_chunk_size is not None and self.reward_chunk_size < 1:
-            raise ValueError(f"LoopConfig.reward_chunk_size must be >= 1, got {self.reward_chunk_size}")
-        if self.num_devices is not None and self.num_devices < 1:
-            raise ValueError(f"LoopConfig.num_devices must be >= 1 or None, got {self.num_devices}")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ValueError(f"LoopConfig.stop_after must be >= 1, got {self.stop_after}")
         if (self.checkpoint_every or self.stop_after) and not self.out_dir:
             raise ValueError("LoopConfig: checkpoints (checkpoint_every / stop_after) need out_dir")
+        if self.restart and self.allow_changed:
+            raise ValueError("LoopConfig: restart and allow_changed exclude each other")
 
 
 @dataclasses.dataclass
@@ -222,6 +229,7 @@ def train(
         raise ValueError(f"SampleConfig.n={sample.n} must equal RLConfig.group_size={rl.group_size}")
     if loop.overlap == "one_step_off_policy" and rl.behaviour_logprobs != "sampler":
         raise ValueError("overlap='one_step_off_policy' needs rl.behaviour_logprobs='sampler' (stale rollouts)")
+    rl.check_batch(loop.prompts_per_step * rl.group_size)
     data = prompts if isinstance(prompts, PromptSet) else load_prompts(
         prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
     )
@@ -239,14 +247,24 @@ def train(
     state, ref = trainer.place_state(state), trainer.place_ref(ref)
 
     ckpts = RunCheckpoints(loop.out_dir, keep=loop.keep_checkpoints, run_config=run_config)
-    state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
+    lock = open_run_folder(loop, run_inputs(rl=rl, optim=optim, sample=sample, loop=loop, model_config=model_config,
+                                            reward_fn=reward_fn, prompts=prompts, run_config=run_config))
+    try:
+        state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
+        logger = RunLogger(loop, start, run_config)  # cuts metrics back to the checkpoint
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
     end = min(loop.total_steps, loop.stop_after or loop.total_steps)
 
     root_key = np.asarray(jax.device_get(state.key))
     sampler = RolloutSampler(data, tokenizer, model_config, sample, root_key, prompts_per_step=loop.prompts_per_step,
                              max_prompt_tokens=loop.max_prompt_tokens, prompt_bucket=loop.prompt_bucket, seed=loop.seed)
-    runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=loop.reward_chunk_size or rl.group_size)
-    logger = RunLogger(loop, start, run_config)
+    chunk = loop.reward_chunk_size or rl.group_size
+    runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=chunk,
+                          max_workers=-(-loop.prompts_per_step * rl.group_size // chunk))  # a step's calls never queue
+    streak = InvalidStreak(loop.max_invalid_steps)
     late: tuple[int, Any, dict] | None = None  # (step, device metrics, host metrics) not yet written
 
     def flush():
@@ -257,7 +275,18 @@ def train(
             logger.bar.update(1)
             late = None
 
+    def evaluate(done: int) -> None:
+        flush()
+        scores = {}
+        for hook in eval_hooks:
+            scores.update({f"eval/{k}": float(v) for k, v in hook(done, state.params).items()})
+        logger.write(done, scores)
+
     try:
+        if eval_hooks and logger.eval_due(loop, start) and start not in logger.evaluated:
+            evaluate(start)  # the checkpoint's evaluation did not complete before the last run stopped
+        if start >= loop.total_steps:
+            log.info("%s: the run is complete (%d of %d steps); nothing to do", loop.out_dir, start, loop.total_steps)
         for step in range(start, end):
             t0 = time.perf_counter()
             ro = pending if pending is not None else sampler(step, state.params)
@@ -274,8 +303,10 @@ def train(
             flush()
             scores, valid = np.zeros(len(completions), np.float32), np.zeros(len(completions), bool)
             scores[mine], valid[mine] = rewards.scores, rewards.valid  # other hosts' rows: never fed
+            counts = {**counts, "valid_rows": int(rewards.valid.sum())}
             if mine != slice(None):
                 counts = sum_over_hosts(counts)
+            streak.update(step, counts.pop("valid_rows"), counts, rewards.info[0].get("error") if len(rewards) else None)
             batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, scores, valid,
                                group_size=rl.group_size)
             if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
@@ -284,21 +315,19 @@ def train(
             t2 = time.perf_counter()
             state, metrics = trainer(state, batch, ref)
             host = {"time/sample_s": t_sample, "time/reward_wait_s": t_reward, "time/update_dispatch_s": time.perf_counter() - t2,
-                    "reward_timeouts": counts["timeouts"], "reward_exceptions": counts["exceptions"]}
+                    **failure_metrics(counts)}
             late = (step, metrics, host)
             done = step + 1
             if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end:
                 if ckpts.ckpt_dir:
                     flush()
                     ckpts.save(done, state, pending)
-            if eval_hooks and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.total_steps):
-                flush()
-                scores = {}
-                for hook in eval_hooks:
-                    scores.update({f"eval/{k}": float(v) for k, v in hook(done, state.params).items()})
-                logger.write(done, scores)
+            if eval_hooks and logger.eval_due(loop, done):
+                evaluate(done)
         flush()
     finally:
         runner.close()
         logger.close()
+        if lock:
+            lock.release()
     return TrainResult(state=state, history=logger.history, out_dir=loop.out_dir, trainer=trainer)

@@ -33,6 +33,8 @@ _TOP_KEYS = ("model", "tiny_model", "train", "dataset", "split", "eval", "toy_pr
 
 
 def _build(cls, section: Mapping[str, Any], where: str, **defaults):
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{where}: must be an object of {cls.__name__} fields, got {section!r}")
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in section.items() if not k.startswith("_")}
     unknown = sorted(set(values) - fields)
@@ -87,18 +89,26 @@ def parse_recipe(config: Mapping[str, Any], source: str = "<config>") -> GRPORec
     if "model" not in config:
         raise ValueError(f"{source}: missing key 'model'")
     rl = _build(RLConfig, config.get("rl", {}), f"{source}: rl")
+    for key in ("tiny_model", "loop"):
+        if not isinstance(config.get(key, {}), Mapping):
+            raise ValueError(f"{source}: {key} must be an object, got {config[key]!r}")
+    if "tiny_model" in config:
+        _check_tiny_model(config["tiny_model"], source)
     sample = _build(SampleConfig, config.get("sample", {}), f"{source}: sample", n=rl.group_size, max_new_tokens=64)
     if sample.n != rl.group_size:
         raise ValueError(f"{source}: sample.n={sample.n} must equal rl.group_size={rl.group_size}")
     optim = _build(OptimConfig, config.get("optim", {}), f"{source}: optim")
     loop = {k: v for k, v in config.get("loop", {}).items() if not k.startswith("_")}
     # validate now; total_steps and out_dir are fixed at run time
-    _build(LoopConfig, {"total_steps": 1, "out_dir": "<out>", **loop}, f"{source}: loop")
+    checked = _build(LoopConfig, {"total_steps": 1, "out_dir": "<out>", **loop}, f"{source}: loop")
     if "epochs" not in config and "total_steps" not in loop:
         raise ValueError(f"{source}: give loop.total_steps or epochs")
+    rl.check_batch(checked.prompts_per_step * rl.group_size, f"{source}: rl")  # before anything is sampled
     eval_sample = None
     if "eval_sample" in config:
         eval_sample = _build(SampleConfig, config["eval_sample"], f"{source}: eval_sample", max_new_tokens=sample.max_new_tokens)
+    if not isinstance(config.get("reward", {}), Mapping):
+        raise ValueError(f"{source}: reward must be {{\"name\": ..., \"kwargs\": {{...}}}}, got {config['reward']!r}")
     reward = dict(config.get("reward", {"name": "target_word"}))
     if "name" not in reward or set(reward) - {"name", "kwargs"} - {k for k in reward if k.startswith("_")}:
         raise ValueError(f"{source}: reward must be {{\"name\": ..., \"kwargs\": {{...}}}}, got {sorted(reward)}")
@@ -107,13 +117,32 @@ def parse_recipe(config: Mapping[str, Any], source: str = "<config>") -> GRPORec
                       eval_sample=eval_sample, source=source, **top)
 
 
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A recipe file's JSON object; errors name the file and line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not valid UTF-8 at byte {err.start + 1}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a recipe is a JSON object, got {type(config).__name__}")
+    return config
+
+
 def load_recipe(path: str | os.PathLike) -> GRPORecipe:
-    with open(path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-    return parse_recipe(config, os.fspath(path))
+    return parse_recipe(read_config(path), os.fspath(path))
+
+
+def _check_tiny_model(overrides: Mapping[str, Any], source: str) -> None:
+    from rubrax.models import ModelConfig
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(k for k in overrides if k not in fields and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"{source}: tiny_model: unknown ModelConfig field(s) {unknown}")
 
 
 # --------------------------------------------------------------------------- building
@@ -128,7 +157,7 @@ def load_model(recipe: GRPORecipe, seed: int):
         from rubrax.rl.toy import toy_tokenizer
 
         tok = toy_tokenizer() if recipe.train is None else _words_tokenizer(recipe)
-        config = ModelConfig.tiny(**{**dict(recipe.tiny_model), "vocab_size": tok.vocab_size, "pad_token_id": tok.pad_token_id,
+        config = ModelConfig.tiny(**{**{k: v for k, v in recipe.tiny_model.items() if not k.startswith("_")}, "vocab_size": tok.vocab_size, "pad_token_id": tok.pad_token_id,
                                      "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id})
         return init_params(config, jax.random.PRNGKey(seed)), config, tok
     from rubrax import models
@@ -156,11 +185,14 @@ def _records(name: str, recipe: GRPORecipe, split: str | None = None):
     return datasets.load_dataset(name, split=split or recipe.split)
 
 
-def build_reward(spec: Mapping[str, Any]):
-    """The reward function of a config's "reward" section, through the registry."""
+def build_reward(spec: Mapping[str, Any], source: str = "<config>"):
+    """The reward function of a config's "reward" section, through the registry; a name or
+    keyword the reward does not know is an error naming the config."""
     import rubrax.rl.toy  # noqa: F401  (registers "target_word")
     from rubrax.rewards import get_reward
 
+    if not isinstance(spec.get("kwargs", {}), Mapping):
+        raise ValueError(f"{source}: reward.kwargs must be an object, got {spec['kwargs']!r}")
     kwargs = dict(spec.get("kwargs", {}))
     if spec["name"] == "rubric" and isinstance(kwargs.get("verifier"), Mapping):
         from rubrax.elicit.client import ChatClient, ClientConfig
@@ -169,7 +201,10 @@ def build_reward(spec: Mapping[str, Any]):
         v = dict(kwargs["verifier"])
         mode = v.pop("mode", "all")
         kwargs["verifier"] = LLMVerifier(ChatClient(ClientConfig(**v)), mode=mode)
-    return get_reward(spec["name"], **kwargs)
+    try:
+        return get_reward(spec["name"], **kwargs)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{source}: reward {spec['name']!r}: {err.args[0] if err.args else err}") from None
 
 
 def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, **loop_overrides: Any):
@@ -186,13 +221,13 @@ def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, **loop_overrides: Any
     chat = bool(recipe.loop.get("chat_template", True))
     prompts = load_prompts(records, tok, max_prompt_tokens=max_prompt, chat_template=chat)
     loop = recipe.loop_config(len(prompts), out_dir=out_dir, **loop_overrides)
-    reward_fn = build_reward(recipe.reward)
+    reward_fn = build_reward(recipe.reward, recipe.source)
     hooks = []
     if recipe.eval is not None or recipe.train is None:
         held = toy_prompts(16, seed=seed + 1) if recipe.eval is None else _records(recipe.eval, recipe, "test")
         eval_sample = recipe.eval_sample or dataclasses.replace(recipe.sample, n=1, temperature=0.0)
         hooks.append(reward_eval_hook(load_prompts(held, tok, max_prompt_tokens=max_prompt, chat_template=chat), reward_fn, tok,
-                                      model_config, eval_sample, max_prompt_tokens=max_prompt))
+                                      model_config, eval_sample, max_prompt_tokens=max_prompt, timeout_s=loop.reward_timeout_s))
     run_config = {"source": recipe.source, "model": recipe.model, "rl": dataclasses.asdict(recipe.rl),
                   "optim": dataclasses.asdict(recipe.optim), "reward": recipe.reward.get("name")}
     return train(params=params, model_config=model_config, tokenizer=tok, reward_fn=reward_fn, prompts=prompts, rl=recipe.rl,
