@@ -255,8 +255,9 @@ def _write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def fingerprint_path(where: str) -> str:
-    return os.path.join(where, "run.json") if os.path.isdir(where) else where + ".run.json"
+def fingerprint_path(where: str, folder: bool | None = None) -> str:
+    folder = os.path.isdir(where) if folder is None else folder
+    return os.path.join(where, "run.json") if folder else where + ".run.json"
 
 
 def _remove(path: str) -> None:
@@ -296,7 +297,7 @@ def open_run(
 
 
 def _check_or_record(where, fp, folder, outputs, safe, restart, allow_changed) -> None:
-    path = fingerprint_path(where)
+    path = fingerprint_path(where, folder)
     if restart:
         for out in ([] if folder else [where]) + outputs:
             _remove(out)
@@ -304,7 +305,7 @@ def _check_or_record(where, fp, folder, outputs, safe, restart, allow_changed) -
             os.remove(path)
         log.warning("%s: --restart: earlier outputs removed, starting afresh", where)
     elif os.path.exists(path):
-        described = _compare(where, fp, safe, allow_changed)
+        described = _compare(where, fp, safe, allow_changed, folder)
         if described:
             log.warning("%s: continuing with changed settings (--allow-changed): %s", where, "; ".join(described))
     elif _has_outputs(where, folder, outputs):
@@ -316,13 +317,13 @@ def check_run(where: str | os.PathLike, fp: Mapping[str, Any], *, folder: bool, 
               safe: Iterable[str] = (), restart: bool = False, allow_changed: bool = False) -> None:
     """`open_run`'s check alone (no lock, nothing written): for the other processes of a multi-host run."""
     where = os.fspath(where)
-    if not restart and os.path.exists(fingerprint_path(where)):
-        _compare(where, fp, tuple(safe), allow_changed)
+    if not restart and os.path.exists(fingerprint_path(where, folder)):
+        _compare(where, fp, tuple(safe), allow_changed, folder)
 
 
-def _compare(where: str, fp: Mapping[str, Any], safe: Sequence[str], allow_changed: bool) -> list[str]:
+def _compare(where: str, fp: Mapping[str, Any], safe: Sequence[str], allow_changed: bool, folder: bool) -> list[str]:
     """The accepted changes against the recorded fingerprint; InputsChanged for refused ones."""
-    path = fingerprint_path(where)
+    path = fingerprint_path(where, folder)
     try:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)

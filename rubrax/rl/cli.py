@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
-    from rubrax.rl.recipe import read_config, run_recipe
+    from rubrax.rl.recipe import RecipeError, read_config, run_recipe
     from rubrax.runs import RunError
 
     try:
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_recipe(recipe, out_dir=args.out, stop_after=args.stop_after, progress=False if args.no_progress else None,
                             restart=args.restart, allow_changed=args.allow_changed)
-    except RunError as err:  # --out locked by another process, or holding a run with other inputs
+    except (RunError, RecipeError) as err:  # --out locked or holding a run with other inputs; an unusable reward
         print(f"error: {err}", file=sys.stderr)
         return 2
     final: dict[str, Any] = {"step": int(result.state.step)}
@@ -111,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
 def _recipe(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     from rubrax.rl.recipe import parse_recipe
 
-    config = apply_overrides(config, args.set)
+    try:
+        config = apply_overrides(config, args.set)
+    except ValueError as err:
+        raise ValueError(f"{args.config}: {err}") from None
     if args.steps is not None:
         config.setdefault("loop", {})["total_steps"] = args.steps
     return parse_recipe(config, args.config + (" (with --set)" if args.set else ""))

@@ -59,7 +59,7 @@ from rubrax.hostmem import release_host_memory
 from rubrax.rl.batch import make_batch
 from rubrax.rl.hooks import EvalHook
 from rubrax.rl.prompts import PromptSet, load_prompts
-from rubrax.rl.resume import RunCheckpoints, open_run_folder, run_inputs
+from rubrax.rl.resume import RunCheckpoints, check_run_folder, open_run_folder, run_inputs
 from rubrax.rl.reward_runner import InvalidStreak, RewardRunner, failure_metrics, fed_and_scored_rows, reward_inputs, sum_over_hosts
 from rubrax.rl.rollouts import RolloutSampler
 from rubrax.rl.runlog import RunLogger
@@ -230,6 +230,9 @@ def train(
     if loop.overlap == "one_step_off_policy" and rl.behaviour_logprobs != "sampler":
         raise ValueError("overlap='one_step_off_policy' needs rl.behaviour_logprobs='sampler' (stale rollouts)")
     rl.check_batch(loop.prompts_per_step * rl.group_size)
+    inputs = run_inputs(rl=rl, optim=optim, sample=sample, loop=loop, model_config=model_config, reward_fn=reward_fn,
+                        prompts=prompts, run_config=run_config)
+    check_run_folder(loop, inputs)  # a refusal costs no compilation; open_run_folder checks again, locked
     data = prompts if isinstance(prompts, PromptSet) else load_prompts(
         prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
     )
@@ -247,8 +250,7 @@ def train(
     state, ref = trainer.place_state(state), trainer.place_ref(ref)
 
     ckpts = RunCheckpoints(loop.out_dir, keep=loop.keep_checkpoints, run_config=run_config)
-    lock = open_run_folder(loop, run_inputs(rl=rl, optim=optim, sample=sample, loop=loop, model_config=model_config,
-                                            reward_fn=reward_fn, prompts=prompts, run_config=run_config))
+    lock = open_run_folder(loop, inputs)
     try:
         state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
         logger = RunLogger(loop, start, run_config)  # cuts metrics back to the checkpoint

@@ -28,6 +28,10 @@ from typing import Any
 from rubrax.rl.loop import LoopConfig
 from rubrax.rl.step import RLConfig
 
+class RecipeError(ValueError):
+    """A config that names something unusable (found while building it); the message says where."""
+
+
 _TOP_KEYS = ("model", "tiny_model", "train", "dataset", "split", "eval", "toy_prompts", "epochs", "reward", "rl",
              "sample", "optim", "loop", "eval_sample")
 
@@ -192,7 +196,7 @@ def build_reward(spec: Mapping[str, Any], source: str = "<config>"):
     from rubrax.rewards import get_reward
 
     if not isinstance(spec.get("kwargs", {}), Mapping):
-        raise ValueError(f"{source}: reward.kwargs must be an object, got {spec['kwargs']!r}")
+        raise RecipeError(f"{source}: reward.kwargs must be an object, got {spec['kwargs']!r}")
     kwargs = dict(spec.get("kwargs", {}))
     if spec["name"] == "rubric" and isinstance(kwargs.get("verifier"), Mapping):
         from rubrax.elicit.client import ChatClient, ClientConfig
@@ -204,7 +208,7 @@ def build_reward(spec: Mapping[str, Any], source: str = "<config>"):
     try:
         return get_reward(spec["name"], **kwargs)
     except (KeyError, TypeError) as err:
-        raise ValueError(f"{source}: reward {spec['name']!r}: {err.args[0] if err.args else err}") from None
+        raise RecipeError(f"{source}: reward {spec['name']!r}: {err.args[0] if err.args else err}") from None
 
 
 def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, **loop_overrides: Any):

@@ -52,14 +52,26 @@ def run_inputs(*, rl: Any, optim: Any, sample: Any, loop: Any, model_config: Any
     return runs.fingerprint(config, files)
 
 
+def _folder_kwargs(loop: Any) -> dict[str, Any]:
+    outputs = [os.path.join(loop.out_dir, name) for name in ("checkpoints", "pending", "metrics.jsonl", "tb")]
+    return dict(folder=True, outputs=outputs, safe=SAFE_ON_RESUME, restart=loop.restart, allow_changed=loop.allow_changed)
+
+
+def check_run_folder(loop: Any, fp: Mapping[str, Any]) -> None:
+    """The fingerprint check alone, read-only (InputsChanged early, before any compilation)."""
+    from rubrax import runs
+
+    if loop.out_dir:
+        runs.check_run(loop.out_dir, fp, **_folder_kwargs(loop))
+
+
 def open_run_folder(loop: Any, fp: Mapping[str, Any]) -> Any:
     """Locks out_dir (process 0) and checks its fingerprint; returns the lock (or None)."""
     from rubrax import runs
 
     if not loop.out_dir:
         return None
-    outputs = [os.path.join(loop.out_dir, name) for name in ("checkpoints", "pending", "metrics.jsonl", "tb")]
-    kwargs = dict(folder=True, outputs=outputs, safe=SAFE_ON_RESUME, restart=loop.restart, allow_changed=loop.allow_changed)
+    kwargs = _folder_kwargs(loop)
     if jax.process_index() == 0:
         lock = runs.open_run(loop.out_dir, fp, **kwargs)
     else:
