@@ -115,6 +115,20 @@ class RunLock:
         self._fd = fd
         return self
 
+    def probe(self) -> None:
+        """RunLocked if another process holds the lock now; takes nothing, writes nothing."""
+        if not os.path.exists(self.path):
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunLocked(self.where, *_read_holder(fd)) from None
+            raise
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)  # a released lock names nobody
@@ -314,9 +328,12 @@ def _check_or_record(where, fp, folder, outputs, safe, restart, allow_changed) -
 
 
 def check_run(where: str | os.PathLike, fp: Mapping[str, Any], *, folder: bool, outputs: Iterable[str] = (),
-              safe: Iterable[str] = (), restart: bool = False, allow_changed: bool = False) -> None:
-    """`open_run`'s check alone (no lock, nothing written): for the other processes of a multi-host run."""
+              safe: Iterable[str] = (), restart: bool = False, allow_changed: bool = False, probe_lock: bool = False) -> None:
+    """`open_run`'s checks alone, taking and writing nothing: early (before costly set-up), or on
+    the other processes of a multi-host run. `probe_lock`: RunLocked first if the folder is in use."""
     where = os.fspath(where)
+    if probe_lock:
+        RunLock(where).probe()
     if not restart and os.path.exists(fingerprint_path(where, folder)):
         _compare(where, fp, tuple(safe), allow_changed, folder)
 

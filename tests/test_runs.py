@@ -135,3 +135,18 @@ def test_cut_jsonl_keeps_the_prefix_covered_by_the_checkpoint(tmp_path):
     assert kept == lines[:4]
     assert path.read_text() == "".join(json.dumps(r) + "\n" for r in lines[:4])
     assert runs.cut_jsonl(tmp_path / "none.jsonl", lambda r: True) == []
+
+
+def test_probe_reports_a_holder_without_taking_the_lock(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    runs.RunLock(folder).probe()  # no lock file yet: nothing to report
+    holder = _hold_lock(folder)
+    try:
+        with pytest.raises(runs.RunLocked, match=f"process {holder.pid}"):
+            runs.check_run(folder, runs.fingerprint({}), folder=True, probe_lock=True)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    runs.RunLock(folder).probe()
+    assert json.loads((folder / ".lock").read_text())["pid"] == holder.pid  # the probe wrote nothing

@@ -61,8 +61,8 @@ def check_run_folder(loop: Any, fp: Mapping[str, Any]) -> None:
     """The fingerprint check alone, read-only (InputsChanged early, before any compilation)."""
     from rubrax import runs
 
-    if loop.out_dir:
-        runs.check_run(loop.out_dir, fp, **_folder_kwargs(loop))
+    if loop.out_dir:  # process 0 holds the lock of a multi-host run: only it asks who else does
+        runs.check_run(loop.out_dir, fp, **_folder_kwargs(loop), probe_lock=jax.process_index() == 0)
 
 
 def open_run_folder(loop: Any, fp: Mapping[str, Any]) -> Any:
