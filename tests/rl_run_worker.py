@@ -61,8 +61,12 @@ def main(out_dir, opts):
     hooks = []
     if want_eval:
         held = [{"prompt": p["prompt"], "prompt_id": f"h{i}"} for i, p in enumerate(toy_prompts(4, seed=1))]
+        import inspect
+
+        # (timeout_s is passed only where the hook has it: the same worker runs against older code.)
+        extra = {"timeout_s": loop.reward_timeout_s} if "timeout_s" in inspect.signature(reward_eval_hook).parameters else {}
         inner = reward_eval_hook(load_prompts(held, tok, max_prompt_tokens=8), reward, tok, config,
-                                 SampleConfig(max_new_tokens=6, n=1, temperature=0.0), max_prompt_tokens=8, timeout_s=loop.reward_timeout_s)
+                                 SampleConfig(max_new_tokens=6, n=1, temperature=0.0), max_prompt_tokens=8, **extra)
 
         def hook(step, params):
             if kill and step == loop.total_steps:

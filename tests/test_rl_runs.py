@@ -45,9 +45,10 @@ GREEDY = SampleConfig(max_new_tokens=6, n=1, temperature=0.0)
 ONE_DEVICE = make_mesh(jax.devices()[:1])
 
 
-def run(steps, *, reward=None, optim=None, hooks=(), **loop_kw):
+def run(steps, *, reward=None, optim=None, hooks=(), params=None, **loop_kw):
     loop = LoopConfig(**{"total_steps": steps, "prompts_per_step": 2, "max_prompt_tokens": 8, "progress": False, **loop_kw})
-    return train(params=init_params(CONFIG, jax.random.PRNGKey(0)), model_config=CONFIG, tokenizer=TOK,
+    params = init_params(CONFIG, jax.random.PRNGKey(0)) if params is None else params
+    return train(params=params, model_config=CONFIG, tokenizer=TOK,
                  reward_fn=reward or TargetWordReward(target="yes"), prompts=toy_prompts(16), rl=RLConfig(group_size=G),
                  sample=SAMPLE, optim=optim or OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0),
                  loop=loop, eval_hooks=hooks, mesh=ONE_DEVICE)
@@ -158,13 +159,14 @@ def test_hanging_reward_with_eval_ends_the_process(tmp_path, kind):
 def test_second_run_on_a_locked_folder_fails_fast_and_the_first_is_unharmed(tmp_path, tmp_path_factory):
     opts = {"overlap": "sync", "checkpoint_every": 1, "total_steps": 6, "eval": True, "eval_every": 3}
     ref = _reference(tmp_path_factory, opts)
+    params = init_params(CONFIG, jax.random.PRNGKey(0))
     first = _worker(tmp_path, dict(opts))
     while not (tmp_path / "run.json").exists() and first.poll() is None:  # recorded under the lock
         time.sleep(0.02)
     t0 = time.perf_counter()
     with pytest.raises(RunLocked, match=f"in use by process {first.pid}"):
-        run(6, out_dir=str(tmp_path), checkpoint_every=1)
-    assert time.perf_counter() - t0 < 5 and first.poll() is None
+        run(6, out_dir=str(tmp_path), checkpoint_every=1, params=params)
+    assert time.perf_counter() - t0 < 5 and first.poll() is None  # before any compilation
     _finish(first)
     assert lines(tmp_path / "metrics.jsonl") == ref
 
