@@ -201,7 +201,9 @@ def _jsonable(value: Any) -> Any:
         import dataclasses
 
         return _jsonable({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
-    return repr(value)
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}:{value.__qualname__}"
+    return re.sub(r" at 0x[0-9a-f]+", "", repr(value))  # an address would differ at every start
 
 
 _SECRET_NAME = re.compile(r"(^|_)(api_?key|secret|password|passwd|token|access_token|auth_token|bearer)$", re.I)

@@ -33,11 +33,11 @@ def test_every_arm_runs_and_is_tracked(tiny_run):
     for arm in ARMS:
         rows = sorted((r for r in curves if r["arm"] == arm), key=lambda r: r["step"])
         finals = [r for r in rows if r.get("final")]
-        assert len(finals) == 1 and finals[0]["step"] == (cfg.sft.great_steps if arm == "sft_great" else cfg.rl.steps)
+        assert len(finals) == 1 and finals[0]["step"] == (cfg.sft.great_steps if arm == "sft_great" else cfg.rl_steps)
         for r in rows:
             assert 0.0 <= r["win_rate"] <= 1.0 and np.isfinite(r["gold"]) and np.isfinite(r["kl"])
         if arm != "sft_great":
-            assert len(rows) == cfg.rl.steps + 1
+            assert len(rows) == cfg.rl_steps + 1
             assert all(np.isfinite(r["proxy"]) for r in rows)
             # the first rollouts come from the base policy itself: KL 0, win rate near 1/2
             assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-3)
@@ -60,7 +60,7 @@ def test_report_files_and_tables(tiny_run):
                  "fig4_winrate_vs_step.png", "fig4_winrate_vs_kl.png", "theory_vs_rl.png", "proxy_vs_gold.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "commit.txt").read_text().strip() == "abc123"
-    assert json.loads((out / "config.json").read_text())["rl"]["steps"] == cfg.rl.steps
+    assert json.loads((out / "config.json").read_text())["rl_steps"] == cfg.rl_steps
     with open(out / "table1.csv") as f:
         t1 = {r["arm"]: r for r in csv.DictReader(f)}
     summary = {r["arm"]: r for r in per_seed_summary(results["curves"])}

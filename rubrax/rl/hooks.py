@@ -1,5 +1,10 @@
-"""Hooks of the RL loop (rubrax.rl.loop.train).
+"""Hooks of the RL loop (rubrax.rl.loop.train): how experiments plug into the one loop.
 
+Step hooks: `(view: StepView) -> {name: scalar}`, called once per RL step with a
+read-only view of what the step did (its prompts, rollouts, rewards and the update's
+metrics); what they return is logged with the step's metrics (names must not clash with
+the loop's own). They run when the step's metrics reach the host, one step late, so the
+device never waits for them; a resumed run calls them for the steps it runs.
 Eval hooks: `(step, params) -> {name: scalar}`, run every `eval_every` steps and at the
 end, logged as "eval/<name>". `reward_eval_hook` and `winrate_eval_hook` build the usual ones.
 """
@@ -7,6 +12,7 @@ end, logged as "eval/<name>". `reward_eval_hook` and `winrate_eval_hook` build t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,9 +21,50 @@ import numpy as np
 from rubrax.rewards.base import as_reward_fn
 from rubrax.rl.prompts import PromptSet
 from rubrax.rl.reward_runner import reward_inputs
-from rubrax.rl.rollouts import EvalSampler
+from rubrax.rl.rollouts import EvalSampler, Rollouts
 
 EvalHook = Callable[[int, Any], Mapping[str, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepView:
+    """What RL step `step` did, for step hooks (arrays are read-only).
+
+    rollouts: the samples the update trained on (rows prompt-major: row i * G + j is
+    sample j of record rollouts.indices[i]; completions decoded); scores_B / valid_B: their
+    rewards (multi-host: rows another host scored are invalid here); metrics: the
+    update's metrics (host floats, e.g. reward_mean, kl, seq_kl) and the loop's timings.
+    """
+
+    step: int
+    prompts: PromptSet
+    rollouts: Rollouts
+    scores_B: np.ndarray
+    valid_B: np.ndarray
+    metrics: Mapping[str, float]
+
+
+StepHook = Callable[[StepView], Mapping[str, float]]
+
+
+def run_step_hooks(hooks: Sequence[StepHook], view: StepView) -> dict[str, float]:
+    """The hooks' metrics of one step; a name that clashes with the loop's is an error."""
+    for x in (view.scores_B, view.valid_B, view.rollouts.tokens, view.rollouts.logprobs, view.rollouts.mask):
+        x.flags.writeable = False
+    out: dict[str, float] = {}
+    for hook in hooks:
+        for k, v in hook(view).items():
+            if k in view.metrics or k in out:
+                raise ValueError(f"step hook {hook!r} returned {k!r}, which another hook or the loop already logs")
+            out[k] = float(v)
+    return out
+
+
+def run_eval_hooks(hooks: Sequence[EvalHook], step: int, params: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for hook in hooks:
+        out.update({f"eval/{k}": float(v) for k, v in hook(step, params).items()})
+    return out
 
 
 def reward_eval_hook(

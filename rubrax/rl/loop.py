@@ -49,7 +49,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -57,11 +57,11 @@ import numpy as np
 
 from rubrax.hostmem import release_host_memory
 from rubrax.rl.batch import make_batch
-from rubrax.rl.hooks import EvalHook
+from rubrax.rl.hooks import EvalHook, StepHook, StepView, run_eval_hooks, run_step_hooks
 from rubrax.rl.prompts import PromptSet, load_prompts
 from rubrax.rl.resume import RunCheckpoints, check_run_folder, open_run_folder, run_inputs
 from rubrax.rl.reward_runner import InvalidStreak, RewardRunner, failure_metrics, fed_and_scored_rows, reward_inputs, sum_over_hosts
-from rubrax.rl.rollouts import RolloutSampler
+from rubrax.rl.rollouts import RolloutSampler, Rollouts
 from rubrax.rl.runlog import RunLogger
 from rubrax.rl.state import TrainState
 from rubrax.rl.step import RLConfig, Trainer, model_logits_fn
@@ -210,6 +210,7 @@ def train(
     loop: LoopConfig,
     ref_params: Any = None,
     eval_hooks: Sequence[EvalHook] = (),
+    step_hooks: Sequence[StepHook] = (),
     mesh: Any = None,
     logits_fn: Any = None,
     run_config: Mapping[str, Any] | None = None,
@@ -221,21 +222,85 @@ def train(
     rubrax.train.optim.OptimConfig (schedule over total_steps * ppo_epochs *
     num_minibatches optimizer updates). eval_hooks: callables (step, params) -> dict of
     scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>").
-    mesh: a 1-D "data" mesh (default: loop.num_devices devices). logits_fn: a model
-    other than rubrax.models (params, tokens, mask) -> logits.
+    step_hooks: callables (rubrax.rl.hooks.StepView) -> dict of scalars, run after every
+    step and logged with its metrics. mesh: a 1-D "data" mesh (default: loop.num_devices
+    devices). logits_fn: a model other than rubrax.models (params, tokens, mask) -> logits.
     run_config: JSON-able description of the run, stored with checkpoints and W&B.
     """
+    _check_settings(rl, sample, loop)
+    inputs = run_inputs(rl=rl, optim=optim, sample=sample, loop=loop, model_config=model_config, reward_fn=reward_fn,
+                        prompts=prompts, run_config=run_config)
+    check_run_folder(loop, inputs)  # a refusal (folder in use, other inputs) costs no compilation
+    data = prompts if isinstance(prompts, PromptSet) else load_prompts(
+        prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
+    )
+    trainer, state, ref = _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh)
+    ckpts = RunCheckpoints(loop.out_dir, keep=loop.keep_checkpoints, run_config=run_config)
+    lock = open_run_folder(loop, inputs)  # held for the run: one writer per out_dir
+    try:
+        state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
+        logger = RunLogger(loop, start, run_config)  # cuts metrics back to the checkpoint
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    end = min(loop.total_steps, loop.stop_after or loop.total_steps)
+    sampler = RolloutSampler(data, tokenizer, model_config, sample, np.asarray(jax.device_get(state.key)),
+                             prompts_per_step=loop.prompts_per_step, max_prompt_tokens=loop.max_prompt_tokens,
+                             prompt_bucket=loop.prompt_bucket, seed=loop.seed)
+    chunk = loop.reward_chunk_size or rl.group_size
+    runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=chunk,
+                          max_workers=-(-loop.prompts_per_step * rl.group_size // chunk))  # a step's calls never queue
+    streak = InvalidStreak(loop.max_invalid_steps)
+    late = _LateStep(logger, data, step_hooks)
+    try:
+        if eval_hooks and logger.eval_due(loop, start) and start not in logger.evaluated:
+            logger.write(start, run_eval_hooks(eval_hooks, start, state.params))  # it did not complete last time
+        if start >= loop.total_steps:
+            log.info("%s: the run is complete (%d of %d steps); nothing to do", loop.out_dir, start, loop.total_steps)
+        for step in range(start, end):
+            ro = _timed(late.times, "time/sample_s", lambda: pending if pending is not None else sampler(step, state.params))
+            future, fed, mine = _submit(runner, data, ro, rl.group_size, trainer.mesh)
+            pending = None
+            if loop.overlap == "one_step_off_policy" and step + 1 < loop.total_steps:
+                pending = sampler(step + 1, state.params)  # overlaps with the judges
+            rewards, counts = _timed(late.times, "time/reward_wait_s", future.result)
+            late.flush()
+            scores, valid, counts = _gather_rewards(rewards, counts, len(ro.completions), mine)
+            streak.update(step, counts.pop("valid_rows"), counts, rewards.info[0].get("error") if len(rewards) else None)
+            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, scores, valid,
+                               group_size=rl.group_size)
+            if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
+                batch = jax.tree.map(lambda x: x[fed], batch)
+            release_host_memory()  # sampling's freed buffers, before the update's peak
+            state, metrics = _timed(late.times, "time/update_dispatch_s", trainer, state, batch, ref)
+            late.hold(step, metrics, counts, ro, scores, valid)
+            done = step + 1
+            if ckpts.ckpt_dir and ((loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end):
+                late.flush()
+                ckpts.save(done, state, pending)
+            if eval_hooks and logger.eval_due(loop, done):
+                late.flush()
+                logger.write(done, run_eval_hooks(eval_hooks, done, state.params))
+        late.flush()
+    finally:
+        runner.close()
+        logger.close()
+        if lock:
+            lock.release()
+    return TrainResult(state=state, history=logger.history, out_dir=loop.out_dir, trainer=trainer)
+
+
+def _check_settings(rl: RLConfig, sample: Any, loop: LoopConfig) -> None:
     if sample.n != rl.group_size:
         raise ValueError(f"SampleConfig.n={sample.n} must equal RLConfig.group_size={rl.group_size}")
     if loop.overlap == "one_step_off_policy" and rl.behaviour_logprobs != "sampler":
         raise ValueError("overlap='one_step_off_policy' needs rl.behaviour_logprobs='sampler' (stale rollouts)")
-    rl.check_batch(loop.prompts_per_step * rl.group_size)
-    inputs = run_inputs(rl=rl, optim=optim, sample=sample, loop=loop, model_config=model_config, reward_fn=reward_fn,
-                        prompts=prompts, run_config=run_config)
-    check_run_folder(loop, inputs)  # a refusal costs no compilation; open_run_folder checks again, locked
-    data = prompts if isinstance(prompts, PromptSet) else load_prompts(
-        prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
-    )
+    rl.check_batch(loop.prompts_per_step * rl.group_size)  # before anything is sampled
+
+
+def _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh) -> tuple[Trainer, TrainState, Any]:
+    """(trainer, placed state, placed reference) of a fresh run."""
     if logits_fn is None:
         params = _layout(params, loop.layer_layout)
         ref_params = None if ref_params is None else _layout(ref_params, loop.layer_layout)
@@ -247,89 +312,56 @@ def train(
         mesh = make_mesh(jax.devices()[: loop.num_devices] if loop.num_devices else None)
     trainer = _cached_trainer(rl, optim, loop, model_config, logits_fn, mesh, params, ref)
     state = TrainState.create(params, trainer.tx, seed=loop.seed)
-    state, ref = trainer.place_state(state), trainer.place_ref(ref)
+    return trainer, trainer.place_state(state), trainer.place_ref(ref)
 
-    ckpts = RunCheckpoints(loop.out_dir, keep=loop.keep_checkpoints, run_config=run_config)
-    lock = open_run_folder(loop, inputs)
-    try:
-        state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
-        logger = RunLogger(loop, start, run_config)  # cuts metrics back to the checkpoint
-    except BaseException:
-        if lock:
-            lock.release()
-        raise
-    end = min(loop.total_steps, loop.stop_after or loop.total_steps)
 
-    root_key = np.asarray(jax.device_get(state.key))
-    sampler = RolloutSampler(data, tokenizer, model_config, sample, root_key, prompts_per_step=loop.prompts_per_step,
-                             max_prompt_tokens=loop.max_prompt_tokens, prompt_bucket=loop.prompt_bucket, seed=loop.seed)
-    chunk = loop.reward_chunk_size or rl.group_size
-    runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=chunk,
-                          max_workers=-(-loop.prompts_per_step * rl.group_size // chunk))  # a step's calls never queue
-    streak = InvalidStreak(loop.max_invalid_steps)
-    late: tuple[int, Any, dict] | None = None  # (step, device metrics, host metrics) not yet written
+def _timed(times: dict[str, float], name: str, fn: Callable, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    times[name] = time.perf_counter() - t0
+    return out
 
-    def flush():
-        nonlocal late
-        if late is not None:
-            s, dev, host = late
-            logger.write(s, {**jax.device_get(dev), **host})
-            logger.bar.update(1)
-            late = None
 
-    def evaluate(done: int) -> None:
-        flush()
-        scores = {}
-        for hook in eval_hooks:
-            scores.update({f"eval/{k}": float(v) for k, v in hook(done, state.params).items()})
-        logger.write(done, scores)
+def _submit(runner: RewardRunner, data: PromptSet, ro: Rollouts, group_size: int, mesh):
+    """Starts scoring the rows this process scores; (future, rows it feeds, rows it scores)."""
+    texts, completions, columns = reward_inputs(data, ro, group_size)
+    fed, mine = fed_and_scored_rows(mesh, len(completions), group_size)
+    return runner.submit(texts[mine], completions[mine], {k: v[mine] for k, v in columns.items()}), fed, mine
 
-    try:
-        if eval_hooks and logger.eval_due(loop, start) and start not in logger.evaluated:
-            evaluate(start)  # the checkpoint's evaluation did not complete before the last run stopped
-        if start >= loop.total_steps:
-            log.info("%s: the run is complete (%d of %d steps); nothing to do", loop.out_dir, start, loop.total_steps)
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            ro = pending if pending is not None else sampler(step, state.params)
-            t_sample = time.perf_counter() - t0
-            texts, completions, columns = reward_inputs(data, ro, rl.group_size)
-            fed, mine = fed_and_scored_rows(trainer.mesh, len(completions), rl.group_size)
-            future = runner.submit(texts[mine], completions[mine], {k: v[mine] for k, v in columns.items()})
-            pending = None
-            if loop.overlap == "one_step_off_policy" and step + 1 < loop.total_steps:
-                pending = sampler(step + 1, state.params)  # overlaps with the judges
-            t1 = time.perf_counter()
-            rewards, counts = future.result()
-            t_reward = time.perf_counter() - t1
-            flush()
-            scores, valid = np.zeros(len(completions), np.float32), np.zeros(len(completions), bool)
-            scores[mine], valid[mine] = rewards.scores, rewards.valid  # other hosts' rows: never fed
-            counts = {**counts, "valid_rows": int(rewards.valid.sum())}
-            if mine != slice(None):
-                counts = sum_over_hosts(counts)
-            streak.update(step, counts.pop("valid_rows"), counts, rewards.info[0].get("error") if len(rewards) else None)
-            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, scores, valid,
-                               group_size=rl.group_size)
-            if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
-                batch = jax.tree.map(lambda x: x[fed], batch)
-            release_host_memory()  # sampling's freed buffers, before the update's peak
-            t2 = time.perf_counter()
-            state, metrics = trainer(state, batch, ref)
-            host = {"time/sample_s": t_sample, "time/reward_wait_s": t_reward, "time/update_dispatch_s": time.perf_counter() - t2,
-                    **failure_metrics(counts)}
-            late = (step, metrics, host)
-            done = step + 1
-            if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end:
-                if ckpts.ckpt_dir:
-                    flush()
-                    ckpts.save(done, state, pending)
-            if eval_hooks and logger.eval_due(loop, done):
-                evaluate(done)
-        flush()
-    finally:
-        runner.close()
-        logger.close()
-        if lock:
-            lock.release()
-    return TrainResult(state=state, history=logger.history, out_dir=loop.out_dir, trainer=trainer)
+
+def _gather_rewards(rewards, counts, rows: int, mine: slice):
+    """[rows] scores and validity (rows other hosts scored: invalid, never fed) and the
+    failure counts (+ "valid_rows", for the all-invalid rule) summed over hosts."""
+    scores, valid = np.zeros(rows, np.float32), np.zeros(rows, bool)
+    scores[mine], valid[mine] = rewards.scores, rewards.valid
+    counts = {**counts, "valid_rows": int(rewards.valid.sum())}
+    if mine != slice(None):
+        counts = sum_over_hosts(counts)
+    return scores, valid, counts
+
+
+class _LateStep:
+    """The step whose metrics are still on the device: they are fetched (and the step
+    hooks run) only when the next step has been dispatched, so the host never waits on
+    the device just to log."""
+
+    def __init__(self, logger: RunLogger, prompts: PromptSet, step_hooks: Sequence[StepHook]):
+        self.logger, self.prompts, self.step_hooks = logger, prompts, tuple(step_hooks)
+        self.times: dict[str, float] = {}
+        self.held: tuple | None = None
+
+    def hold(self, step: int, metrics: Any, counts: Mapping[str, int], ro: Rollouts, scores, valid) -> None:
+        host = {**self.times, **failure_metrics(counts)}
+        self.times = {}
+        self.held = (step, metrics, host, ro, scores, valid)
+
+    def flush(self) -> None:
+        if self.held is None:
+            return
+        step, dev, host, ro, scores, valid = self.held
+        self.held = None
+        record = {k: (v.item() if hasattr(v, "item") else v) for k, v in {**jax.device_get(dev), **host}.items()}
+        if self.step_hooks:
+            record.update(run_step_hooks(self.step_hooks, StepView(step, self.prompts, ro, scores, valid, record)))
+        self.logger.write(step, record)
+        self.logger.bar.update(1)

@@ -60,11 +60,16 @@ class RLConfig:
     group_size: samples per prompt G (GRPO "rollouts"; paper: 16).
     advantage: "grpo" | "rloo" | "dr_grpo".
     clip_low / clip_high: PPO clip range [1 - clip_low, 1 + clip_high]; clip_high None
-        = clip_low (symmetric); DAPO's clip-higher uses e.g. 0.2 / 0.28.
-    loss_aggregation: "token" | "sequence" | "dr_grpo" (see rubrax.rl.losses).
+        = clip_low (symmetric, also after dataclasses.replace(cfg, clip_low=...)); DAPO's
+        clip-higher uses e.g. 0.2 / 0.28. `upper_clip` is the value in force.
+    loss_aggregation: "token" | "sequence" | "dr_grpo" (see rubrax.rl.losses). Dr. GRPO
+        divides by N_seq x the completion budget C (the batch's completion width T - W,
+        = SampleConfig.max_new_tokens for make_batch batches; T when prompt_width is 0).
     kl_coef: beta of beta * KL(pi || pi_ref) (paper: 0.01); kl_estimator "k1"|"k2"|"k3";
         kl_in_reward: subtract beta * sum_t KL_t from each reward instead of adding the
-        KL term to the loss.
+        KL term to the loss. kl_importance_weighted: multiply the per-token KL by the
+        (differentiable) importance ratio pi/mu, as TRL does by default
+        (`use_bias_correction_kl`); off by default (see rubrax.rl.losses).
     ppo_epochs, num_minibatches, grad_accum: passes over the batch, optimizer updates
         per pass, micro-batches per optimizer update.
     behaviour_logprobs: "sampler" (importance ratio against the logprobs recorded at
@@ -85,6 +90,7 @@ class RLConfig:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     kl_in_reward: bool = False
+    kl_importance_weighted: bool = False
     entropy_coef: float = 0.0
     ppo_epochs: int = 1
     num_minibatches: int = 1
@@ -94,13 +100,11 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         adv_lib.get_advantage_fn(self.advantage)
-        if self.clip_high is None:
-            object.__setattr__(self, "clip_high", self.clip_low)
         from rubrax.validate import check_float, check_int
 
         for name in ("group_size", "ppo_epochs", "num_minibatches", "grad_accum"):
             check_int(f"RLConfig.{name}", getattr(self, name), low=1)
-        if not (0 < self.clip_low < 1 and self.clip_high > 0):
+        if not (0 < self.clip_low < 1 and self.upper_clip > 0):
             raise ValueError(f"RLConfig: need 0 < clip_low < 1 and clip_high > 0, got {self.clip_low}, {self.clip_high}")
         if self.loss_aggregation not in losses.AGGREGATIONS:
             raise ValueError(f"RLConfig.loss_aggregation must be one of {losses.AGGREGATIONS}, got {self.loss_aggregation!r}")
@@ -115,6 +119,12 @@ class RLConfig:
             # rubrax.policy.sample records temperature-1 logprobs; a tempered numerator
             # against them would be a biased ratio.
             raise ValueError("RLConfig.temperature != 1 needs behaviour_logprobs='recompute'")
+
+    @property
+    def upper_clip(self) -> float:
+        """clip_high, or clip_low when clip_high is None (computed, never written back: the
+        config stays what the caller built)."""
+        return self.clip_low if self.clip_high is None else self.clip_high
 
     @property
     def optimizer_steps_per_update(self) -> int:
@@ -185,7 +195,7 @@ def _micro_loss(params, mb: dict, norms: dict, *, cfg: RLConfig, logits_fn: Logi
                                           start=start)
     m_BxT = mb["loss_mask"]
     pg_BxT, ratio_BxT, clipped_BxT = losses.ppo_clipped_objective(
-        logp_BxT, mb["behaviour_logp"], mb["adv"], clip_low=cfg.clip_low, clip_high=cfg.clip_high
+        logp_BxT, mb["behaviour_logp"], mb["adv"], clip_low=cfg.clip_low, clip_high=cfg.upper_clip
     )
     agg = functools.partial(losses.aggregate, mask_BxT=m_BxT, mode=cfg.loss_aggregation, **norms)
     pg_loss = agg(pg_BxT)
@@ -199,6 +209,8 @@ def _micro_loss(params, mb: dict, norms: dict, *, cfg: RLConfig, logits_fn: Logi
     if cfg.kl_coef > 0:
         kl_BxT = losses.kl_estimate(logp_BxT, mb["ref_logp"], cfg.kl_estimator)
         sums["kl"] = jnp.sum(jax.lax.stop_gradient(kl_BxT) * m_BxT)
+        if cfg.kl_importance_weighted:
+            kl_BxT = kl_BxT * ratio_BxT
         if not cfg.kl_in_reward:
             loss = loss + cfg.kl_coef * agg(kl_BxT)
     if cfg.entropy_coef > 0:
@@ -214,13 +226,16 @@ def _constrain(x, mesh: Mesh | None):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA_AXIS)))
 
 
-def _minibatch_update(params, opt_state, mb: dict, *, cfg: RLConfig, logits_fn: LogitsFn, tx, mesh, start: int = 1):
+def _minibatch_update(params, opt_state, mb: dict, *, cfg: RLConfig, logits_fn: LogitsFn, tx, mesh, start: int = 1,
+                      completion_budget: int):
     """One optimizer update from one minibatch, accumulated over cfg.grad_accum micro-batches."""
     m_BxT = mb["loss_mask"]
     lengths_B = m_BxT.sum(axis=1)
     norms = {"num_sequences": jnp.sum(lengths_B > 0).astype(jnp.float32), "num_tokens": m_BxT.sum()}
     if cfg.loss_aggregation == "dr_grpo":
-        norms["max_len"] = m_BxT.shape[1]
+        # A constant (the completion budget), not T: with prompt_bucket the prompt width, so T,
+        # changes from batch to batch, which would rescale the step size with it.
+        norms["max_len"] = completion_budget
     micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, -1, *x.shape[1:]), mb)
     grad_fn = jax.grad(functools.partial(_micro_loss, cfg=cfg, logits_fn=logits_fn, start=start), has_aux=True)
 
@@ -280,14 +295,14 @@ def update(
         ref_logp_BxT, _ = _logp_and_entropy(logits_fn, ref_params, batch.tokens_BxT, batch.mask_BxT, cfg.temperature,
                                             start=start)
         data["ref_logp"] = jax.lax.stop_gradient(ref_logp_BxT) * loss_mask_BxT
-        if cfg.kl_in_reward:
-            seq_kl_B = losses.sequence_sum(losses.kl_estimate(behaviour_BxT, data["ref_logp"], cfg.kl_estimator), loss_mask_BxT)
-            rewards_B = rewards_B - cfg.kl_coef * seq_kl_B
-            metrics["reward_kl_penalty"] = _masked_mean(cfg.kl_coef * seq_kl_B, valid_B)
+        rewards_B, ref_metrics = _reference_terms(cfg, rewards_B, valid_B, behaviour_BxT, data["ref_logp"], loss_mask_BxT)
+        metrics.update(ref_metrics)
     data["adv"] = adv_lib.compute_advantages(cfg.advantage, rewards_B, valid_B, group_size=cfg.group_size, eps=cfg.adv_eps)
 
     key = stream_key(state.key, state.step, UPDATE_STREAM)
-    step_mb = functools.partial(_minibatch_update, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=mesh, start=start)
+    budget = batch.tokens_BxT.shape[1] - batch.prompt_width  # C = T - W (static)
+    step_mb = functools.partial(_minibatch_update, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=mesh, start=start,
+                                completion_budget=budget)
 
     def epoch(carry, e):
         minibatches = _shuffle_into_minibatches(data, jax.random.fold_in(key, e), cfg)
@@ -304,6 +319,19 @@ def update(
     metrics.update(_summarise(sums, cfg, batch, valid_B, data["adv"], loss_mask_BxT))
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
     return new_state, metrics
+
+
+def _reference_terms(cfg: RLConfig, rewards_B, valid_B, behaviour_BxT, ref_logp_BxT, loss_mask_BxT):
+    """(rewards, metrics) from the reference logprobs: the KL penalty folded into the
+    rewards (kl_in_reward), and "seq_kl", the per-sequence KL of the rollouts to the
+    reference, k1 = sum_t (log mu(y_t) - log pi_ref(y_t)) over the completion (an unbiased
+    estimate of KL(mu || pi_ref) per response; mu = pi on policy), mean over valid rows."""
+    metrics = {"seq_kl": _masked_mean(losses.sequence_sum(behaviour_BxT - ref_logp_BxT, loss_mask_BxT), valid_B)}
+    if cfg.kl_in_reward:
+        seq_kl_B = losses.sequence_sum(losses.kl_estimate(behaviour_BxT, ref_logp_BxT, cfg.kl_estimator), loss_mask_BxT)
+        rewards_B = rewards_B - cfg.kl_coef * seq_kl_B
+        metrics["reward_kl_penalty"] = _masked_mean(cfg.kl_coef * seq_kl_B, valid_B)
+    return rewards_B, metrics
 
 
 def _masked_mean(x, m):

@@ -31,7 +31,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -266,6 +266,7 @@ def train(
     tensorboard_dir: str | os.PathLike | None = None,
     stop_at: int | None = None,
     desc: str = "train",
+    eval_hooks: Sequence[Callable[[int, Any], Mapping[str, float]]] = (),
 ) -> TrainResult:
     """Trains `params` on in-memory arrays; resumes from `ckpt_dir` when it has a checkpoint.
 
@@ -273,6 +274,9 @@ def train(
     `trainable_mask` is a PyTree of bools like `params` (None = train everything).
     `stop_at` stops after that many updates (a pre-emption): the schedule still spans
     the full run and a later call with the same `ckpt_dir` continues it exactly.
+    `eval_hooks`: host callables (step, params) -> {name: scalar}, run at every evaluation
+    (with or without eval_fn); their values join that evaluation's record (and are
+    checkpointed with the eval history, so a resumed run keeps the earlier ones).
     """
     n = _num_examples(train_data)
     total = cfg.total_steps(n)
@@ -308,9 +312,12 @@ def train(
         bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
 
     def run_eval(step: int) -> None:
-        if eval_jit is None or eval_data is None:
+        has_data = eval_jit is not None and eval_data is not None
+        if not has_data and not eval_hooks:
             return
-        result = evaluate(state.params, eval_jit, eval_data, eval_bs)
+        result = evaluate(state.params, eval_jit, eval_data, eval_bs) if has_data else {}
+        for hook in eval_hooks:
+            result.update({k: float(v) for k, v in hook(step, state.params).items()})
         history.append({"step": step, **result})
         if writer:
             writer.write(step, {f"eval/{k}": v for k, v in result.items()})
