@@ -374,11 +374,12 @@ def run_folder(where: str | os.PathLike, fp: Mapping[str, Any], **kwargs: Any):
 # --------------------------------------------------------------------------- exact resume
 
 
-def cut_jsonl(path: str | os.PathLike, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+def cut_jsonl(path: str | os.PathLike, keep: Callable[[dict[str, Any]], bool], *, truncate: bool = True) -> list[dict[str, Any]]:
     """Cuts a JSONL file back to its longest prefix of records for which `keep` holds.
 
-    A half-written last line (a killed writer) is cut too. Returns the records kept.
-    Used on resume: the lines written after the checkpoint are about to be written again.
+    A half-written last line (a killed writer) is cut too. Returns the records kept
+    (`truncate=False` only reads them: another process is the writer). Used on resume:
+    the lines written after the checkpoint are about to be written again.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -396,7 +397,7 @@ def cut_jsonl(path: str | os.PathLike, keep: Callable[[dict[str, Any]], bool]) -
                 break
             kept.append(rec)
             good += len(raw)
-    if good < os.path.getsize(path):
+    if truncate and good < os.path.getsize(path):
         with open(path, "r+b") as f:
             f.truncate(good)
             f.flush()

@@ -86,15 +86,4 @@ def resume_metrics(path: str, start: int, *, cut: bool = True) -> list[dict[str,
         step = rec.get("step")
         return isinstance(step, int) and (step <= start if is_eval(rec) else step < start)
 
-    if cut:
-        return cut_jsonl(path, covered)
-    from rubrax.train.metrics import read_metrics
-
-    if not os.path.exists(path):
-        return []
-    out = []
-    for rec in read_metrics(path):
-        if not covered(rec):
-            break
-        out.append(rec)
-    return out
+    return cut_jsonl(path, covered, truncate=cut)
