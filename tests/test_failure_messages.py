@@ -50,11 +50,13 @@ def test_sim_run_refuses_other_settings_in_an_existing_run_folder(tmp_path, caps
     from rubrax import runs
     from rubrax.sim.presets import get_preset
 
-    tiny = {k: v for k, v in get_preset("tiny").to_dict().items() if k not in ("seeds", "arms")}
-    runs.open_run(tmp_path / "r", runs.fingerprint(tiny), folder=True).release()  # an earlier tiny run
+    earlier = {k: v for k, v in get_preset("tiny").to_dict().items() if k not in ("seeds", "arms")}
+    seed = earlier["world"]["seed"]
+    earlier["world"]["seed"] = seed + 1  # an earlier run of another world
+    runs.open_run(tmp_path / "r", runs.fingerprint(earlier), folder=True).release()
     (tmp_path / "r" / "arms").mkdir()
-    assert main(["sim", "run", "--preset", "cpu", "--out", str(tmp_path), "--run", "r", "--quiet"]) == 2
+    assert main(["sim", "run", "--preset", "tiny", "--out", str(tmp_path), "--run", "r", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "was started with other inputs" in err and "name: \"tiny\" -> \"cpu\"" in err and "--restart" in err
+    assert "was started with other inputs: world.seed: " + f"{seed + 1} -> {seed}." in err and "--restart" in err
     assert (tmp_path / "r" / "arms").is_dir()
-    assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["name"] == "tiny"
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["world"]["seed"] == seed + 1
