@@ -18,16 +18,17 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "rubrax", "chat"
 
 _POS_INT, _NONNEG_INT = {"low": 1}, {"low": 0}
 
-
-def add_client_args(p: argparse.ArgumentParser, *, resumable: bool = True) -> None:
-    """Endpoint flags; with `resumable` (a job writing --out) also --restart / --allow-changed."""
+def add_client_args(p: argparse.ArgumentParser, *, model: bool = True, resumable: bool = False) -> None:
+    """The endpoint flags every job shares; `model=False` when the caller defines its own --model;
+    `resumable` (a job writing a resumable --out through open_job) adds --restart / --allow-changed."""
     from rubrax.runs import add_run_flags
     from rubrax.validate import arg_type
 
     if resumable:
         add_run_flags(p)
     g = p.add_argument_group("endpoint")
-    g.add_argument("--model", required=True, help="model name at the endpoint")
+    if model:
+        g.add_argument("--model", required=True, help="model name at the endpoint")
     g.add_argument("--base-url", default=None, help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL or api.openai.com)")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     g.add_argument("--concurrency", type=arg_type("int", low=1), default=16, help="requests in flight at most")
@@ -163,6 +164,8 @@ async def _propose_locked(args: argparse.Namespace, prompts: Any) -> int:
         job = await propose_rubrics(prompts, proposer, args.out, workers=_workers(args), progress=not args.no_progress)
         for pid, reason in proposer.failures[:10]:
             print(f"  proposal failed for {pid}: {reason}", file=sys.stderr)
+        for pid, reason in proposer.warnings[:10]:
+            print(f"  proposal for {pid} kept with: {reason}", file=sys.stderr)
         print_summary("rubrics propose", job.line(), client)
     return job_exit_code("rubrics propose", job.items - job.done, job.items)
 
@@ -226,7 +229,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-tokens", type=arg_type("int", low=1), default=None)
     p.add_argument("--batch", action="store_true", help="send the calls through the Batch API first")
     p.add_argument("--batch-poll-s", type=arg_type("float", low=0, open_low=True), default=30.0)
-    add_client_args(p)
+    add_client_args(p, resumable=True)
     p.set_defaults(func=_run(_propose))
 
     p = sub.add_parser("refine", help="iterative refinement through differentiation (RTD)")
@@ -243,7 +246,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--weight-scale", choices=("paper", "points"), default=None)
     p.add_argument("--temperature", type=arg_type("float", low=0), default=0.0)
     p.add_argument("--max-tokens", type=arg_type("int", low=1), default=None)
-    add_client_args(p)
+    add_client_args(p, resumable=True)
     p.set_defaults(func=_run(_refine))
 
     p = sub.add_parser("grade", help="grade responses against rubrics")
@@ -258,5 +261,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-tokens", type=arg_type("int", low=1), default=None)
     p.add_argument("--batch", action="store_true", help="send the calls through the Batch API first")
     p.add_argument("--batch-poll-s", type=arg_type("float", low=0, open_low=True), default=30.0)
-    add_client_args(p)
+    add_client_args(p, resumable=True)
     p.set_defaults(func=_run(_grade))

@@ -121,7 +121,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--both-orders", action="store_true", help="judge each pair in both orders")
     p.add_argument("--bootstrap", type=arg_type("int", low=1), default=2000, help="bootstrap resamples")
     p.add_argument("--confidence", type=arg_type("float", low=0, high=1, open_low=True, open_high=True), default=0.95)
-    add_client_args(p)
+    add_client_args(p, resumable=True)
     p.set_defaults(func=_run(_winrate))
 
     p = sub.add_parser("agreement", help="rubric agreement with gold preferences, by reward region (Table 2)")
@@ -134,5 +134,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--weight-scale", choices=("paper", "points"), default=None)
     p.add_argument("--threshold", type=arg_type("float"), default=None, help="gold reward splitting high from low pairs (default: median)")
     p.add_argument("--tie-credit", type=arg_type("float", low=0, high=1), default=0.0, help="credit of a rubric tie (default 0)")
-    add_client_args(p, resumable=False)
+    add_client_args(p)
     p.set_defaults(func=_run(_agreement))

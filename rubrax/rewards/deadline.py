@@ -210,9 +210,17 @@ class DeadlineRunner:
             log.warning("reward call failed (%s; counted as reward_%s, rows masked; warned once): %s", kind, kind, sample)
 
     def close(self) -> None:
-        """Stops the loop; hung calls are left to their daemon threads (they never block exit)."""
+        """Closes the reward's connections (its `aclose`, on the loop that made them: no
+        "Unclosed client session" at exit; at most 30 s), then stops the loop; hung calls are
+        left to their daemon threads (they never block exit)."""
         if self._loop.is_closed():
             return
+        aclose = getattr(self.fn, "aclose", None)
+        if aclose is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(aclose(), self._loop).result(timeout=30)
+            except Exception as err:  # closing must not hide the run's own outcome
+                log.warning("closing the reward function failed: %s: %s", type(err).__name__, err)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():

@@ -100,6 +100,9 @@ class LoopConfig:
     restart / allow_changed: an out_dir holding a run with other inputs is refused
         (rubrax.runs); restart removes its checkpoints and metrics first, allow_changed
         continues when only settings safe to change on resume differ (rubrax.rl.resume).
+    export_dir: when training reaches total_steps, also write the policy there as an HF
+        folder (rubrax.rl.export; relative to out_dir; needs a transformers tokenizer;
+        single process: multi-host runs export with `rubrax rl export` afterwards).
     """
 
     total_steps: int
@@ -126,6 +129,7 @@ class LoopConfig:
     max_invalid_steps: int | None = 5
     restart: bool = False
     allow_changed: bool = False
+    export_dir: str | None = None
 
     def __post_init__(self) -> None:
         from rubrax.validate import check_float, check_int
@@ -283,6 +287,10 @@ def train(
                 late.flush()
                 logger.write(done, run_eval_hooks(eval_hooks, done, state.params))
         late.flush()
+        if loop.export_dir and int(state.step) >= loop.total_steps:  # still under the run folder's lock
+            from rubrax.rl.export import export_trained
+
+            export_trained(state.params, model_config, tokenizer, os.path.join(loop.out_dir or "", loop.export_dir), step=int(state.step))
     finally:
         runner.close()
         logger.close()

@@ -13,7 +13,7 @@ The run folder (rubrax.runs): process 0 holds its lock for the run; the fingerpr
 (`run.json`: the RL, optimizer, sampling and loop settings, the model config, the
 reward's name, the caller's run_config and the prompt file's hash) is checked by every
 process before anything is written. `SAFE_ON_RESUME` lists what `allow_changed` may
-accept; stop_after, progress, tensorboard, wandb_project and out_dir are not part of it.
+accept; stop_after, progress, tensorboard, wandb_project, export_dir and out_dir are not part of it.
 A corrupt latest checkpoint falls back to the previous good one (rubrax.train.checkpoint),
 with a warning; the steps after it are redone.
 """
@@ -34,7 +34,7 @@ log = logging.getLogger("rubrax.rl")
 
 SAFE_ON_RESUME = ("loop.total_steps", "loop.checkpoint_every", "loop.keep_checkpoints", "loop.eval_every",
                   "loop.reward_timeout_s", "loop.max_invalid_steps", "loop.num_devices", "run_config.loop.*")
-_NOT_FINGERPRINTED = ("stop_after", "progress", "tensorboard", "wandb_project", "out_dir", "restart", "allow_changed")
+_NOT_FINGERPRINTED = ("stop_after", "progress", "tensorboard", "wandb_project", "out_dir", "restart", "allow_changed", "export_dir")
 
 
 def run_inputs(*, rl: Any, optim: Any, sample: Any, loop: Any, model_config: Any, reward_fn: Any,
@@ -53,7 +53,8 @@ def run_inputs(*, rl: Any, optim: Any, sample: Any, loop: Any, model_config: Any
 
 
 def _folder_kwargs(loop: Any) -> dict[str, Any]:
-    outputs = [os.path.join(loop.out_dir, name) for name in ("checkpoints", "pending", "metrics.jsonl", "tb")]
+    names = ("checkpoints", "pending", "metrics.jsonl", "tb") + ((loop.export_dir,) if getattr(loop, "export_dir", None) else ())
+    outputs = [os.path.join(loop.out_dir, name) for name in names]
     return dict(folder=True, outputs=outputs, safe=SAFE_ON_RESUME, restart=loop.restart, allow_changed=loop.allow_changed)
 
 

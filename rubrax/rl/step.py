@@ -205,6 +205,9 @@ def _micro_loss(params, mb: dict, norms: dict, *, cfg: RLConfig, logits_fn: Logi
         "entropy": jnp.sum(ent_BxT * m_BxT),
         "clip_frac": jnp.sum(clipped_BxT * m_BxT),
         "ratio": jnp.sum(ratio_BxT * m_BxT),
+        # |log pi_theta - log mu| at the update's own logprobs (see _summarise)
+        "logp_diff_sum": jnp.sum(jnp.abs(logp_BxT - mb["behaviour_logp"]) * m_BxT),
+        "logp_diff_max": jnp.max(jnp.abs(logp_BxT - mb["behaviour_logp"]) * m_BxT),
     }
     if cfg.kl_coef > 0:
         kl_BxT = losses.kl_estimate(logp_BxT, mb["ref_logp"], cfg.kl_estimator)
@@ -249,7 +252,7 @@ def _minibatch_update(params, opt_state, mb: dict, *, cfg: RLConfig, logits_fn: 
     else:
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, sums = jax.lax.scan(accumulate, zeros, micro)
-        sums = jax.tree.map(lambda x: x.sum(axis=0), sums)
+        sums = {k: x.max(axis=0) if k.endswith("_max") else x.sum(axis=0) for k, x in sums.items()}
     sums["grad_norm"] = optax.tree.norm(grads)
     sums["tokens"] = norms["num_tokens"].astype(jnp.float32)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -279,22 +282,50 @@ def update(
             f"batch of {B} rollouts must divide into groups of {cfg.group_size} and "
             f"{cfg.num_minibatches} minibatches x {cfg.grad_accum} micro-batches"
         )
+    if mesh is None:
+        return _update(state, batch, ref_params, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=None)
+    # The mesh in context lets the model pin its activations to the data axis at every
+    # layer boundary (rubrax.models.llama.constrain_batch).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return _update(state, batch, ref_params, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=mesh)
+
+
+def _scored_per_micro_batch(logits_fn, params, batch: RolloutBatch, *, cfg: RLConfig, mesh, start: int):
+    """logp_BxT of a no-gradient pass (behaviour recompute, reference policy), run one
+    micro-batch of rows at a time so it holds no more activations than a training
+    micro-batch. Micro-batch a takes rows a, a + n, a + 2n, ...: with the rows split over
+    the data axis in contiguous blocks, every device keeps its own rows (no reshuffle)."""
+    n = cfg.num_minibatches * cfg.grad_accum
+    if n == 1:
+        return _logp_and_entropy(logits_fn, params, batch.tokens_BxT, batch.mask_BxT, cfg.temperature, start=start)[0]
+    strided = lambda x: jnp.swapaxes(x.reshape(-1, n, *x.shape[1:]), 0, 1)
+
+    def one(xs):
+        tokens, mask = (_constrain(x, mesh) for x in xs)
+        return _logp_and_entropy(logits_fn, params, tokens, mask, cfg.temperature, entropy_grad=False, start=start)[0]
+
+    logp_nxMxT = jax.lax.map(one, (strided(batch.tokens_BxT), strided(batch.mask_BxT)))
+    return jnp.swapaxes(logp_nxMxT, 0, 1).reshape(batch.tokens_BxT.shape)
+
+
+def _update(state, batch, ref_params, *, cfg: RLConfig, logits_fn: LogitsFn, tx, mesh):
     valid_B = batch.valid_B.astype(bool)
     start = max(batch.prompt_width, 1)  # the fused head skips prompt positions (never trained on)
     loss_mask_BxT = batch.loss_mask_BxT.astype(jnp.float32) * valid_B[:, None]
+    scored = functools.partial(_scored_per_micro_batch, logits_fn, batch=batch, cfg=cfg, mesh=mesh, start=start)
+    sampler_BxT = batch.behaviour_logp_BxT.astype(jnp.float32) * loss_mask_BxT
+    metrics: dict[str, jax.Array] = {}
     if cfg.behaviour_logprobs == "sampler":
-        behaviour_BxT = batch.behaviour_logp_BxT.astype(jnp.float32)
+        behaviour_BxT = sampler_BxT
     else:
-        behaviour_BxT, _ = _logp_and_entropy(logits_fn, state.params, batch.tokens_BxT, batch.mask_BxT, cfg.temperature,
-                                             start=start)
-    behaviour_BxT = jax.lax.stop_gradient(behaviour_BxT) * loss_mask_BxT
+        behaviour_BxT = jax.lax.stop_gradient(scored(state.params)) * loss_mask_BxT
+        diff_BxT = jnp.abs(behaviour_BxT - sampler_BxT)
+        metrics["sampler_logp_diff_mean"] = diff_BxT.sum() / jnp.maximum(loss_mask_BxT.sum(), 1.0)
+        metrics["sampler_logp_diff_max"] = diff_BxT.max()
     rewards_B = batch.rewards_B.astype(jnp.float32)
     data = {"tokens": batch.tokens_BxT, "mask": batch.mask_BxT, "loss_mask": loss_mask_BxT, "behaviour_logp": behaviour_BxT}
-    metrics: dict[str, jax.Array] = {}
     if cfg.kl_coef > 0:
-        ref_logp_BxT, _ = _logp_and_entropy(logits_fn, ref_params, batch.tokens_BxT, batch.mask_BxT, cfg.temperature,
-                                            start=start)
-        data["ref_logp"] = jax.lax.stop_gradient(ref_logp_BxT) * loss_mask_BxT
+        data["ref_logp"] = jax.lax.stop_gradient(scored(ref_params)) * loss_mask_BxT
         rewards_B, ref_metrics = _reference_terms(cfg, rewards_B, valid_B, behaviour_BxT, data["ref_logp"], loss_mask_BxT)
         metrics.update(ref_metrics)
     data["adv"] = adv_lib.compute_advantages(cfg.advantage, rewards_B, valid_B, group_size=cfg.group_size, eps=cfg.adv_eps)
@@ -340,10 +371,24 @@ def _masked_mean(x, m):
 
 
 def _summarise(sums: dict, cfg: RLConfig, batch: RolloutBatch, valid_B, adv_B, loss_mask_BxT) -> dict:
-    """Metrics of one update: token means over all epochs/minibatches, batch statistics."""
+    """Metrics of one update: token means over all epochs/minibatches, batch statistics.
+
+    sampler_logp_diff_mean / _max (behaviour_logprobs="sampler"): mean and max over
+    completion tokens of |log pi_theta - log mu|, the update's logprobs against the
+    sampler's, at the first optimizer update (params still those the step started from;
+    all rows when num_minibatches = 1). Non-zero from bf16 rounding, kernels that differ
+    between sampler and update, and (one_step_off_policy) the one step of policy lag;
+    with "recompute" they are measured on the whole batch in _update instead.
+    """
+    diff_sum, diff_max = sums.pop("logp_diff_sum"), sums.pop("logp_diff_max")
+    if cfg.behaviour_logprobs == "sampler":
+        first = jnp.maximum(sums["tokens"][0, 0], 1.0)
+        out = {"sampler_logp_diff_mean": diff_sum[0, 0] / first, "sampler_logp_diff_max": diff_max[0, 0]}
+    else:
+        out = {}
     tokens = jnp.maximum(sums.pop("tokens").sum(), 1.0)
     n_updates = cfg.optimizer_steps_per_update
-    out = {k: sums[k].sum() / tokens for k in ("entropy", "clip_frac", "ratio") + (("kl",) if "kl" in sums else ())}
+    out |= {k: sums[k].sum() / tokens for k in ("entropy", "clip_frac", "ratio") + (("kl",) if "kl" in sums else ())}
     out["loss"] = sums["loss"].sum() / n_updates
     out["pg_loss"] = sums["pg_loss"].sum() / n_updates
     out["grad_norm"] = sums["grad_norm"].mean()
@@ -384,12 +429,34 @@ def make_update(
     )
 
 
+def reference_dtype(logits_fn: LogitsFn):
+    """The dtype the frozen reference params are kept in: a rubrax model's compute dtype
+    when it differs from its parameter dtype (bf16 compute over float32 master weights:
+    every layer casts its weights to bf16 before use, so a bf16 copy gives bit-identical
+    logprobs at half the memory), else None (kept as given)."""
+    config = getattr(logits_fn, "config", None)
+    if config is None or getattr(config, "dtype", None) == getattr(config, "param_dtype", None):
+        return None
+    return jnp.dtype(config.dtype)
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+    """Floating leaves of tree (arrays or ShapeDtypeStructs) in dtype; others unchanged."""
+    def one(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype)
+    return jax.tree.map(one, tree)
+
+
 class Trainer:
     """A thin shell around the pure step: places state/batches on the mesh, calls the
     jitted update. Holds no training state of its own besides the compiled function."""
 
     def __init__(self, cfg: RLConfig, logits_fn: LogitsFn, tx, state: TrainState, ref_params: Any, *, mesh: Mesh | None = None, fsdp: bool = False):
-        self.cfg, self.tx, self.mesh = cfg, tx, mesh or make_mesh()
+        self.cfg, self.tx, self.mesh, self.logits_fn = cfg, tx, mesh or make_mesh(), logits_fn
         self.state_shardings = state_sharding(state, self.mesh, fsdp=fsdp)
         self.ref_shardings = param_sharding(ref_params, self.mesh, fsdp=fsdp)
         self.update_fn = make_update(cfg, logits_fn, tx, mesh=self.mesh, state_shardings=self.state_shardings, ref_shardings=self.ref_shardings)
@@ -408,7 +475,16 @@ class Trainer:
         return out
 
     def place_ref(self, ref_params: Any) -> Any:
-        return put_global(ref_params, self.ref_shardings)
+        """The reference params on the mesh, in the model's compute dtype when that differs
+        from the storage dtype (see `reference_dtype`)."""
+        if ref_params is None:
+            return None
+        placed = put_global(ref_params, self.ref_shardings)
+        dtype = reference_dtype(self.logits_fn)
+        if dtype is None:
+            return placed
+        cast = jax.jit(lambda t: cast_floating(t, dtype), out_shardings=self.ref_shardings)
+        return cast(placed)
 
     def __call__(self, state: TrainState, batch: RolloutBatch, ref_params: Any):
         return self.update_fn(state, shard_batch(batch, self.mesh), ref_params)
