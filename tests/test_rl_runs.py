@@ -244,8 +244,8 @@ def test_loop_config_rejects(field, value):
 @pytest.mark.parametrize("field, value", [("kl_coef", math.nan), ("entropy_coef", math.nan), ("adv_eps", math.nan),
                                           ("kl_coef", math.inf), ("temperature", math.inf), ("group_size", True), ("ppo_epochs", 1.0)])
 def test_rl_config_rejects(field, value):
-    with pytest.raises(ValueError, match=f"RLConfig.{field}"):
-        RLConfig(**{"group_size": 4, field: value})
+    with pytest.raises(ValueError, match=f"RLConfig.{field}"):  # (recompute: a temperature may differ from 1)
+        RLConfig(**{"group_size": 4, "behaviour_logprobs": "recompute", field: value})
 
 
 def test_batch_that_cannot_divide_into_minibatches_fails_before_sampling(tmp_path):
