@@ -24,6 +24,8 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("train", "rubrax.train.cli"),
     ("rl", "rubrax.rl.cli"),
     ("sim", "rubrax.sim.cli"),
+    ("report", "rubrax.report"),
+    ("forecast", "rubrax.forecast"),
     ("plan", "rubrax.plan"),
 )
 

@@ -11,8 +11,9 @@ from rubrax.data.pairs import PreferencePair, encode_pairs
 from rubrax.models import ModelConfig, hidden_states
 from rubrax.rewards import available_rewards, get_reward
 from rubrax.rewards import bradley_terry as bt
-from rubrax.sim.tokenizer import WordTokenizer
+from rubrax.models.tokenizer import WordTokenizer
 from rubrax.train.optim import OptimConfig
+from rubrax.train.reward_model import train_reward_model
 from rubrax.train.trainer import TrainConfig
 
 WORDS = "alpha beta gamma delta eps zeta eta theta iota kappa lam mu nu xi rho tau please".split()
@@ -134,13 +135,13 @@ def test_frozen_backbone_trains_head_only_and_resumes_exactly(params, tmp_path):
     data = encode_pairs(TOK, synthetic_pairs(24, 5), max_length=16, pad_to=16)
     cfg = TrainConfig(optim=OptimConfig(learning_rate=1e-2, warmup_ratio=0.0), batch_size=8, progress=False)
     frozen = bt.BTConfig(freeze_backbone=True, center_coef=0.01)
-    res = bt.train_reward_model(params, CFG, data, cfg, frozen)
+    res = train_reward_model(params, CFG, data, cfg, frozen)
     for a, b in zip(jax.tree.leaves(params["backbone"]), jax.tree.leaves(res.params["backbone"])):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(params["head"]["kernel"], res.params["head"]["kernel"])
     # Pre-empted after 1 of 3 updates, then resumed: bit-identical to the uninterrupted run.
-    bt.train_reward_model(params, CFG, data, cfg, frozen, ckpt_dir=tmp_path / "ck", stop_at=1)
-    resumed = bt.train_reward_model(params, CFG, data, cfg, frozen, ckpt_dir=tmp_path / "ck")
+    train_reward_model(params, CFG, data, cfg, frozen, ckpt_dir=tmp_path / "ck", stop_at=1)
+    resumed = train_reward_model(params, CFG, data, cfg, frozen, ckpt_dir=tmp_path / "ck")
     assert int(resumed.state.step) == 3
     for a, b in zip(jax.tree.leaves(res.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -153,7 +154,7 @@ def test_learns_feature_above_95_percent_held_out(params, tmp_path):
     train = encode_pairs(TOK, synthetic_pairs(256, 0), max_length=16, pad_to=16)
     held = encode_pairs(TOK, synthetic_pairs(128, 1), max_length=16, pad_to=16)
     cfg = TrainConfig(optim=OptimConfig(learning_rate=3e-3, warmup_ratio=0.1), batch_size=32, num_epochs=2, progress=False)
-    res = bt.train_reward_model(params, CFG, train, cfg, eval_pairs=held)
+    res = train_reward_model(params, CFG, train, cfg, eval_pairs=held)
     first, last = res.eval_history[0], res.eval_history[-1]
     assert first["step"] == 0 and last["step"] == 16 and last["count"] == 128
     assert last["accuracy"] > 0.95, res.eval_history

@@ -75,13 +75,13 @@ def _outputs(run: Path) -> dict[str, bytes]:
     return out
 
 
-def _run(config: Path, out: Path, kill_after: str | None = None) -> subprocess.CompletedProcess:
+def _run(config: Path, out: Path, kill_after: str | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("RUBRAX_KILL_AFTER_STAGE", None)
     if kill_after:
         env["RUBRAX_KILL_AFTER_STAGE"] = kill_after
     return subprocess.run([sys.executable, str(SCRIPT), "--config", str(config), "--out", str(out)], capture_output=True, text=True,
-                          env=env, timeout=900)
+                          env=env, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -186,9 +186,11 @@ def test_bad_grpo_and_healthbench_inputs(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_config_with_smollm2_every_stage(tmp_path):
-    """The shipped CPU preset as the README runs it: SmolLM2-135M policy, 2 RL steps per arm."""
+    """The shipped CPU preset as the README runs it: SmolLM2-135M policy, 2 RL steps per arm
+    (the win-rate curve left to the tiny-policy test above: it doubles the sampling here)."""
+    evals = {**json.loads((CONFIGS / "chasing_the_tail_cpu.json").read_text())["eval"], "curve_every": 0}
     with FakeOpenAIServer() as srv:
-        proc = _run(cpu_config(tmp_path, srv.base_url), tmp_path / "run")
+        proc = _run(cpu_config(tmp_path, srv.base_url, eval=evals), tmp_path / "run", timeout=1800)
     assert proc.returncode == 0, proc.stderr
     assert "Unclosed" not in proc.stderr
     run = tmp_path / "run"

@@ -6,19 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from rubrax.data.pairs import (
-    PreferencePair,
-    amake_pairs,
-    encode_pairs,
-    make_pairs,
-    mixed_pairs,
-    off_policy_pairs,
-    on_policy_pairs,
-    read_pairs,
-    write_pairs,
-)
+from rubrax.data.pairs import PreferencePair, encode_pairs, read_pairs, write_pairs
 from rubrax.data.records import RecordError
-from rubrax.sim.tokenizer import WordTokenizer
+from rubrax.models.tokenizer import WordTokenizer
+from rubrax.train.pair_sets import amake_pairs, make_pairs, mixed_pairs, off_policy_pairs, on_policy_pairs
 
 
 def write_lines(path, records):

@@ -22,7 +22,7 @@ from rubrax.rewards import (
     get_reward,
     register_reward,
 )
-from rubrax.rewards import base
+from rubrax.rewards import registry
 
 PROMPTS = ["p0", "p1", "p2", "p3"]
 COMPLETIONS = ["a", "bb", "ccc", "dddd"]
@@ -275,7 +275,7 @@ def test_registry_by_name():
         with pytest.raises(ValueError, match="already registered"):
             register_reward("test_len_scaled")(Fixed)
     finally:
-        base._REGISTRY.pop("test_len_scaled", None)
+        registry._REGISTRY.pop("test_len_scaled", None)
 
 
 def test_registry_function_factory_and_unknown_name():
@@ -288,7 +288,7 @@ def test_registry_function_factory_and_unknown_name():
         assert isinstance(fn, CallableReward)
         np.testing.assert_allclose(fn(PROMPTS, COMPLETIONS).scores, [2, 3, 4, 5])
     finally:
-        base._REGISTRY.pop("test_plain_fn", None)
+        registry._REGISTRY.pop("test_plain_fn", None)
     with pytest.raises(KeyError, match="unknown reward 'no_such_reward'"):
         get_reward("no_such_reward")
 
@@ -306,3 +306,78 @@ def test_callable_without_kwargs_gets_only_its_columns():
     out = as_reward_fn(length_reward)(["p", "q"], ["ab", "abcd"], prompt_id=["1", "2"])
     assert out.valid.tolist() == [True, True]
     assert out.scores.tolist() == [2.0, 4.0]
+
+
+# --------------------------------------------------------------------------- names: "module:attr", "file.py:attr"
+
+
+def test_names_resolve_modules_files_classes_factories_and_trl_callables(tmp_path, monkeypatch):
+    from rubrax.rewards import UnknownRewardError, make_reward, resolve_reward
+
+    (tmp_path / "pkg_rw").mkdir()
+    (tmp_path / "pkg_rw" / "__init__.py").write_text("")
+    (tmp_path / "pkg_rw" / "mod.py").write_text(
+        "from rubrax.rewards import RewardBatch, RewardFnBase\n"
+        "class Scaled(RewardFnBase):\n"
+        "    def __init__(self, scale):\n        self.scale = scale\n"
+        "    def __call__(self, prompts, completions, **kw):\n"
+        "        return RewardBatch([self.scale * len(c) for c in completions], [True] * len(completions))\n"
+        "def make(bonus):\n    return lambda prompts, completions, **kw: [len(c) + bonus for c in completions]\n"
+        "def trl(prompts, completions, bonus=0.0):\n    return [len(c) * 10 + bonus for c in completions]\n"
+        "INSTANCE = Scaled(3.0)\n"
+        "class Ns:\n    nested = staticmethod(trl)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert get_reward("pkg_rw.mod:Scaled", scale=0.5)(PROMPTS, COMPLETIONS).scores.tolist() == [0.5, 1.0, 1.5, 2.0]
+    assert get_reward("pkg_rw.mod:make", bonus=1.0)(PROMPTS, COMPLETIONS).scores.tolist() == [2, 3, 4, 5]
+    trl = get_reward("pkg_rw.mod:trl", bonus=0.5)  # kwargs bound to every call
+    assert trl(PROMPTS, COMPLETIONS, prompt_id=["a"] * 4).scores.tolist() == [10.5, 20.5, 30.5, 40.5]
+    assert get_reward("pkg_rw.mod:INSTANCE")(PROMPTS, COMPLETIONS).scores.tolist() == [3, 6, 9, 12]
+    assert get_reward("pkg_rw.mod:Ns.nested")(PROMPTS, COMPLETIONS).scores.tolist() == [10, 20, 30, 40]
+    with pytest.raises(TypeError, match="takes no kwargs"):
+        make_reward(resolve_reward("pkg_rw.mod:INSTANCE"), {"scale": 2})
+    # a file, relative to base_dir first, loaded once
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "rw.py").write_text("CALLS = []\ndef f(prompts, completions):\n    CALLS.append(1)\n    return [1.0] * len(completions)\n")
+    fn = resolve_reward("rw.py:f", base_dir=tmp_path / "sub")
+    assert resolve_reward(str(tmp_path / "sub" / "rw.py") + ":f") is fn
+    assert get_reward(str(tmp_path / "sub" / "rw.py") + ":f")(PROMPTS, COMPLETIONS).scores.tolist() == [1.0] * 4
+    with pytest.raises(UnknownRewardError, match=r"no file 'rw.py' \(tried "):
+        resolve_reward("rw.py:f", base_dir=tmp_path)
+    with pytest.raises(UnknownRewardError, match="has no attribute 'g'"):
+        resolve_reward("rw.py:g", base_dir=tmp_path / "sub")
+
+
+def test_lazy_registration_imports_nothing_until_asked():
+    import sys
+
+    register_reward("test_lazy", "json.decoder:JSONDecoder")  # a module surely not ours
+    try:
+        assert "test_lazy" in available_rewards()
+        register_reward("test_lazy", "json.decoder:JSONDecoder")  # the same target again: harmless
+        with pytest.raises(ValueError, match="already registered"):
+            register_reward("test_lazy", "json:dumps")
+        name = "rubrax_test_never_imported"
+        register_reward("test_lazy2", f"{name}:f")
+        assert name not in sys.modules
+        with pytest.raises(KeyError, match=f"tried to import module '{name}'"):
+            get_reward("test_lazy2")
+    finally:
+        registry._REGISTRY.pop("test_lazy", None)
+        registry._REGISTRY.pop("test_lazy2", None)
+
+
+def test_weighted_sum_reports_components_through_concat_and_transforms():
+    a = CallableReward(lambda prompts, completions, **kw: [float(len(c)) for c in completions], name="len")
+    b = CallableReward(lambda prompts, completions, **kw: [None if c == "bb" else 1.0 for c in completions], name="gap")
+    ws = Clip(WeightedSum([a, b], [0.5, 2.0]), -10, 10)
+    assert ws.component_names == ("len", "gap")
+    out = ws(PROMPTS, COMPLETIONS)
+    np.testing.assert_allclose(out.components["len"][0], [1, 2, 3, 4])
+    assert out.components["gap"][1].tolist() == [True, False, True, True]
+    assert out.valid.tolist() == [True, False, True, True]
+    whole = RewardBatch.concat([out, RewardBatch.invalid(2, "timeout")])  # a failed call has no components
+    assert whole.components["len"][1].tolist() == [True, True, True, True, False, False]
+    np.testing.assert_allclose(whole.components["len"][0], [1, 2, 3, 4, 0, 0])
+    assert [i.get("error") for i in whole.info[4:]] == ["timeout", "timeout"]
+    assert WeightedSum([a, b, a]).component_names == ("len_0", "gap", "len_2")

@@ -24,7 +24,7 @@ def run(tmp_path_factory):
         "rl": {"group_size": 2, "kl_coef": 0.01, "loss_aggregation": "sequence"},
         "sample": {"n": 2, "max_new_tokens": 6, "prompt_bucket": 16},
         "optim": {"learning_rate": 1e-2, "schedule": "constant", "warmup_ratio": 0.0},
-        "loop": {"total_steps": 2, "prompts_per_step": 4, "max_prompt_tokens": 64, "prompt_bucket": 16, "checkpoint_every": 1,
+        "loop": {"total_steps": 2, "prompts_per_step": 4, "max_prompt_tokens": 64, "trim_prompts": True, "checkpoint_every": 1,
                  "progress": False, "tensorboard": False, "export_dir": "hf_end"},
     }
     (root / "rl.json").write_text(json.dumps(config))

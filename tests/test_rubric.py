@@ -19,7 +19,7 @@ from rubrax.data.rubrics import (
     rubric_to_record,
     write_rubrics,
 )
-from rubrax.rewards.base import get_reward
+from rubrax.rewards import get_reward
 from rubrax.rewards.rubric import Criterion, Rubric, RubricReward, aggregate, majority_vote
 
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from rubrax.elicit.protocols import Proposer, Verifier
-from rubrax.rewards.base import get_reward
+from rubrax.rewards import get_reward
 from rubrax.rewards.rubric import Criterion, Rubric
 from rubrax.sim import generators as G
 from rubrax.sim.agents import ProposerConfig, SimProposer, SimVerifier, VerifierConfig
 from rubrax.sim.predicates import Predicate, parse_predicate
-from rubrax.sim.tokenizer import WordTokenizer
+from rubrax.models.tokenizer import WordTokenizer
 from rubrax.sim.world import FILLER_WORDS, SIGNATURE_WORDS, WorldConfig, make_world
 
 

@@ -526,3 +526,18 @@ def test_cli_predict_from_scored_samples(tmp_path, capsys):
     bad.write_text('{"prompt_id": "a", "gold": 0.5, "proxy": 0.1}\n{"prompt_id": "a", "gold": "high", "proxy": 1}\n')
     assert main(["theory", "predict", str(bad)]) == 2
     assert f"{bad}:2: field 'gold'" in capsys.readouterr().err
+
+
+def test_mid_cdf_counts_ties_half_at_values_and_at_the_samples():
+    from rubrax.theory import mid_cdf
+
+    base = jnp.array([[0.1, 0.2, 0.2, 0.5], [3.0, 1.0, 2.0, 9.0]])
+    valid = jnp.array([[True, True, True, True], [True, True, True, False]])  # row 1: n = 3, 9.0 left out
+    at = mid_cdf(base, jnp.array([[0.2, 0.0, 0.6, 0.15], [2.0, 9.0, 0.0, 3.0]]), valid)
+    np.testing.assert_allclose(at, [[(1 + 3) / 8, 0.0, 1.0, 2 / 8], [3 / 6, 1.0, 0.0, 5 / 6]], rtol=1e-6)
+    own = mid_cdf(base, valid_PxN=valid)  # at the samples themselves (the tie-rank path)
+    np.testing.assert_allclose(own[0], [1 / 8, 4 / 8, 4 / 8, 7 / 8], rtol=1e-6)
+    np.testing.assert_allclose(own[1, :3], [5 / 6, 1 / 6, 3 / 6], rtol=1e-6)
+    np.testing.assert_allclose(mid_cdf(base, base, valid)[:, :3], own[:, :3], rtol=1e-6)  # both paths agree
+    # one row as 1-D arrays, the form the testbed uses for a prompt's base samples
+    np.testing.assert_allclose(mid_cdf(jnp.array([0.0, 0.2, 0.2, 0.4]), jnp.array([0.2, 0.0, 0.6, 0.3])), [4 / 8, 1 / 8, 1.0, 6 / 8])

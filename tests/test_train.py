@@ -142,19 +142,31 @@ def test_train_config_validation():
 
 
 def test_optimizer_first_step_clipping_and_freezing():
-    """Adam's first update is -lr * sign(g) (bias-corrected m/sqrt(v) = g/|g|); a clipped
-    gradient keeps its sign; frozen leaves do not move and hold no Adam moments."""
+    """Adam's first update is -lr * sign(g) (bias-corrected m/sqrt(v) = g/|g|) whatever the
+    clip, so the clip is checked where it shows: the first moment, m1 = (1 - b1) * clip(g).
+    Frozen leaves do not move, hold no Adam moments and take no part in the clip's norm."""
+    import optax
+
     params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([3.0])}
-    grads = {"a": jnp.array([30.0, -40.0]), "b": jnp.array([5.0])}
+    grads = {"a": jnp.array([30.0, -40.0]), "b": jnp.array([5.0])}  # |g| = sqrt(2525); |g_a| = 50
     cfg = OptimConfig(learning_rate=0.1, schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0, eps=0.0)
     tx = make_optimizer(cfg, 10)
-    upd, _ = tx.update(grads, tx.init(params), params)
+    upd, state = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(upd["a"], [-0.1, 0.1], rtol=1e-5)
+    mu = optax.tree_utils.tree_get(state, "mu")
+    np.testing.assert_allclose(mu["a"], 0.1 * np.array([30.0, -40.0]) / np.sqrt(2525.0), rtol=1e-6)
+    np.testing.assert_allclose(mu["b"], 0.1 * np.array([5.0]) / np.sqrt(2525.0), rtol=1e-6)
+    # without clipping the moment is the raw gradient's
+    loose = make_optimizer(dataclasses.replace(cfg, max_grad_norm=None), 10)
+    np.testing.assert_allclose(optax.tree_utils.tree_get(loose.update(grads, loose.init(params), params)[1], "mu")["a"],
+                               [3.0, -4.0], rtol=1e-6)
     tx = make_optimizer(cfg, 10, trainable_mask={"a": True, "b": False})
     state = tx.init(params)
-    upd, _ = tx.update(grads, state, params)
+    upd, new_state = tx.update(grads, state, params)
     np.testing.assert_allclose(upd["a"], [-0.1, 0.1], rtol=1e-5)
     np.testing.assert_array_equal(upd["b"], [0.0])
+    mu = optax.tree_utils.tree_get(new_state, "mu")
+    np.testing.assert_allclose(mu["a"], [0.06, -0.08], rtol=1e-6)  # clipped by |g_a| = 50 alone
     # mu and nu of "a" only, plus the step counters of Adam and of the schedule
     assert sum(x.size for x in jax.tree.leaves(state)) == 2 + 2 + 1 + 1
 

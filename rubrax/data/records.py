@@ -2,7 +2,7 @@
 
 Every error is a `RecordError` naming the source, the line (JSONL, 1-based) or row
 (datasets, 0-based) and the field: `pairs.jsonl:7: field 'label': must be 0 or 1, got 2`.
-Used by the preference-pair and SFT readers (rubrax.data.pairs, rubrax.data.sft).
+Used by every reader of rubrax: pairs, SFT, rubrics, responses, metrics, scores.
 
 Host side only: no jax.
 """
@@ -28,22 +28,61 @@ class RecordError(ValueError):
 Located = tuple[str, int, Mapping[str, Any]]  # (source, line or row, record)
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[Located]:
-    """Yields (path, line number, object) for each non-blank line of a JSONL file."""
+def _find_bad_text(obj: Any, path: str = "") -> str | None:
+    """Path of the first string (key or value) holding undecodable bytes (surrogate escapes)."""
+    if isinstance(obj, str):
+        return path if any("\udc80" <= ch <= "\udcff" for ch in obj) else None
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found = _find_bad_text(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            sub = f"{path}.{k}" if path else k
+            if _find_bad_text(k, sub) is not None:
+                return sub
+            found = _find_bad_text(v, sub)
+            if found is not None:
+                return found
+    return None
+
+
+def _decode_line(raw: bytes, source: str, lineno: int, error: type[RecordError]) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        # name the field that holds the bad bytes when the rest of the line is JSON
+        try:
+            field = _find_bad_text(json.loads(raw.decode("utf-8", errors="surrogateescape")))
+        except json.JSONDecodeError:
+            field = None
+        raise error(source, lineno, field, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(source, lineno, None, f"invalid JSON: {err.msg} at column {err.colno}") from None
+    if not isinstance(obj, dict):
+        raise error(source, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def iter_jsonl(path: str | os.PathLike, *, error: type[RecordError] = RecordError) -> Iterator[Located]:
+    """Yields (path, line number, object) for each non-blank line of a JSONL file.
+
+    The one JSONL reader of rubrax: a bad line raises `error` (a RecordError) naming the
+    file, the line and, for undecodable bytes, the field that holds them.
+    """
     source = os.fspath(path)
     with open(source, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as err:
-                raise RecordError(source, lineno, None, f"not valid UTF-8 at column {err.start + 1}") from None
-            except json.JSONDecodeError as err:
-                raise RecordError(source, lineno, None, f"invalid JSON: {err.msg} at column {err.colno}") from None
-            if not isinstance(obj, dict):
-                raise RecordError(source, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
-            yield source, lineno, obj
+            if raw.strip():
+                yield source, lineno, _decode_line(raw, source, lineno, error)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of a JSONL file, in order (errors as in `iter_jsonl`)."""
+    return [rec for _, _, rec in iter_jsonl(path)]
 
 
 def iter_rows(records: Iterable[Mapping[str, Any]], source: str = "<records>") -> Iterator[Located]:

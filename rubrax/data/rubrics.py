@@ -28,8 +28,9 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from rubrax.data import records
 from rubrax.data.records import RecordError, write_jsonl
-from rubrax.rewards.rubric import Criterion, Rubric
+from rubrax.rubric import Criterion, Rubric
 
 SCHEMAS = ("auto", "rubrax", "junkaiz", "healthbench")
 SCALES = ("paper", "points")
@@ -39,52 +40,11 @@ class RubricFormatError(RecordError):
     """Bad rubric/response record: names the source (file or dataset), the line/row and the field."""
 
 
-# --------------------------------------------------------------------------- JSONL reading
-
-
-def _find_bad_text(obj: Any, path: str = "") -> str | None:
-    """Path of the first string (key or value) holding undecodable bytes (surrogate escapes)."""
-    if isinstance(obj, str):
-        return path if any("\udc80" <= ch <= "\udcff" for ch in obj) else None
-    if isinstance(obj, list):
-        for i, v in enumerate(obj):
-            found = _find_bad_text(v, f"{path}[{i}]")
-            if found is not None:
-                return found
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            sub = f"{path}.{k}" if path else k
-            if _find_bad_text(k, sub) is not None:
-                return sub
-            found = _find_bad_text(v, sub)
-            if found is not None:
-                return found
-    return None
-
-
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yields (line number, object) for each non-blank line; clear errors otherwise."""
-    source = os.fspath(path)
-    with open(source, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                text = raw.decode("utf-8", errors="surrogateescape")
-                try:
-                    field = _find_bad_text(json.loads(text))
-                except json.JSONDecodeError:
-                    field = None
-                raise RubricFormatError(source, lineno, field, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise RubricFormatError(source, lineno, None, f"invalid JSON: {err.msg} at column {err.colno}") from None
-            if not isinstance(obj, dict):
-                raise RubricFormatError(source, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    """(line number, record) of each non-blank line: `rubrax.data.records.iter_jsonl` (the one
+    JSONL reader) with its errors as RubricFormatError, in the (line, record) form."""
+    for _, line, rec in records.iter_jsonl(path, error=RubricFormatError):
+        yield line, rec
 
 
 # --------------------------------------------------------------------------- field helpers

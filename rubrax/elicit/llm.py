@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rubrax.elicit.client import ChatClient, ChatError
-from rubrax.rewards.rubric import Criterion, Rubric, with_ids
+from rubrax.rubric import Criterion, Rubric, with_ids
 
 TEMPLATE_NAMES = ("propose", "refine", "verify_all", "verify_one", "judge")
 # Whitespace around the slash too: a model reading `< /response>` or `</ response>` may

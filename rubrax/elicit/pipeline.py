@@ -24,7 +24,8 @@ from typing import Any
 from rubrax.data.records import write_jsonl
 from rubrax.data.rubrics import ResponseRecord, rubric_to_record
 from rubrax.elicit.rtd import Candidate, ProposalError, iterative_rtd, propose_initial
-from rubrax.rewards.rubric import Rubric, aggregate, grade_response
+from rubrax.rewards.rubric import grade_response
+from rubrax.rubric import Rubric, aggregate
 
 
 class ResumableJsonl:

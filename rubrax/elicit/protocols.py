@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
-from rubrax.rewards.rubric import Criterion, Rubric, Verdict
+from rubrax.rubric import Criterion, Rubric, Verdict
 
 
 @runtime_checkable

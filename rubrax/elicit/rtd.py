@@ -26,7 +26,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from rubrax.rewards.rubric import Criterion, Rubric, aggregate, clean_verdicts, with_ids
+from rubrax.rubric import Criterion, Rubric, aggregate, clean_verdicts, with_ids
 
 
 @dataclasses.dataclass(frozen=True)

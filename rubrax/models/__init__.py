@@ -11,7 +11,7 @@ reads each layer in place). Every function here and in rubrax.policy accepts bot
 the same values; `stack_layers` converts back, `save_pretrained` takes either.
 """
 
-from rubrax.models.tokenizer import HFTokenizer, load_tokenizer
+from rubrax.models.tokenizer import HFTokenizer, WordTokenizer, load_tokenizer
 from rubrax.models.checkpoint import load_pretrained, save_pretrained
 from rubrax.models.config import ModelConfig
 from rubrax.models.gguf import smollm2_checkpoint
@@ -28,6 +28,7 @@ from rubrax.models.llama import (
 
 __all__ = [
     "HFTokenizer",
+    "WordTokenizer",
     "load_tokenizer",
     "smollm2_checkpoint",
     "ModelConfig",

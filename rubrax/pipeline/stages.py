@@ -245,7 +245,7 @@ def _curve_hooks(ctx: Context, recipe: Any, judge: Any) -> Any:
         if prompts.skipped:
             raise StageError(f"grpo: {prompts.skipped} test prompts are longer than grpo.loop.max_prompt_tokens={width}")
         sample = SampleConfig(max_new_tokens=e["max_tokens"], temperature=e["temperature"], top_p=e["top_p"], n=1,
-                              prompt_bucket=int(recipe.loop.get("prompt_bucket") or 64))
+                              prompt_bucket=recipe.sample.prompt_bucket)
         references = [refs[str(pid)] for pid in prompts.columns["prompt_id"]]
         return [winrate_eval_hook(prompts, references, judge, tokenizer, model_config, sample, max_prompt_tokens=width,
                                   both_orders=e["both_orders"], seed=e["seed"], batch_size=e["batch_prompts"])]

@@ -1,7 +1,8 @@
-"""Reward functions: the protocol, a registry, combinators; BT and rubric rewards.
+"""Reward functions: the protocol, a lazy registry, combinators; BT and rubric rewards.
 
 `rubrax.rewards.bradley_terry` (device side) and `rubrax.rewards.rubric` (host side)
-are imported on demand, so importing this package does not import jax.
+are imported on demand (`get_reward("rubric")` imports no jax), so importing this
+package does not import jax. Names: see `rubrax.rewards.registry`.
 """
 
 from rubrax.rewards.base import (
@@ -15,10 +16,10 @@ from rubrax.rewards.base import (
     WeightedSum,
     acall_reward,
     as_reward_fn,
-    available_rewards,
     get_reward,
-    register_reward,
+    make_reward,
 )
+from rubrax.rewards.registry import UnknownRewardError, available_rewards, register_reward, resolve_reward
 
 __all__ = [
     "AsyncRewardFn",
@@ -28,10 +29,13 @@ __all__ = [
     "RewardBatch",
     "RewardFn",
     "RewardFnBase",
+    "UnknownRewardError",
     "WeightedSum",
     "acall_reward",
     "as_reward_fn",
     "available_rewards",
     "get_reward",
+    "make_reward",
     "register_reward",
+    "resolve_reward",
 ]

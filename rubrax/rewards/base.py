@@ -8,6 +8,10 @@ columns, TRL-style keyword arguments) and returns a `RewardBatch`:
                         rubric missing, timeout ...). Invalid is never a silent 0:
                         the RL step masks invalid samples out of the loss.
     info    list[dict]  per-example details (verdicts, failures, ...), JSON-able
+    components          {name: (scores, valid)} of the parts of a `WeightedSum`,
+                        unweighted; a reward that has them names them in
+                        `component_names`, and the RL loop logs reward/<name>/mean
+                        and reward/<name>/invalid per step
 
 Two forms exist: `RewardFn` (sync `__call__`) and `AsyncRewardFn` (`async acall`).
 Every reward function built here implements both through `RewardFnBase`.
@@ -21,12 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from rubrax.rewards.registry import available_rewards, register_reward, resolve_reward  # noqa: F401  (also re-exported here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,23 +43,24 @@ class RewardBatch:
     scores: np.ndarray  # float32[B]
     valid: np.ndarray  # bool[B]
     info: tuple[dict[str, Any], ...] = ()
+    # name -> (scores float32[B], valid bool[B]) of each part of a combined reward (WeightedSum),
+    # before weighting: the loop logs reward/<name>/mean and reward/<name>/invalid from them
+    components: Mapping[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
-        valid = np.asarray(self.valid, dtype=bool).reshape(-1)
-        if scores.shape != valid.shape:
-            raise ValueError(f"RewardBatch: scores has shape {scores.shape} but valid has {valid.shape}")
-        # A non-finite score cannot be trusted: it is invalid, and stored as 0 so that
-        # downstream arithmetic (masked means) never sees NaN.
-        finite = np.isfinite(scores)
-        valid = valid & finite
-        scores = np.where(finite, scores, 0.0).astype(np.float32)
+        scores, valid = _clean_scores(self.scores, self.valid, "RewardBatch")
         info = tuple(self.info) if self.info else tuple({} for _ in range(scores.shape[0]))
         if len(info) != scores.shape[0]:
             raise ValueError(f"RewardBatch: {len(info)} info entries for {scores.shape[0]} scores")
+        components = {}
+        for name, (c_scores, c_valid) in dict(self.components).items():
+            components[name] = _clean_scores(c_scores, c_valid, f"RewardBatch component {name!r}")
+            if components[name][0].shape != scores.shape:
+                raise ValueError(f"RewardBatch: component {name!r} has {components[name][0].shape[0]} scores for {scores.shape[0]} rows")
         object.__setattr__(self, "scores", scores)
         object.__setattr__(self, "valid", valid)
         object.__setattr__(self, "info", info)
+        object.__setattr__(self, "components", components)
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -70,6 +78,29 @@ class RewardBatch:
 
 class MalformedReward(ValueError):
     """A reward function returned something that is not one score per completion."""
+
+    @classmethod
+    def concat(cls, parts: Sequence["RewardBatch"]) -> "RewardBatch":
+        """The rows of `parts` in order. A component missing from a part (a failed call)
+        is invalid on that part's rows."""
+        names = list(dict.fromkeys(name for p in parts for name in p.components))
+        absent = lambda p: (np.zeros(len(p), np.float32), np.zeros(len(p), bool))  # noqa: E731
+        components = {
+            name: tuple(np.concatenate([p.components.get(name, absent(p))[k] for p in parts]) for k in (0, 1)) for name in names
+        }
+        return cls(np.concatenate([p.scores for p in parts]), np.concatenate([p.valid for p in parts]),
+                   tuple(i for p in parts for i in p.info), components)
+
+
+def _clean_scores(scores: Any, valid: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+    valid = np.asarray(valid, dtype=bool).reshape(-1)
+    if scores.shape != valid.shape:
+        raise ValueError(f"{what}: scores has shape {scores.shape} but valid has {valid.shape}")
+    # A non-finite score cannot be trusted: it is invalid, and stored as 0 so that
+    # downstream arithmetic (masked means) never sees NaN.
+    finite = np.isfinite(scores)
+    return np.where(finite, scores, 0.0).astype(np.float32), valid & finite
 
 
 @runtime_checkable
@@ -207,59 +238,41 @@ async def acall_reward(fn: Any, prompts: Sequence[str], completions: Sequence[st
     return await as_reward_fn(fn).acall(prompts, completions, **columns)
 
 
-# --------------------------------------------------------------------------- registry
-
-_REGISTRY: dict[str, Callable[..., Any]] = {}
+# --------------------------------------------------------------------------- building by name
 
 
-def register_reward(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: registers a reward-function factory (a class or function) under `name`.
+def make_reward(factory: Any, kwargs: Mapping[str, Any] | None = None, *, name: str | None = None) -> RewardFnBase:
+    """A reward function from what a name resolves to (`rubrax.rewards.registry`).
 
-    Configs then pick rewards by name: `get_reward("rubric", rubrics=...)`.
+    - a RewardFn class (or any class): instantiated with `kwargs`;
+    - a TRL-style callable `fn(prompts, completions, **kw) -> list[float]` (it takes a
+      `completions` argument): wrapped, with `kwargs` bound to every call;
+    - a factory function: called with `kwargs`; what it returns is the reward;
+    - a reward object (an instance): used as it is (no kwargs).
     """
-
-    def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ValueError(f"reward {name!r} is already registered to {_REGISTRY[name]!r}")
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
-
-
-# Modules that register rewards on import; imported lazily by get_reward so that the
-# registry is complete without importing jax for host-only rewards.
-_PROVIDERS = (
-    "rubrax.rewards.rubric",
-    "rubrax.rewards.bradley_terry",
-    "rubrax.sim.rewards",
-    "rubrax.rl.toy",
-)
+    kwargs = dict(kwargs or {})
+    label = name or getattr(factory, "__name__", None)
+    if isinstance(factory, type):
+        return as_reward_fn(factory(**kwargs))
+    if not callable(factory) or isinstance(factory, RewardFnBase):
+        if kwargs:
+            raise TypeError(f"reward {label!r} is an object, not a class or function: it takes no kwargs (got {sorted(kwargs)})")
+        return as_reward_fn(factory)
+    if _takes_completions(factory):
+        return CallableReward(functools.partial(factory, **kwargs) if kwargs else factory, name=label)
+    return as_reward_fn(factory(**kwargs))
 
 
-def _load_providers() -> None:
-    import importlib
-
-    for module in _PROVIDERS:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if not (err.name and module.startswith(err.name)):
-                raise
-
-
-def available_rewards() -> list[str]:
-    _load_providers()
-    return sorted(_REGISTRY)
+def _takes_completions(fn: Callable[..., Any]) -> bool:
+    try:
+        return "completions" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def get_reward(name: str, **kwargs: Any) -> RewardFnBase:
-    """Builds the reward function registered under `name` with keyword arguments."""
-    if name not in _REGISTRY:
-        _load_providers()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown reward {name!r}; registered: {', '.join(sorted(_REGISTRY)) or '(none)'}")
-    return as_reward_fn(_REGISTRY[name](**kwargs))
+    """Builds the reward `name` (registered, "module:attr" or "file.py:attr") with kwargs."""
+    return make_reward(resolve_reward(name), kwargs, name=name)
 
 
 # --------------------------------------------------------------------------- combinators
@@ -276,7 +289,8 @@ class WeightedSum(RewardFnBase):
             names, fns = list(rewards.keys()), [as_reward_fn(r) for r in rewards.values()]
         else:
             fns = [as_reward_fn(r) for r in rewards]
-            names = [f.name for f in fns]
+            # a repeated name gets its position appended, so components stay apart
+            names = [f.name if [g.name for g in fns].count(f.name) == 1 else f"{f.name}_{i}" for i, f in enumerate(fns)]
         if not fns:
             raise ValueError("WeightedSum needs at least one reward")
         weights = [1.0] * len(fns) if weights is None else [float(w) for w in weights]
@@ -285,6 +299,10 @@ class WeightedSum(RewardFnBase):
         self.names, self.fns, self.weights = names, fns, weights
         self.name = "+".join(names)
 
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        return tuple(self.names)
+
     def _combine(self, parts: Sequence[RewardBatch]) -> RewardBatch:
         scores = sum(w * p.scores.astype(np.float64) for w, p in zip(self.weights, parts))
         valid = np.logical_and.reduce([p.valid for p in parts])
@@ -292,7 +310,8 @@ class WeightedSum(RewardFnBase):
             {name: {"score": float(p.scores[i]), "valid": bool(p.valid[i]), **p.info[i]} for name, p in zip(self.names, parts)}
             for i in range(len(parts[0]))
         )
-        return RewardBatch(np.asarray(scores, np.float32), valid, info)
+        components = {name: (p.scores, p.valid) for name, p in zip(self.names, parts)}
+        return RewardBatch(np.asarray(scores, np.float32), valid, info, components)
 
     def __call__(self, prompts, completions, **columns):
         return self._combine([f(prompts, completions, **columns) for f in self.fns])
@@ -318,8 +337,12 @@ class _Transform(RewardFnBase):
     def transform(self, scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        return tuple(getattr(self.inner, "component_names", ()))
+
     def _apply(self, out: RewardBatch) -> RewardBatch:
-        return RewardBatch(self.transform(out.scores, out.valid), out.valid, out.info)
+        return RewardBatch(self.transform(out.scores, out.valid), out.valid, out.info, out.components)
 
     def __call__(self, prompts, completions, **columns):
         return self._apply(self.inner(prompts, completions, **columns))

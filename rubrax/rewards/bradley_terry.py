@@ -16,7 +16,8 @@ lr 1e-5, 10 epochs, cosine schedule, warmup ratio 0.1, trained on on-policy,
 off-policy or mixed pairs (rubrax.data.pairs builds them).
 
 Params layout: {"backbone": LM params (rubrax.models), "head": {"kernel": [D], "bias": []}}.
-`BTReward` wraps trained params as a reward function (registered "bradley_terry").
+`BTReward` wraps trained params as a reward function (registered "bradley_terry");
+`rubrax.train.reward_model.train_reward_model` trains them.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ import numpy as np
 
 from rubrax.models import ModelConfig, hidden_states
 from rubrax.models import init_params as init_lm_params
-from rubrax.rewards.base import RewardBatch, RewardFnBase, _check_lengths, register_reward
+from rubrax.rewards.base import RewardBatch, RewardFnBase, _check_lengths
 from rubrax.train import checkpoint
-from rubrax.train.trainer import TrainConfig, TrainResult, train
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -166,34 +166,6 @@ def pair_eval(params, batch, *, config: ModelConfig, bt: BTConfig) -> dict[str, 
 # --------------------------------------------------------------------------- host side
 
 
-def train_reward_model(
-    params: Mapping[str, Any],
-    config: ModelConfig,
-    train_pairs: Mapping[str, np.ndarray],
-    train_cfg: TrainConfig,
-    bt: BTConfig = BTConfig(),
-    *,
-    eval_pairs: Mapping[str, np.ndarray] | None = None,
-    **train_kwargs: Any,
-) -> TrainResult:
-    """Trains BT params on token arrays {tokens [N,2,T], mask [N,2,T], margin [N]?}.
-
-    `train_kwargs` go to `rubrax.train.trainer.train` (ckpt_dir, metrics_path, stop_at, ...).
-    Held-out metrics: eval/accuracy (pair accuracy) and eval/loss.
-    """
-    return train(
-        functools.partial(pair_loss, config=config, bt=bt),
-        params,
-        train_pairs,
-        train_cfg,
-        eval_fn=functools.partial(pair_eval, config=config, bt=bt),
-        eval_data=eval_pairs,
-        trainable_mask=trainable_mask(params, freeze_backbone=bt.freeze_backbone),
-        desc=train_kwargs.pop("desc", "bt"),
-        **train_kwargs,
-    )
-
-
 def save_reward_model(path: str | os.PathLike, params: Mapping[str, Any], config: ModelConfig, *, tokenizer_path: str | None = None) -> None:
     """Writes BT params and the model config (an orbax step-0 checkpoint under `path`)."""
     extra = {"model_config": _config_to_dict(config), "tokenizer_path": tokenizer_path}
@@ -224,7 +196,6 @@ def _score_jit(params, tokens_BxT, mask_BxT, *, config):
     return score(params, tokens_BxT, mask_BxT, config=config)
 
 
-@register_reward("bradley_terry")
 class BTReward(RewardFnBase):
     """A trained BT model as a reward function: r(prompt, completion) on the host.
 

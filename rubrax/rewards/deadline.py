@@ -196,11 +196,7 @@ class DeadlineRunner:
             if failure:
                 counts[failure] += len(batch)
                 self._warn_once(failure, batch)
-        rb = RewardBatch(
-            np.concatenate([p.scores for p, _ in parts]) if parts else np.zeros(0, np.float32),
-            np.concatenate([p.valid for p, _ in parts]) if parts else np.zeros(0, bool),
-            tuple(i for p, _ in parts for i in p.info),
-        )
+        rb = RewardBatch.concat([p for p, _ in parts]) if parts else RewardBatch(np.zeros(0, np.float32), np.zeros(0, bool))
         return rb, counts
 
     def _warn_once(self, kind: str, batch: RewardBatch) -> None:

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         recipe = _recipe(args, read_config(args.config))
-        reward = build_reward(recipe.reward, recipe.source)
+        reward = build_reward(recipe.reward, source=recipe.source)
     except (ValueError, FileNotFoundError) as err:  # a bad config (RecipeError too): say where, before anything runs
         print(f"error: {err}", file=sys.stderr)
         return 2

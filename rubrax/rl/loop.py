@@ -9,8 +9,9 @@ One step k:
     `default_rng([seed, e])`, so the records of step k depend only on k and the seed);
     tokenised once at start-up (chat template by default), left-padded to the fixed
     width `max_prompt_tokens` so every batch has the same shape (one compilation), or,
-    with `prompt_bucket`, to the batch's longest prompt rounded up to that multiple
-    (one compilation per width; short prompts then cost no padded compute);
+    with `trim_prompts`, to the batch's longest prompt rounded up to a multiple of
+    SampleConfig.prompt_bucket (one compilation per width; short prompts then cost no
+    padded compute);
  2. rollouts (rubrax.rl.rollouts): `rubrax.policy.sample` draws G = rl.group_size completions per prompt
     with key fold_in(fold_in(root, k), SAMPLE_STREAM);
  3. rewards (rubrax.rl.reward_runner): the reward function's async form, called concurrently on chunks of
@@ -60,7 +61,8 @@ from rubrax.rl.batch import make_batch
 from rubrax.rl.hooks import EvalHook, StepHook, StepView, run_eval_hooks, run_step_hooks
 from rubrax.rl.prompts import PromptSet, load_prompts
 from rubrax.rl.resume import RunCheckpoints, check_run_folder, open_run_folder, run_inputs
-from rubrax.rl.reward_runner import InvalidStreak, RewardRunner, failure_metrics, fed_and_scored_rows, reward_inputs, sum_over_hosts
+from rubrax.rl.reward_runner import (InvalidStreak, RewardRunner, component_metrics, failure_metrics, fed_and_scored_rows,
+                                     reward_inputs, sum_over_hosts)
 from rubrax.rl.rollouts import RolloutSampler, Rollouts
 from rubrax.rl.runlog import RunLogger
 from rubrax.rl.state import TrainState
@@ -70,6 +72,7 @@ from rubrax.sharding import make_mesh
 log = logging.getLogger("rubrax.rl")
 
 OVERLAP_MODES = ("sync", "one_step_off_policy")
+TRIM_MIN_BYTES = 64 << 20  # params from which the host heap is trimmed before each update (CPU)
 
 
 
@@ -81,18 +84,21 @@ class LoopConfig:
     total_steps: RL iterations of the whole run (fixes the LR schedule).
     prompts_per_step: P prompts per iteration (x rl.group_size samples).
     max_prompt_tokens: fixed prompt width; longer prompts are skipped at load time (counted).
-    prompt_bucket: None keeps every batch at max_prompt_tokens wide; an int b trims each
-        batch's prompt block to its longest prompt rounded up to a multiple of b (the
-        update compiles once per distinct width; the samples are the same either way).
+    trim_prompts: False keeps every batch at max_prompt_tokens wide; True trims each
+        batch's prompt block to its longest prompt rounded up to a multiple of the
+        sampler's SampleConfig.prompt_bucket (the one bucket setting: the update compiles
+        once per distinct width; the samples are the same either way).
     stop_after: end this invocation after that many total steps (pre-emptible jobs;
         rerun with the same out_dir to continue). None = run to total_steps.
     reward_chunk_size: rows per reward call (default one group); reward_timeout_s per call.
     num_devices: the first that many devices form the data mesh (None = all, all hosts).
-    layer_layout: "stacked" (layers under a scan), "unstacked" (per-layer buffers, an
-        unrolled loop: on CPU the update's backward is ~1.3x faster and sampling reads each
-        layer in place instead of splitting the weights every step) or "auto" (unstacked on
-        the CPU backend). Only for rubrax.models params (the default logits_fn); the
-        state, checkpoints and result keep that layout (save_pretrained takes either).
+    layer_loop: how the layers run, the vocabulary of SampleConfig.layer_loop: "scan"
+        (stacked [L, ...] params under a scan: one compiled layer body, the accelerator
+        choice), "unrolled" (per-layer buffers, `rubrax.models.unstack_layers`, an unrolled
+        loop: on CPU the update's backward is ~1.3x faster and sampling reads each layer in
+        place instead of splitting the weights every step) or "auto" (unrolled on the CPU
+        backend, scan elsewhere). Only for rubrax.models params (the default logits_fn);
+        the state, checkpoints and result keep that layout (save_pretrained takes either).
     checkpoint_every / eval_every: 0 = only at the end / never (besides the end).
     keep_checkpoints: the newest that many checkpoints are kept (None = all; >= 1).
     max_invalid_steps: stop with an error once every reward has been invalid in that many
@@ -108,7 +114,7 @@ class LoopConfig:
     total_steps: int
     prompts_per_step: int
     max_prompt_tokens: int = 512
-    prompt_bucket: int | None = None
+    trim_prompts: bool = False
     seed: int = 0
     overlap: str = "sync"
     reward_timeout_s: float | None = 600.0
@@ -121,15 +127,15 @@ class LoopConfig:
     chat_template: bool = True
     prompt_field: str = "prompt"
     fsdp: bool = False
-    layer_layout: str = "auto"
+    layer_loop: str = "auto"
     num_devices: int | None = None
     progress: bool = True
     tensorboard: bool = True
     wandb_project: str | None = None
+    export_dir: str | None = None
     max_invalid_steps: int | None = 5
     restart: bool = False
     allow_changed: bool = False
-    export_dir: str | None = None
 
     def __post_init__(self) -> None:
         from rubrax.validate import check_float, check_int
@@ -139,15 +145,15 @@ class LoopConfig:
         check_int("LoopConfig.seed", self.seed, low=0)
         for name in ("checkpoint_every", "eval_every"):
             check_int(f"LoopConfig.{name}", getattr(self, name), low=0)
-        for name in ("prompt_bucket", "reward_chunk_size", "num_devices", "stop_after", "max_invalid_steps"):
+        for name in ("reward_chunk_size", "num_devices", "stop_after", "max_invalid_steps"):
             check_int(f"LoopConfig.{name}", getattr(self, name), low=1, optional=True)
         # 0 would delete the final checkpoint too: the trained policy would be lost.
         check_int("LoopConfig.keep_checkpoints", self.keep_checkpoints, low=1, optional=True)
         check_float("LoopConfig.reward_timeout_s", self.reward_timeout_s, low=0, open_low=True, optional=True)
         if self.overlap not in OVERLAP_MODES:
             raise ValueError(f"LoopConfig.overlap must be one of {OVERLAP_MODES}, got {self.overlap!r}")
-        if self.layer_layout not in ("auto", "stacked", "unstacked"):
-            raise ValueError(f"LoopConfig.layer_layout must be 'auto', 'stacked' or 'unstacked', got {self.layer_layout!r}")
+        if self.layer_loop not in ("auto", "scan", "unrolled"):
+            raise ValueError(f"LoopConfig.layer_loop must be 'auto', 'scan' or 'unrolled', got {self.layer_loop!r}")
         if (self.checkpoint_every or self.stop_after) and not self.out_dir:
             raise ValueError("LoopConfig: checkpoints (checkpoint_every / stop_after) need out_dir")
         if self.restart and self.allow_changed:
@@ -165,13 +171,13 @@ class TrainResult:
     trainer: Trainer
 
 
-def _layout(params: Any, layout: str) -> Any:
-    """rubrax.models params in the requested layer layout (see LoopConfig.layer_layout)."""
+def arrange_layers(params: Any, layer_loop: str) -> Any:
+    """rubrax.models params stacked for "scan" or split for "unrolled" (see LoopConfig.layer_loop)."""
     from rubrax.models import llama
 
     if not isinstance(params, dict) or "layers" not in params:
         return params
-    if layout == "unstacked" or (layout == "auto" and jax.default_backend() == "cpu"):
+    if layer_loop == "unrolled" or (layer_loop == "auto" and jax.default_backend() == "cpu"):
         return llama.unstack_layers(params)
     return llama.stack_layers(params)
 
@@ -225,7 +231,9 @@ def train(
     sample: rubrax.policy.SampleConfig with n == rl.group_size. optim:
     rubrax.train.optim.OptimConfig (schedule over total_steps * ppo_epochs *
     num_minibatches optimizer updates). eval_hooks: callables (step, params) -> dict of
-    scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>").
+    scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>"); a
+    hook whose `stop_requested` attribute is then True ends the run there (with a
+    checkpoint), e.g. `rubrax.rl.monitor.GoldMonitor`'s early stop.
     step_hooks: callables (rubrax.rl.hooks.StepView) -> dict of scalars, run after every
     step and logged with its metrics. mesh: a 1-D "data" mesh (default: loop.num_devices
     devices). logits_fn: a model other than rubrax.models (params, tokens, mask) -> logits.
@@ -251,11 +259,13 @@ def train(
     end = min(loop.total_steps, loop.stop_after or loop.total_steps)
     sampler = RolloutSampler(data, tokenizer, model_config, sample, np.asarray(jax.device_get(state.key)),
                              prompts_per_step=loop.prompts_per_step, max_prompt_tokens=loop.max_prompt_tokens,
-                             prompt_bucket=loop.prompt_bucket, seed=loop.seed)
+                             prompt_bucket=sample.prompt_bucket if loop.trim_prompts else None, seed=loop.seed)
     chunk = loop.reward_chunk_size or rl.group_size
     runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=chunk,
                           max_workers=-(-loop.prompts_per_step * rl.group_size // chunk))  # a step's calls never queue
     streak = InvalidStreak(loop.max_invalid_steps)
+    # CPU only, and only for models whose transients are worth it: a trim costs ~30 ms.
+    trim_host = jax.default_backend() == "cpu" and _tree_bytes(state.params) >= TRIM_MIN_BYTES
     late = _LateStep(logger, data, step_hooks)
     try:
         if eval_hooks and logger.eval_due(loop, start) and start not in logger.evaluated:
@@ -272,13 +282,14 @@ def train(
             late.flush()
             scores, valid, counts = _gather_rewards(rewards, counts, len(ro.completions), mine)
             streak.update(step, counts.pop("valid_rows"), counts, rewards.info[0].get("error") if len(rewards) else None)
-            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, scores, valid,
-                               group_size=rl.group_size)
+            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.behaviour_logprobs(rl.importance_correction),
+                               scores, valid, group_size=rl.group_size)
             if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
                 batch = jax.tree.map(lambda x: x[fed], batch)
-            release_host_memory()  # sampling's freed buffers, before the update's peak
+            if trim_host:
+                release_host_memory()  # sampling's freed buffers, before the update's peak
             state, metrics = _timed(late.times, "time/update_dispatch_s", trainer, state, batch, ref)
-            late.hold(step, metrics, counts, ro, scores, valid)
+            late.hold(step, metrics, counts, ro, scores, valid, rewards.info)
             done = step + 1
             if ckpts.ckpt_dir and ((loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end):
                 late.flush()
@@ -286,6 +297,11 @@ def train(
             if eval_hooks and logger.eval_due(loop, done):
                 late.flush()
                 logger.write(done, run_eval_hooks(eval_hooks, done, state.params))
+                if any(getattr(hook, "stop_requested", False) for hook in eval_hooks):  # e.g. the gold monitor
+                    log.info("an eval hook asked to stop after step %d", done)
+                    if ckpts.ckpt_dir and done != end and not (loop.checkpoint_every and done % loop.checkpoint_every == 0):
+                        ckpts.save(done, state, pending)
+                    break
         late.flush()
         if loop.export_dir and int(state.step) >= loop.total_steps:  # still under the run folder's lock
             from rubrax.rl.export import export_trained
@@ -310,8 +326,8 @@ def _check_settings(rl: RLConfig, sample: Any, loop: LoopConfig) -> None:
 def _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh) -> tuple[Trainer, TrainState, Any]:
     """(trainer, placed state, placed reference) of a fresh run."""
     if logits_fn is None:
-        params = _layout(params, loop.layer_layout)
-        ref_params = None if ref_params is None else _layout(ref_params, loop.layer_layout)
+        params = arrange_layers(params, loop.layer_loop)
+        ref_params = None if ref_params is None else arrange_layers(ref_params, loop.layer_loop)
     # The reference is the caller's params themselves (no copy, unless the layout changed):
     # the TrainState gets its own copy (Trainer.place_state never aliases), so donation
     # never touches them.
@@ -321,6 +337,10 @@ def _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh) -
     trainer = _cached_trainer(rl, optim, loop, model_config, logits_fn, mesh, params, ref)
     state = TrainState.create(params, trainer.tx, seed=loop.seed)
     return trainer, trainer.place_state(state), trainer.place_ref(ref)
+
+
+def _tree_bytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def _timed(times: dict[str, float], name: str, fn: Callable, *args):
@@ -358,18 +378,18 @@ class _LateStep:
         self.times: dict[str, float] = {}
         self.held: tuple | None = None
 
-    def hold(self, step: int, metrics: Any, counts: Mapping[str, int], ro: Rollouts, scores, valid) -> None:
-        host = {**self.times, **failure_metrics(counts)}
+    def hold(self, step: int, metrics: Any, counts: Mapping[str, float | int], ro: Rollouts, scores, valid, infos=()) -> None:
+        host = {**self.times, **failure_metrics(counts), **component_metrics(counts)}
         self.times = {}
-        self.held = (step, metrics, host, ro, scores, valid)
+        self.held = (step, metrics, host, ro, scores, valid, tuple(infos))
 
     def flush(self) -> None:
         if self.held is None:
             return
-        step, dev, host, ro, scores, valid = self.held
+        step, dev, host, ro, scores, valid, infos = self.held
         self.held = None
         record = {k: (v.item() if hasattr(v, "item") else v) for k, v in {**jax.device_get(dev), **host}.items()}
         if self.step_hooks:
-            record.update(run_step_hooks(self.step_hooks, StepView(step, self.prompts, ro, scores, valid, record)))
+            record.update(run_step_hooks(self.step_hooks, StepView(step, self.prompts, ro, scores, valid, record, infos)))
         self.logger.write(step, record)
         self.logger.bar.update(1)

@@ -16,10 +16,23 @@ A config file has these keys (every section optional except "model"):
                 ("split"); omitted = the toy task's prompts (rubrax.rl.toy, "toy_prompts")
     eval        held-out prompt records (same forms); evaluated with "eval_sample"
     epochs      passes over the prompts; sets loop.total_steps = ceil(epochs * N / P)
-    reward      {"name": registered reward, "kwargs": {...}}; for "rubric",
-                kwargs.verifier is {"model": ..., ClientConfig fields, "mode": "all"}
+    reward      {"name": NAME, "kwargs": {...}}; NAME is a registered reward ("rubric",
+                "bradley_terry", "target_word"), "pkg.module:attr" or "path/to/file.py:attr"
+                (relative to the config's folder, then the working directory): a RewardFn
+                class, a factory, or a TRL-style fn(prompts, completions, **kw) -> list[float]
+                (kwargs are bound to every call). For "rubric", kwargs.verifier is
+                {"model": ..., ClientConfig fields, "mode": "all"}
+    rewards     instead of "reward": [{"name", "weight" (1.0), "kwargs", "label"}, ...],
+                combined by WeightedSum; the loop logs each component's
+                reward/<label>/mean and reward/<label>/invalid per step (label: the
+                registered name or the attribute, unless given)
     rl, sample, optim, loop, eval_sample
                 fields of RLConfig, SampleConfig, OptimConfig, LoopConfig, SampleConfig
+    gold        a gold monitor on the held-out prompts (rubrax.rl.monitor.GoldMonitor):
+                {"reward": {"name", "kwargs"}, "sample": SampleConfig fields (default: the
+                training sample with n=4), "patience", "min_delta", "keep_best",
+                "forecast_samples": n > 0 writes the theory's forecast from n base samples
+                per held-out prompt to OUT/forecast.jsonl before training (rubrax.forecast)}
 Keys starting with "_" are comments. Unknown keys are errors naming the file and key.
 """
 
@@ -32,16 +45,19 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from rubrax.rewards import WeightedSum, make_reward, resolve_reward
+from rubrax.rewards.registry import UnknownRewardError, reward_file
 from rubrax.rl.loop import LoopConfig
 from rubrax.rl.step import RLConfig
+from rubrax.rl.toy import TOY_WORDS, toy_prompts, toy_tokenizer  # also registers the reward "target_word"
 
 class RecipeError(ValueError):
     """A config that names something unusable (found while building it); the message says where."""
 
 
 MODEL_SETTINGS = ("dtype", "param_dtype", "remat", "attention", "attention_block")
-_TOP_KEYS = ("model", "tiny_model", "model_settings", "model_shape", "train", "dataset", "split", "eval", "toy_prompts", "epochs", "reward", "rl",
-             "sample", "optim", "loop", "eval_sample")
+_TOP_KEYS = ("model", "tiny_model", "model_settings", "model_shape", "train", "dataset", "split", "eval", "toy_prompts", "epochs",
+             "reward", "rewards", "rl", "sample", "optim", "loop", "eval_sample", "gold")
 
 
 def _build(cls, section: Mapping[str, Any], where: str, **defaults):
@@ -79,8 +95,10 @@ class GRPORecipe:
     eval: str | None = None
     toy_prompts: int = 64
     epochs: float | None = None
-    reward: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"name": "target_word"})
+    # the "reward" section (a mapping) or the "rewards" list (a tuple of component mappings)
+    reward: Mapping[str, Any] | tuple[Mapping[str, Any], ...] = dataclasses.field(default_factory=lambda: {"name": "target_word"})
     eval_sample: Any = None
+    gold: Mapping[str, Any] | None = None  # {"reward", "sample", "monitor"} (parsed)
     source: str = "<config>"
 
     def loop_config(self, num_prompts: int, **overrides: Any) -> LoopConfig:
@@ -121,11 +139,7 @@ def parse_recipe(config: Mapping[str, Any], source: str = "<config>") -> GRPORec
     eval_sample = None
     if "eval_sample" in config:
         eval_sample = _build(SampleConfig, config["eval_sample"], f"{source}: eval_sample", max_new_tokens=sample.max_new_tokens)
-    if not isinstance(config.get("reward", {}), Mapping):
-        raise ValueError(f"{source}: reward must be {{\"name\": ..., \"kwargs\": {{...}}}}, got {config['reward']!r}")
-    reward = dict(config.get("reward", {"name": "target_word"}))
-    if "name" not in reward or set(reward) - {"name", "kwargs"} - {k for k in reward if k.startswith("_")}:
-        raise ValueError(f"{source}: reward must be {{\"name\": ..., \"kwargs\": {{...}}}}, got {sorted(reward)}")
+    reward = parse_reward_section(config, source)
     settings = {k: v for k, v in config.get("model_settings", {}).items() if not k.startswith("_")}
     unknown = sorted(set(settings) - set(MODEL_SETTINGS))
     if unknown:
@@ -139,8 +153,23 @@ def parse_recipe(config: Mapping[str, Any], source: str = "<config>") -> GRPORec
     if config.get("model_shape") is not None and config["model_shape"] not in SHAPES:
         raise ValueError(f"{source}: model_shape={config['model_shape']!r} is not one of {sorted(SHAPES)}")
     top = {k: config[k] for k in ("model_shape", "tiny_model", "train", "dataset", "split", "eval", "toy_prompts", "epochs") if k in config}
+    gold = _parse_gold(config["gold"], sample, source) if "gold" in config else None
     return GRPORecipe(model=config["model"], model_settings=settings, rl=rl, sample=sample, optim=optim, loop=loop, reward=reward,
-                      eval_sample=eval_sample, source=source, **top)
+                      eval_sample=eval_sample, gold=gold, source=source, **top)
+
+
+def _parse_gold(section: Mapping[str, Any], sample: Any, source: str) -> dict[str, Any]:
+    from rubrax.policy import SampleConfig
+    from rubrax.rl.monitor import GoldMonitorConfig
+
+    section = {k: v for k, v in section.items() if not k.startswith("_")}
+    reward = _reward_spec(section.pop("reward", None), source, "gold.reward", component=False)
+    gold_sample = _build(SampleConfig, section.pop("sample", {}), f"{source}: gold.sample", **{**dataclasses.asdict(sample), "n": 4})
+    forecast_samples = section.pop("forecast_samples", 0)
+    if isinstance(forecast_samples, bool) or not isinstance(forecast_samples, int) or forecast_samples < 0:
+        raise ValueError(f"{source}: gold.forecast_samples must be an int >= 0, got {forecast_samples!r}")
+    monitor = _build(GoldMonitorConfig, section, f"{source}: gold")
+    return {"reward": reward, "sample": gold_sample, "monitor": monitor, "forecast_samples": forecast_samples}
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -230,11 +259,9 @@ def load_model(recipe: GRPORecipe, seed: int):
 
 def _words_tokenizer(recipe: GRPORecipe):
     from rubrax.data.records import iter_source
-    from rubrax.sim.tokenizer import WordTokenizer
+    from rubrax.models.tokenizer import WordTokenizer
 
     words = {w for _, _, rec in iter_source(_records(recipe.train, recipe)) for w in str(rec.get("prompt", "")).split()}
-    from rubrax.rl.toy import TOY_WORDS
-
     return WordTokenizer(sorted(words | set(TOY_WORDS)))
 
 
@@ -246,14 +273,69 @@ def _records(name: str, recipe: GRPORecipe, split: str | None = None):
     return datasets.load_dataset(name, split=split or recipe.split)
 
 
-def build_reward(spec: Mapping[str, Any], source: str = "<config>"):
-    """The reward function of a config's "reward" section, through the registry; a name or
-    keyword the reward does not know is an error naming the config."""
-    import rubrax.rl.toy  # noqa: F401  (registers "target_word")
-    from rubrax.rewards import get_reward
+def _base_dir(source: str) -> str | None:
+    return os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
 
-    if not isinstance(spec.get("kwargs", {}), Mapping):
-        raise RecipeError(f"{source}: reward.kwargs must be an object, got {spec['kwargs']!r}")
+
+def _reward_spec(item: Any, source: str, key: str, *, component: bool) -> dict[str, Any]:
+    """One validated reward spec {"name", "kwargs"} (+ "weight", "label" for a component)."""
+    allowed = ("name", "kwargs", "weight", "label") if component else ("name", "kwargs")
+    if not isinstance(item, Mapping):
+        raise ValueError(f"{source}: key {key!r}: must be an object {{\"name\": ..., \"kwargs\": {{...}}}}, got {item!r}")
+    values = {k: v for k, v in item.items() if not k.startswith("_")}
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ValueError(f"{source}: key {key!r}: unknown field(s) {unknown}; expected some of {list(allowed)}")
+    name, kwargs = values.get("name"), values.get("kwargs", {})
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{source}: key '{key}.name': must be a reward name, got {name!r}")
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{source}: key '{key}.kwargs': must be an object, got {kwargs!r}")
+    try:
+        resolve_reward(name, base_dir=_base_dir(source))  # a wrong name fails now, before any model is loaded
+        where, _, attr = name.rpartition(":")
+        if where.endswith(".py"):  # kept absolute, so the spec builds the same reward from any folder
+            name = f"{reward_file(where, _base_dir(source))}:{attr}"
+    except UnknownRewardError as err:
+        raise ValueError(f"{source}: key '{key}.name': {err}") from None
+    spec = {"name": name, "kwargs": dict(kwargs)}
+    if component:
+        weight, label = values.get("weight", 1.0), values.get("label", name.rpartition(":")[2].rpartition(".")[2])
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"{source}: key '{key}.weight': must be a finite number, got {weight!r}")
+        if not isinstance(label, str) or not label or "/" in label or any(ch.isspace() for ch in label):
+            raise ValueError(f"{source}: key '{key}.label': must be a name without '/' or spaces, got {label!r}")
+        spec.update(weight=float(weight), label=label)
+    return spec
+
+
+def parse_reward_section(config: Mapping[str, Any], source: str) -> Mapping[str, Any] | tuple[Mapping[str, Any], ...]:
+    """The validated "reward" section, or the "rewards" list as a tuple of components."""
+    if "rewards" not in config:
+        return _reward_spec(config.get("reward", {"name": "target_word"}), source, "reward", component=False)
+    if "reward" in config:
+        raise ValueError(f"{source}: give 'reward' (one) or 'rewards' (a weighted list), not both")
+    items = config["rewards"]
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{source}: key 'rewards': must be a non-empty list of {{\"name\", \"weight\", \"kwargs\"}}, got {items!r}")
+    specs = tuple(_reward_spec(item, source, f"rewards[{i}]", component=True) for i, item in enumerate(items))
+    labels = [s["label"] for s in specs]
+    for i, label in enumerate(labels):
+        if label in labels[:i]:
+            raise ValueError(f"{source}: key 'rewards[{i}].label': {label!r} is also rewards[{labels.index(label)}]'s; give each a distinct label")
+    return specs
+
+
+def build_reward(spec: Mapping[str, Any] | tuple[Mapping[str, Any], ...], *, source: str = "<config>"):
+    """The reward function of a config's "reward" section, or the WeightedSum of its
+    "rewards" list (`parse_reward_section`'s output)."""
+    if isinstance(spec, Mapping):
+        return _build_one(spec, source, "reward")
+    parts = {s["label"]: _build_one(s, source, f"rewards[{i}]") for i, s in enumerate(spec)}
+    return WeightedSum(parts, [s["weight"] for s in spec])
+
+
+def _build_one(spec: Mapping[str, Any], source: str, key: str):
     kwargs = dict(spec.get("kwargs", {}))
     if spec["name"] == "rubric" and isinstance(kwargs.get("verifier"), Mapping):
         from rubrax.elicit.client import ChatClient, ClientConfig
@@ -262,10 +344,11 @@ def build_reward(spec: Mapping[str, Any], source: str = "<config>"):
         v = dict(kwargs["verifier"])
         mode = v.pop("mode", "all")
         kwargs["verifier"] = LLMVerifier(ChatClient(ClientConfig(**v)), mode=mode)
+    factory = resolve_reward(spec["name"], base_dir=_base_dir(source))
     try:
-        return get_reward(spec["name"], **kwargs)
-    except (KeyError, TypeError) as err:
-        raise RecipeError(f"{source}: reward {spec['name']!r}: {err.args[0] if err.args else err}") from None
+        return make_reward(factory, kwargs, name=spec.get("label", spec["name"]))
+    except TypeError as err:  # wrong kwargs for the factory
+        raise ValueError(f"{source}: key '{key}.kwargs': reward {spec['name']!r}: {err}") from None
 
 
 def reward_clients(fn: Any) -> list[Any]:
@@ -289,7 +372,6 @@ def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, reward_fn: Any = None
     from rubrax.rl.hooks import reward_eval_hook
     from rubrax.rl.loop import train
     from rubrax.rl.prompts import load_prompts
-    from rubrax.rl.toy import toy_prompts
 
     seed = int(recipe.loop.get("seed", 0))
     params, model_config, tok = load_model(recipe, seed)
@@ -298,16 +380,40 @@ def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, reward_fn: Any = None
     chat = bool(recipe.loop.get("chat_template", True))
     prompts = load_prompts(records, tok, max_prompt_tokens=max_prompt, chat_template=chat)
     loop = recipe.loop_config(len(prompts), out_dir=out_dir, **loop_overrides)
-    reward_fn = build_reward(recipe.reward, recipe.source) if reward_fn is None else reward_fn
+    reward_fn = build_reward(recipe.reward, source=recipe.source) if reward_fn is None else reward_fn
     hooks = []
     if recipe.eval is not None or recipe.train is None:
         held = toy_prompts(16, seed=seed + 1) if recipe.eval is None else _records(recipe.eval, recipe, "test")
         eval_sample = recipe.eval_sample or dataclasses.replace(recipe.sample, n=1, temperature=0.0)
         hooks.append(reward_eval_hook(load_prompts(held, tok, max_prompt_tokens=max_prompt, chat_template=chat), reward_fn, tok,
                                       model_config, eval_sample, max_prompt_tokens=max_prompt, timeout_s=loop.reward_timeout_s))
+    if recipe.gold is not None:
+        from rubrax.rl.monitor import GoldMonitor
+
+        held = toy_prompts(16, seed=seed + 1) if recipe.eval is None else _records(recipe.eval, recipe, "test")
+        held = load_prompts(held, tok, max_prompt_tokens=max_prompt, chat_template=chat)
+        gold_fn = build_reward(recipe.gold["reward"], source=recipe.source)
+        if recipe.gold["forecast_samples"] and out_dir and not os.path.exists(os.path.join(out_dir, "forecast.jsonl")):
+            _write_forecast(recipe, held, gold_fn, reward_fn, params, model_config, tok, max_prompt, out_dir)
+        hooks.append(GoldMonitor(held, gold_fn, reward_fn, tok, model_config, recipe.gold["sample"], max_prompt_tokens=max_prompt,
+                                 ref_params=params, out_dir=out_dir, config=recipe.gold["monitor"]))
     if make_hooks is not None:
         hooks += list(make_hooks(tok, model_config))
     run_config = {"source": recipe.source, "model": recipe.model, "rl": dataclasses.asdict(recipe.rl),
-                  "optim": dataclasses.asdict(recipe.optim), "reward": recipe.reward.get("name")}
+                  "optim": dataclasses.asdict(recipe.optim),
+                  "reward": recipe.reward["name"] if isinstance(recipe.reward, Mapping)  # names only: kwargs may hold secrets
+                  else [{k: r[k] for k in ("name", "weight", "label")} for r in recipe.reward]}
     return train(params=params, model_config=model_config, tokenizer=tok, reward_fn=reward_fn, prompts=prompts, rl=recipe.rl,
                  sample=recipe.sample, optim=recipe.optim, loop=loop, eval_hooks=hooks, run_config=run_config)
+
+
+def _write_forecast(recipe: GRPORecipe, held: Any, gold_fn: Any, reward_fn: Any, params: Any, model_config: Any, tok: Any,
+                    max_prompt: int, out_dir: str) -> None:
+    """The theory's forecast from base samples of the held-out prompts (before training)."""
+    from rubrax import forecast
+
+    cfg = dataclasses.replace(recipe.gold["sample"], n=recipe.gold["forecast_samples"])
+    samples = forecast.sample_base(params, held, tok, model_config, cfg, max_prompt_tokens=max_prompt)
+    rows = forecast.forecast(gold_fn, reward_fn, held.texts, samples, columns=held.columns, label=recipe.reward.get("name", "proxy"))
+    os.makedirs(out_dir, exist_ok=True)
+    forecast.write_forecast(out_dir, rows)

@@ -52,7 +52,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from rubrax.rewards.rubric import Criterion, Rubric, Verdict
+from rubrax.rubric import Criterion, Rubric, Verdict
 from rubrax.sim.predicates import Predicate, parse_predicate
 from rubrax.sim.world import PROMPT_VERB, World, sigmoid, words_of
 

@@ -53,7 +53,6 @@ import asyncio
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -63,13 +62,14 @@ from typing import Any
 
 import numpy as np
 
-from rubrax.data.records import write_jsonl
+from rubrax.data.records import read_jsonl, write_jsonl
+from rubrax.models.tokenizer import WordTokenizer
 from rubrax.sim import generators as gen
 from rubrax.sim.agents import SimProposer, SimVerifier
 from rubrax.sim.presets import SimConfig
 from rubrax.sim.rewards import GoldReward
-from rubrax.sim.tokenizer import WordTokenizer
 from rubrax.sim.world import World
+from rubrax.theory import mid_cdf
 
 Log = Callable[[str], None]
 RUBRIC_ARMS = ("rubric_initial", "rubric_1_good", "rubric_1_great", "rubric_4_great", "rubric_4_great_diverse")
@@ -77,13 +77,6 @@ BT_ARMS = ("bt_on_policy", "bt_off_policy", "bt_mixed")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def mid_cdf(sorted_base: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """F0(v) with ties counted half: (#{base < v} + #{base <= v}) / (2 n)."""
-    lt = np.searchsorted(sorted_base, values, side="left")
-    le = np.searchsorted(sorted_base, values, side="right")
-    return (lt + le) / (2.0 * len(sorted_base))
 
 
 def _hash_rng(*parts: object) -> np.random.Generator:
@@ -132,7 +125,7 @@ class SeedContext:
         return [p.text for p in self.world.prompts]
 
     def win_rate(self, prompt_index: np.ndarray, gold: np.ndarray) -> np.ndarray:
-        return np.array([mid_cdf(self.base_sorted_PxN[i], np.array([g]))[0] for i, g in zip(prompt_index, gold)])
+        return np.asarray(mid_cdf(self.base_sorted_PxN[np.asarray(prompt_index)], np.asarray(gold)[:, None])[:, 0], np.float64)
 
 
 # ----------------------------------------------------------------------------- policy plumbing
@@ -334,8 +327,10 @@ def train_bt(ctx: SeedContext, cfg: SimConfig, arm: str, log: Log, work: Path | 
     """A BT reward model for `arm` (on-policy / off-policy great / mixed pairs)."""
     import jax
 
-    from rubrax.data import pairs as pairs_lib
+    from rubrax.data.pairs import encode_pairs
     from rubrax.rewards import bradley_terry as bt
+    from rubrax.train import pair_sets as pairs_lib
+    from rubrax.train.reward_model import train_reward_model
     from rubrax.train.optim import OptimConfig
     from rubrax.train.trainer import TrainConfig
 
@@ -352,7 +347,7 @@ def train_bt(ctx: SeedContext, cfg: SimConfig, arm: str, log: Log, work: Path | 
     else:
         ps = pairs_lib.mixed_pairs(ctx.prompt_texts, ctx.base_samples, great, judge, **kw)
     max_len = 8 + cfg.sample.max_new_tokens
-    data = pairs_lib.encode_pairs(ctx.tokenizer, ps.pairs, max_length=max_len, pad_to=max_len)
+    data = encode_pairs(ctx.tokenizer, ps.pairs, max_length=max_len, pad_to=max_len)
     params = bt.init_params(ctx.model_config, jax.random.PRNGKey(ctx.seed + 7), backbone=ctx.base_params)
     steps = max(1, cfg.bt.epochs * (len(ps.pairs) // cfg.bt.batch_size))
     train_cfg = TrainConfig(
@@ -360,7 +355,7 @@ def train_bt(ctx: SeedContext, cfg: SimConfig, arm: str, log: Log, work: Path | 
         batch_size=cfg.bt.batch_size, num_epochs=cfg.bt.epochs, seed=ctx.seed, progress=False, log_every=steps,
     )
     ckpt = None if work is None else str(work / f"seed{ctx.seed}_{arm}_model" / "checkpoints")
-    res = bt.train_reward_model(params, ctx.model_config, data, train_cfg, desc=f"{arm} s{ctx.seed}", ckpt_dir=ckpt)
+    res = train_reward_model(params, ctx.model_config, data, train_cfg, desc=f"{arm} s{ctx.seed}", ckpt_dir=ckpt)
     reward = bt.BTReward(res.params, ctx.model_config, ctx.tokenizer, max_length=max_len, batch_size=64, length_multiple=max_len)
     ctx.timings[f"{arm}_train_s"] = time.perf_counter() - t0
     log(f"[seed {ctx.seed}] {arm}: {len(ps.pairs)} pairs, {steps} steps, train loss "
@@ -431,10 +426,13 @@ def tracking_hook(ctx: SeedContext, group_size: int):
     return hook
 
 
-def run_rl_arm(ctx: SeedContext, cfg: SimConfig, arm: str, proxy: Any, log: Log, work: Path) -> list[dict[str, Any]]:
+def run_rl_arm(ctx: SeedContext, cfg: SimConfig, arm: str, proxy: Any, log: Log, work: Path,
+               eval_hooks: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """GRPO on `proxy` through rubrax.rl.loop.train (resuming from work/seed<s>_<arm>), then
-    the final evaluation; rows: one per step (from the run's metrics.jsonl) + the final one."""
+    the final evaluation; rows: one per step (from the run's metrics.jsonl) + the final one.
+    eval_hooks (e.g. rubrax.rl.monitor.GoldMonitor) run every cfg.eval_every steps."""
     from rubrax.rl.loop import LoopConfig, train
+    from rubrax.rl.monitor import CriteriaLog  # rubric arms: per-criterion verdicts per step, for `rubrax report`
 
     t0 = time.perf_counter()
     run_dir = work / f"seed{ctx.seed}_{arm}"
@@ -442,11 +440,12 @@ def run_rl_arm(ctx: SeedContext, cfg: SimConfig, arm: str, proxy: Any, log: Log,
         total_steps=cfg.rl_steps, prompts_per_step=len(ctx.prompt_ids), max_prompt_tokens=ctx.prompt_tokens_PxW.shape[1],
         seed=10_000 + ctx.seed, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1, out_dir=str(run_dir),
         num_devices=1,  # the experiment's batches are tiny: fake CPU devices (tests) only add overhead
-        progress=False, tensorboard=False,
+        progress=False, tensorboard=False, eval_every=cfg.eval_every,
     )
     res = train(params=ctx.base_params, model_config=ctx.model_config, tokenizer=ctx.tokenizer, reward_fn=proxy,
-                prompts=ctx.prompts, rl=cfg.rl, sample=cfg.sample, optim=cfg.optim, loop=loop,
-                step_hooks=[tracking_hook(ctx, cfg.rl.group_size)], run_config={"seed": ctx.seed, "arm": arm})
+                prompts=ctx.prompts, rl=cfg.rl, sample=cfg.sample, optim=cfg.optim, loop=loop, eval_hooks=eval_hooks,
+                step_hooks=[tracking_hook(ctx, cfg.rl.group_size), CriteriaLog(str(run_dir))],
+                run_config={"seed": ctx.seed, "arm": arm})
     rows = _step_rows(run_dir / "metrics.jsonl", ctx.seed, arm)
     if [r["step"] for r in rows] != list(range(cfg.rl_steps)):
         raise RuntimeError(f"{run_dir}/metrics.jsonl has steps {[r['step'] for r in rows]}, expected 0..{cfg.rl_steps - 1}")
@@ -583,11 +582,6 @@ def theory_rows(ctx: SeedContext, cfg: SimConfig, proxies: Mapping[str, Any]) ->
 # ----------------------------------------------------------------------------- the whole run
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _rubric_records(rubrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [
         {"prompt_id": r.prompt_id, "prompt": r.prompt, "rubrics": [{"criterion": c.text, "weight": c.weight} for c in r.criteria]}
@@ -612,9 +606,9 @@ def run_experiment(cfg: SimConfig, out_dir: str | os.PathLike, log: Log = print)
         else:
             _run_seed(cfg, seed, out, done, extra, log)
         for arm in cfg.arms:
-            results["curves"] += _read_jsonl(done[arm])
+            results["curves"] += read_jsonl(done[arm])
         for name in ("agreement", "theory", "base"):
-            results[name] += _read_jsonl(extra[name])
+            results[name] += read_jsonl(extra[name])
         log(f"[seed {seed}] done, {time.perf_counter() - t_start:.0f}s elapsed")
     return {**results, "elapsed_s": time.perf_counter() - t_start}
 

@@ -180,7 +180,7 @@ class SimConfig:
     sample: SampleConfig = dataclasses.field(default_factory=default_sample)
     rl_steps: int = 50
     eval_every: int = 5
-    checkpoint_every: int = 10
+    checkpoint_every: int = 25
     rubric: RubricSettings = dataclasses.field(default_factory=RubricSettings)
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
 

@@ -1,4 +1,4 @@
-"""Reward functions of the tail world, registered by name.
+"""Reward functions of the tail world, registered by name (by `rubrax.sim` on import).
 
     "sim_gold"   the gold reward r*(x, y) of a tail world (the oracle arm; also what
                  every arm is evaluated with). Reads the `prompt_id` column; falls
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from rubrax.rewards.base import RewardBatch, RewardFnBase, register_reward
+from rubrax.rewards.base import RewardBatch, RewardFnBase
 from rubrax.sim.world import World, WorldConfig
 
 
@@ -28,7 +28,6 @@ def prompt_ids_for(world: World, prompts: Sequence[str], prompt_id: Sequence[str
     return [by_text.get(p.strip()) for p in prompts]
 
 
-@register_reward("sim_gold")
 class GoldReward(RewardFnBase):
     """r*(x, y) of a tail world. A row whose prompt is not in the world is invalid."""
 

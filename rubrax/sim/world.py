@@ -57,7 +57,6 @@ from rubrax.sim.predicates import Predicate
 Tier = Literal["basic", "advanced", "excellent"]
 TIERS: tuple[str, ...] = ("basic", "advanced", "excellent")
 
-SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<user>", "<assistant>", "<unk>")
 PROMPT_VERB = "explain"
 FILLER_WORDS: tuple[str, ...] = (
     "the", "and", "so", "it", "is", "this", "also", "then", "we", "can", "note", "thus",

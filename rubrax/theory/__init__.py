@@ -12,6 +12,7 @@ Public API:
     misspec.correct/reversed/top_wrong/worst_wrong    the paper's maps
     misspec.shuffled_band/noisy_band/piecewise_linear  where-do-errors-hurt families
     tilted_from_samples(gold, proxy, beta)            Proposition 1 from samples
+    mid_cdf(base, values)                             empirical CDF, ties counted half
     best_of_n_probs, best_of_n, best_of_n_kl_bound,
     best_of_n_unbiased, best_of_n_uniform             best-of-n, exact
     gao_bon, gao_rl, fit_gao                          Gao et al. (2022) laws and fit
@@ -29,7 +30,7 @@ from rubrax.theory.best_of_n import (
     best_of_n_uniform,
 )
 from rubrax.theory.fits import GaoFit, fit_gao, gao_bon, gao_rl
-from rubrax.theory.tilted import TiltedStats, beta_for_kl, kl_tilted, tilted, tilted_from_samples
+from rubrax.theory.tilted import TiltedStats, beta_for_kl, kl_tilted, mid_cdf, tilted, tilted_from_samples
 
 __all__ = [
     "misspec",
@@ -38,6 +39,7 @@ __all__ = [
     "beta_for_kl",
     "tilted",
     "tilted_from_samples",
+    "mid_cdf",
     "best_of_n",
     "best_of_n_kl_bound",
     "best_of_n_probs",

@@ -34,7 +34,7 @@ from rubrax.theory.misspec import Map
 from rubrax.theory.tilted import (
     TiltedStats,
     _kinks_of,
-    _mid_cdf,
+    mid_cdf,
     padded_call,
     tie_ranks,
     tilt_stats,
@@ -82,7 +82,7 @@ def _bon_impl(gold_PxM, proxy_PxM, valid_PxM, n_K):
     logr = _log_ratio(lt, le, m, n_K)  # K x P x M
     q = jnp.where(valid_PxM, jnp.exp(logr) / m, 0)
     kl = jnp.sum(jnp.where(valid_PxM, q * logr, 0), axis=-1)
-    cdf = _mid_cdf(gold_PxM, valid_PxM)
+    cdf = mid_cdf(gold_PxM, valid_PxN=valid_PxM)
     gold = jnp.where(valid_PxM, gold_PxM, 0)
     return q, jnp.sum(q * cdf, axis=-1), jnp.sum(q * gold, axis=-1), kl
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import pathlib
 import sys
 from collections import OrderedDict
+
+from rubrax.data.records import iter_jsonl
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,33 +88,20 @@ def _tilted_impl(args: argparse.Namespace) -> int:
 def _read_scores(path: pathlib.Path, prompt_key: str, gold_key: str, proxy_key: str):
     """Group records by prompt; returns OrderedDict prompt -> list of (gold, proxy) or None."""
     groups: OrderedDict = OrderedDict()
-    with open(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid UTF-8 at byte {err.start + 1}") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(rec).__name__}")
-            for key in (prompt_key, gold_key, proxy_key):
-                if key not in rec:
-                    raise ValueError(f"{path}:{line_no}: missing field {key!r}")
-            pair = []
-            for key in (gold_key, proxy_key):
-                v = rec[key]
-                if v is None:
-                    pair = None  # a failed judge call: dropped, counted
-                    break
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise ValueError(f"{path}:{line_no}: field {key!r} must be a finite number or null, got {v!r}")
-                pair.append(float(v))
-            groups.setdefault(str(rec[prompt_key]), []).append(tuple(pair) if pair else None)
+    for _, line_no, rec in iter_jsonl(path):
+        for key in (prompt_key, gold_key, proxy_key):
+            if key not in rec:
+                raise ValueError(f"{path}:{line_no}: missing field {key!r}")
+        pair = []
+        for key in (gold_key, proxy_key):
+            v = rec[key]
+            if v is None:
+                pair = None  # a failed judge call: dropped, counted
+                break
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{path}:{line_no}: field {key!r} must be a finite number or null, got {v!r}")
+            pair.append(float(v))
+        groups.setdefault(str(rec[prompt_key]), []).append(tuple(pair) if pair else None)
     if not groups:
         raise ValueError(f"{path}: no records")
     return groups

@@ -315,16 +315,37 @@ def tie_ranks(x_PxN: jnp.ndarray, valid_PxN: jnp.ndarray) -> tuple[jnp.ndarray, 
     return jax.vmap(one)(x_PxN, valid_PxN)
 
 
-def _mid_cdf(gold_PxN: jnp.ndarray, valid_PxN: jnp.ndarray) -> jnp.ndarray:
-    """Empirical CDF of gold at each sample with ties counted half: (#< + #<=) / (2 n)."""
-    lt, le = tie_ranks(gold_PxN, valid_PxN)
+def mid_cdf(base_PxN: jnp.ndarray, values_PxM: jnp.ndarray | None = None, valid_PxN: jnp.ndarray | None = None) -> jnp.ndarray:
+    """F0(v), the empirical CDF of each row of `base` with ties counted half:
+
+        F0(v) = (#{valid base < v} + #{valid base <= v}) / (2 n),   n = #valid base
+
+    (so a value equal to every base sample scores 1/2, and the win rate of the base
+    against itself is exactly 1/2). At `values_PxM` (same leading axes as base), or,
+    when values is None, at the base samples themselves (one stable sort per row, no
+    binary search). 1-D inputs are one row. Float result; finite base values assumed.
+    """
+    base = jnp.asarray(base_PxN)
+    base = base.astype(jnp.result_type(base.dtype, jnp.float32))
+    one_row = base.ndim == 1
+    base_PxN = base[None] if one_row else base
+    valid_PxN = jnp.ones(base_PxN.shape, bool) if valid_PxN is None else jnp.asarray(valid_PxN).reshape(base_PxN.shape)
+    if values_PxM is None:
+        lt, le = tie_ranks(base_PxN, valid_PxN)
+    else:
+        v = jnp.asarray(values_PxM, base_PxN.dtype)
+        v_PxM = v[None] if one_row else v
+        sorted_PxN = jnp.sort(jnp.where(valid_PxN, base_PxN, jnp.inf), axis=-1)
+        lt = jax.vmap(lambda b, x: jnp.searchsorted(b, x, side="left"))(sorted_PxN, v_PxM)
+        le = jax.vmap(lambda b, x: jnp.searchsorted(b, x, side="right"))(sorted_PxN, v_PxM)
     n = jnp.sum(valid_PxN, axis=-1, keepdims=True)
-    return ((lt + le) / (2 * n)).astype(gold_PxN.dtype)
+    cdf = ((lt + le) / (2 * n)).astype(base_PxN.dtype)
+    return cdf[0] if one_row else cdf
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
 def _from_samples(gold_PxN, proxy_PxN, valid_PxN, beta_K, batch_size):
-    cdf_PxN = _mid_cdf(gold_PxN, valid_PxN)
+    cdf_PxN = mid_cdf(gold_PxN, valid_PxN=valid_PxN)
     w_PxN = valid_PxN.astype(gold_PxN.dtype)
     proxy_PxN = jnp.where(valid_PxN, proxy_PxN, 0)
     gold_PxN = jnp.where(valid_PxN, gold_PxN, 0)

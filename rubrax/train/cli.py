@@ -119,7 +119,7 @@ def load_model(model: str, texts: Sequence[str], seed: int):
 
     if model == "tiny":
         from rubrax.models import ModelConfig, init_params
-        from rubrax.sim.tokenizer import WordTokenizer
+        from rubrax.models.tokenizer import WordTokenizer
 
         words = sorted({w for t in texts for w in t.split()})
         tok = WordTokenizer(words)
@@ -193,12 +193,13 @@ def _run_locked(task: str, args: argparse.Namespace, cfg: Any) -> int:
     if task == "reward-model":
         from rubrax.data.pairs import encode_pairs
         from rubrax.rewards import bradley_terry as bt
+        from rubrax.train.reward_model import train_reward_model
 
         bt_cfg = bt.BTConfig(margin=args.margin, center_coef=args.center_coef, freeze_backbone=args.freeze_backbone)
         import jax
 
         bt_params = bt.init_params(config, jax.random.key(cfg.seed), backbone=params)
-        result = bt.train_reward_model(
+        result = train_reward_model(
             bt_params, config, encode_pairs(tok, train_items, max_length=args.max_length), cfg, bt_cfg,
             eval_pairs=encode_pairs(tok, eval_items, max_length=args.max_length), **common,
         )

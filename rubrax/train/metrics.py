@@ -17,6 +17,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from rubrax.data.records import read_jsonl
+
 
 def _to_json(value: Any) -> Any:
     if isinstance(value, bool | str) or value is None:
@@ -91,8 +93,7 @@ class MetricsWriter:
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All records of a metrics JSONL file (for tests, notebooks and plots)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)
 
 
 class _TensorBoard:

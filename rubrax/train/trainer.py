@@ -1,7 +1,7 @@
 """The supervised trainer shared by SFT and the Bradley-Terry reward model.
 
 Functional core, imperative shell:
-- device: `TrainState(params, opt_state, step)` and one pure step
+- device: `SupervisedState(params, opt_state, step)` and one pure step
   `step(state, batch) -> (state, metrics)`, jitted once per run with the state donated.
   A batch arrives as [A, M, ...] (A = gradient-accumulation micro-batches of M
   examples); gradients are averaged over the A micro-batches with `lax.scan`, then
@@ -110,16 +110,19 @@ class TrainConfig:
 
 
 @struct.dataclass
-class TrainState:
+class SupervisedState:
+    """The supervised trainer's state (RL has its own, rubrax.rl.state.TrainState, which
+    also holds the run's root key)."""
+
     params: Any
     opt_state: Any
     step: jax.Array  # int32 scalar: optimizer updates done
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainResult:
+class SupervisedResult:
     params: Any
-    state: TrainState
+    state: SupervisedState
     eval_history: tuple[dict[str, float], ...]  # one dict per evaluation, with "step"
     last_metrics: dict[str, float]  # train metrics of the last step
 
@@ -132,7 +135,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     trainable_mask: Any | None = None,
     lr_schedule: optax.Schedule | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+) -> Callable[[SupervisedState, Batch], tuple[SupervisedState, dict[str, jax.Array]]]:
     """The pure update step, jitted with the state donated. Batch leaves are [A, M, ...].
 
     Metrics: the loss_fn metrics averaged over micro-batches, the gradient norm (after
@@ -141,7 +144,7 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch_AxM: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(state: SupervisedState, batch_AxM: Batch) -> tuple[SupervisedState, dict[str, jax.Array]]:
         def micro(grads_acc, batch_M):
             (loss, metrics), grads = grad_fn(state.params, batch_M)
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
@@ -159,13 +162,13 @@ def make_train_step(
         metrics["grad_norm"] = optax.tree.norm(grads)
         if lr_schedule is not None:
             metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-        return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+        return SupervisedState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     return jax.jit(step, donate_argnums=0)
 
 
-def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+def init_state(params: Any, tx: optax.GradientTransformation) -> SupervisedState:
+    return SupervisedState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
 
 
 # --------------------------------------------------------------------------- host side
@@ -267,7 +270,7 @@ def train(
     stop_at: int | None = None,
     desc: str = "train",
     eval_hooks: Sequence[Callable[[int, Any], Mapping[str, float]]] = (),
-) -> TrainResult:
+) -> SupervisedResult:
     """Trains `params` on in-memory arrays; resumes from `ckpt_dir` when it has a checkpoint.
 
     `train_data` is a dict of arrays with a common leading size N (examples).
@@ -291,7 +294,7 @@ def train(
     if ckpt_dir is not None and checkpoint.latest_step(ckpt_dir) is not None:
         restored, extra = checkpoint.restore(ckpt_dir, _state_dict(state))
         _check_resumable(extra, cfg, total, ckpt_dir)
-        state = TrainState(**restored)
+        state = SupervisedState(**restored)
         history = list(extra.get("eval_history", []))
     start = int(state.step)
     step_fn = make_train_step(loss_fn, tx, trainable_mask, schedule)
@@ -368,7 +371,7 @@ def train(
         bar.close()
         if writer:
             writer.close()
-    return TrainResult(params=state.params, state=state, eval_history=tuple(history), last_metrics=last)
+    return SupervisedResult(params=state.params, state=state, eval_history=tuple(history), last_metrics=last)
 
 
 def _resume_metrics(path: str | os.PathLike, start: int, *, complete: bool) -> None:
@@ -399,7 +402,7 @@ def _check_resumable(extra: Mapping[str, Any], cfg: TrainConfig, total: int, ckp
         )
 
 
-def _state_dict(state: TrainState) -> dict[str, Any]:
+def _state_dict(state: SupervisedState) -> dict[str, Any]:
     return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
 
 
