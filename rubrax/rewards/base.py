@@ -75,10 +75,6 @@ class RewardBatch:
         info = {"error": reason} if failure is None else {"error": reason, "failure": failure}
         return cls(np.zeros(n, np.float32), np.zeros(n, bool), tuple(dict(info) for _ in range(n)))
 
-
-class MalformedReward(ValueError):
-    """A reward function returned something that is not one score per completion."""
-
     @classmethod
     def concat(cls, parts: Sequence["RewardBatch"]) -> "RewardBatch":
         """The rows of `parts` in order. A component missing from a part (a failed call)
@@ -90,6 +86,10 @@ class MalformedReward(ValueError):
         }
         return cls(np.concatenate([p.scores for p in parts]), np.concatenate([p.valid for p in parts]),
                    tuple(i for p in parts for i in p.info), components)
+
+
+class MalformedReward(ValueError):
+    """A reward function returned something that is not one score per completion."""
 
 
 def _clean_scores(scores: Any, valid: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
