@@ -36,7 +36,8 @@ def test_theory_predict_names_file_and_line_of_non_utf8(tmp_path, capsys):
     path = tmp_path / "scores.jsonl"
     path.write_bytes(b'{"prompt_id": "a", "gold": 0.5, "proxy": 0.1}\n{"prompt_id": "\xff\xfe", "gold": 1, "proxy": 1}\n')
     assert main(["theory", "predict", str(path)]) == 2
-    assert f"{path}:2: not valid UTF-8" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{path}:2: " in err and "not valid UTF-8" in err
 
 
 def test_sim_run_bad_seeds_fail_before_the_run_folder_exists(tmp_path, capsys):
