@@ -150,6 +150,7 @@ class DeadlineRunner:
         self.timeout_s, self.chunk_size = timeout_s, chunk_size
         self.executor = DaemonExecutor(max_workers or 16, hang_s=timeout_s)
         self._warned: set[str] = set()
+        self._closed = False
         self._loop = asyncio.new_event_loop()
         self._loop.set_default_executor(self.executor)  # asyncio.to_thread lands here, not in a shared pool
         self._thread = threading.Thread(target=self._loop.run_forever, name="rubrax-rewards", daemon=True)
@@ -209,8 +210,9 @@ class DeadlineRunner:
         """Closes the reward's connections (its `aclose`, on the loop that made them: no
         "Unclosed client session" at exit; at most 30 s), then stops the loop; hung calls are
         left to their daemon threads (they never block exit)."""
-        if self._loop.is_closed():
+        if self._closed:
             return
+        self._closed = True
         aclose = getattr(self.fn, "aclose", None)
         if aclose is not None:
             try:
@@ -219,7 +221,11 @@ class DeadlineRunner:
                 log.warning("closing the reward function failed: %s: %s", type(err).__name__, err)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
-        if not self._thread.is_alive():
+        # A call still running (hung) would report to a closed loop when it ends: leave the
+        # stopped loop open then (it costs one selector), close it otherwise.
+        with self.executor._lock:
+            busy = bool(self.executor._busy) or self.executor.abandoned > 0
+        if not self._thread.is_alive() and not busy:
             self._loop.close()
         self.executor.shutdown(wait=False)
 
