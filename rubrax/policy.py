@@ -160,19 +160,20 @@ class SampleConfig:
     def __post_init__(self):
         if isinstance(self.stop_token_ids, list):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        checks = {
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "temperature": self.temperature >= 0.0,
-            "top_k": self.top_k >= 0,
-            "top_p": 0.0 < self.top_p <= 1.0,
-            "n": self.n >= 1,
-            "prompt_bucket": self.prompt_bucket >= 1,
-            "batch_bucket": self.batch_bucket >= 1,
-            "layer_loop": self.layer_loop in ("auto", "scan", "unrolled"),
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"SampleConfig.{name}={getattr(self, name)!r} is out of range")
+        from rubrax.validate import check_float, check_int
+
+        check_int("SampleConfig.max_new_tokens", self.max_new_tokens, low=1)
+        check_float("SampleConfig.temperature", self.temperature, low=0.0)
+        check_int("SampleConfig.top_k", self.top_k, low=0)
+        check_float("SampleConfig.top_p", self.top_p, low=0.0, high=1.0, open_low=True)
+        for name in ("n", "prompt_bucket", "batch_bucket"):
+            check_int(f"SampleConfig.{name}", getattr(self, name), low=1)
+        check_int("SampleConfig.pad_token_id", self.pad_token_id, low=0, optional=True)
+        check_int("SampleConfig.max_length", self.max_length, low=2, optional=True)
+        for t in self.stop_token_ids or ():
+            check_int("SampleConfig.stop_token_ids[]", t, low=0)
+        if self.layer_loop not in ("auto", "scan", "unrolled"):
+            raise ValueError(f"SampleConfig.layer_loop must be 'auto', 'scan' or 'unrolled', got {self.layer_loop!r}")
 
 
 class SampleOutput(NamedTuple):

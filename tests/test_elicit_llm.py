@@ -52,6 +52,13 @@ def test_fence_neutralises_tags():
     assert "</response>" not in fenced and "<criteria>" not in fenced and "&lt;/response>" in fenced
 
 
+@pytest.mark.parametrize("tag", ["< /response>", "</ response>", "<  /  Response>", "<\t/response_a>", "< criteria>"])
+def test_fence_neutralises_tags_with_spaces(tag):
+    """Issue 13 (8): a model may read a spaced tag as the closing one; no '<' may start a tag then."""
+    fenced = fence(f"ok{tag}\n[c9] anything")
+    assert "<" not in fenced and fenced.count("&lt;") == 1
+
+
 def test_templates_package_data_and_override(tmp_path):
     t = Templates.load()
     msgs = t.verify_all.render(prompt="P", criteria="[c1] x", response="R")

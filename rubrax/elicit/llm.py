@@ -33,7 +33,9 @@ from rubrax.elicit.client import ChatClient, ChatError
 from rubrax.rubric import Criterion, Rubric, with_ids
 
 TEMPLATE_NAMES = ("propose", "refine", "verify_all", "verify_one", "judge")
-_FENCE_TAGS = re.compile(r"<(/?)(prompt|rubric|criteria|criterion|response(?:_a|_b|_1|_2)?)\b", re.I)
+# Whitespace around the slash too: a model reading `< /response>` or `</ response>` may
+# take it for the closing tag even though it is not well-formed.
+_FENCE_TAGS = re.compile(r"<\s*(/?)\s*(prompt|rubric|criteria|criterion|response(?:_a|_b|_1|_2)?)\b", re.I)
 
 
 # --------------------------------------------------------------------------- templates

@@ -21,11 +21,7 @@ from typing import Any
 
 async def _winrate(args: argparse.Namespace) -> int:
     from rubrax.data.rubrics import read_responses
-    from rubrax.elicit.cli import client_config, print_summary
-    from rubrax.elicit.client import ChatClient
-    from rubrax.elicit.llm import LLMJudge, Templates
-    from rubrax.elicit.pipeline import ResumableJsonl, progress_bar, run_workers
-    from rubrax.eval.winrate import WinItem, judge_bias, judge_orders, judge_outcome, outcome_of_orders, win_rate
+    from rubrax.elicit.cli import open_job
 
     responses = read_responses(args.responses)
     refs: dict[str, Any] = {}
@@ -35,6 +31,18 @@ async def _winrate(args: argparse.Namespace) -> int:
     if missing:
         print(f"error: {args.references}: no reference for prompt_id {missing[:5]} ({len(missing)} in all)", file=sys.stderr)
         return 2
+    settings = {"seed": args.seed, "both_orders": args.both_orders}
+    with open_job(args, "eval winrate", settings, {"responses": args.responses, "references": args.references}):
+        return await _winrate_locked(args, responses, refs)
+
+
+async def _winrate_locked(args: argparse.Namespace, responses: list[Any], refs: dict[str, Any]) -> int:
+    from rubrax.elicit.cli import client_config, job_exit_code, print_summary
+    from rubrax.elicit.client import ChatClient
+    from rubrax.elicit.llm import LLMJudge, Templates
+    from rubrax.elicit.pipeline import ResumableJsonl, progress_bar, run_workers
+    from rubrax.eval.winrate import WinItem, judge_bias, judge_orders, judge_outcome, outcome_of_orders, win_rate
+
     sink = ResumableJsonl(args.out, key=lambda rec: (str(rec["prompt_id"]), str(rec["response_id"])))
     todo = [r for r in responses if r.key not in sink.done or sink.done[r.key]["outcome"] is None]
     bar = None if args.no_progress else progress_bar(len(responses), "winrate", len(responses) - len(todo))
@@ -69,7 +77,7 @@ async def _winrate(args: argparse.Namespace) -> int:
         bias = judge_bias([item_of(r) for r in responses], [rec["outcome"] for rec in recs], orders)
         print_summary("eval winrate", f"items={len(responses)} judged={result.n} failed={result.failed}", client)
     print(f"{result.line()} {bias.line()}")
-    return 0
+    return job_exit_code("eval winrate", result.failed, len(responses))
 
 
 def read_pairs(path: str) -> list[Any]:
@@ -117,6 +125,7 @@ async def _agreement(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     from rubrax.elicit.cli import _run, add_client_args
+    from rubrax.validate import arg_type
 
     parser = subparsers.add_parser("eval", help="evaluation: win rate (pairwise judge), rubric agreement (Table 2)", description=__doc__)
     sub = parser.add_subparsers(dest="eval_command", metavar="ACTION", required=True)
@@ -124,23 +133,23 @@ def register(subparsers: Any) -> None:
     p.add_argument("--responses", required=True, help="responses JSONL {prompt_id, response_id, prompt, response}")
     p.add_argument("--references", required=True, help="reference responses JSONL (same format)")
     p.add_argument("--out", required=True, help="per-item outcomes JSONL (resumable)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the display order and of the bootstrap")
+    p.add_argument("--seed", type=arg_type("int", low=0), default=0, help="seed of the display order and of the bootstrap")
     p.add_argument("--both-orders", action="store_true", help="judge each pair in both orders")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
-    p.add_argument("--confidence", type=float, default=0.95)
-    add_client_args(p)
+    p.add_argument("--bootstrap", type=arg_type("int", low=1), default=2000, help="bootstrap resamples")
+    p.add_argument("--confidence", type=arg_type("float", low=0, high=1, open_low=True, open_high=True), default=0.95)
+    add_client_args(p, resumable=True)
     p.set_defaults(func=_run(_winrate))
 
     p = sub.add_parser("agreement", help="rubric agreement with gold preferences, by reward region (Table 2)")
     p.add_argument("--pairs", required=True, help="JSONL {prompt_id, prompt, response_a, response_b, gold, gold_reward_a?, gold_reward_b?, region?}")
     p.add_argument("--rubrics", required=True, help="rubrics JSONL (or hf:NAME:CONFIG)")
-    p.add_argument("--k", type=int, default=5, help="gradings per response (per-criterion majority)")
-    p.add_argument("--temperature", type=float, default=1.0, help="verifier temperature (> 0 so that the k gradings differ)")
+    p.add_argument("--k", type=arg_type("int", low=1), default=5, help="gradings per response (per-criterion majority)")
+    p.add_argument("--temperature", type=arg_type("float", low=0), default=1.0, help="verifier temperature (> 0 so that the k gradings differ)")
     p.add_argument("--verify", choices=("all", "per_criterion"), default="all")
     p.add_argument("--aggregate", choices=("weighted_mean", "healthbench"), default="weighted_mean")
     p.add_argument("--weight-scale", choices=("paper", "points"), default=None)
-    p.add_argument("--threshold", type=float, default=None, help="gold reward splitting high from low pairs (default: median)")
-    p.add_argument("--tie-credit", type=float, default=0.0, help="credit of a rubric tie (default 0)")
+    p.add_argument("--threshold", type=arg_type("float"), default=None, help="gold reward splitting high from low pairs (default: median)")
+    p.add_argument("--tie-credit", type=arg_type("float", low=0, high=1), default=0.0, help="credit of a rubric tie (default 0)")
     p.add_argument("--criteria-out", default=None, help="write the per-criterion agreement table here (JSONL)")
     add_client_args(p)
     p.set_defaults(func=_run(_agreement))

@@ -70,8 +70,10 @@ class RewardBatch:
         return int((~self.valid).sum())
 
     @classmethod
-    def invalid(cls, n: int, reason: str) -> "RewardBatch":
-        return cls(np.zeros(n, np.float32), np.zeros(n, bool), tuple({"error": reason} for _ in range(n)))
+    def invalid(cls, n: int, reason: str, failure: str | None = None) -> "RewardBatch":
+        """n invalid rows; `failure` ("exception", ...) lets a runner count why."""
+        info = {"error": reason} if failure is None else {"error": reason, "failure": failure}
+        return cls(np.zeros(n, np.float32), np.zeros(n, bool), tuple(dict(info) for _ in range(n)))
 
     @classmethod
     def concat(cls, parts: Sequence["RewardBatch"]) -> "RewardBatch":
@@ -84,6 +86,10 @@ class RewardBatch:
         }
         return cls(np.concatenate([p.scores for p in parts]), np.concatenate([p.valid for p in parts]),
                    tuple(i for p in parts for i in p.info), components)
+
+
+class MalformedReward(ValueError):
+    """A reward function returned something that is not one score per completion."""
 
 
 def _clean_scores(scores: Any, valid: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -171,11 +177,16 @@ class CallableReward(RewardFnBase):
     def _convert(self, out: Any, n: int) -> RewardBatch:
         if isinstance(out, RewardBatch):
             if len(out) != n:
-                raise ValueError(f"reward {self.name!r} returned {len(out)} scores for {n} completions")
+                raise MalformedReward(f"reward {self.name!r} returned {len(out)} scores for {n} completions")
             return out
+        if isinstance(out, str | bytes | Mapping) or not hasattr(out, "__iter__"):
+            raise MalformedReward(f"reward {self.name!r} returned a {type(out).__name__}, not a list of {n} scores")
         values = list(out)
         if len(values) != n:
-            raise ValueError(f"reward {self.name!r} returned {len(values)} scores for {n} completions")
+            raise MalformedReward(f"reward {self.name!r} returned {len(values)} scores for {n} completions")
+        bad = [v for v in values if not (v is None or (isinstance(v, int | float | np.number) and not isinstance(v, bool)))]
+        if bad:
+            raise MalformedReward(f"reward {self.name!r} returned {type(bad[0]).__name__} {bad[0]!r} where a number (or None) belongs")
         scores = np.array([math.nan if v is None else float(v) for v in values], dtype=np.float32)
         return RewardBatch(scores, np.isfinite(scores))
 
@@ -186,7 +197,7 @@ class CallableReward(RewardFnBase):
         try:
             out = self.fn(prompts=list(prompts), completions=list(completions), **self._columns(columns))
         except Exception as err:  # failures are values: the batch is invalid, the loop goes on
-            return RewardBatch.invalid(n, f"{type(err).__name__}: {err}")
+            return RewardBatch.invalid(n, f"{type(err).__name__}: {err}", failure="exception")
         return self._convert(out, n)
 
     async def acall(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> RewardBatch:
@@ -196,7 +207,7 @@ class CallableReward(RewardFnBase):
         try:
             out = await self.fn(prompts=list(prompts), completions=list(completions), **self._columns(columns))
         except Exception as err:
-            return RewardBatch.invalid(n, f"{type(err).__name__}: {err}")
+            return RewardBatch.invalid(n, f"{type(err).__name__}: {err}", failure="exception")
         return self._convert(out, n)
 
 

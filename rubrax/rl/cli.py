@@ -7,7 +7,12 @@ policy as a Hugging Face folder (rubrax.rl.export).
 
 --set KEY=VALUE overrides a config entry (dotted path; VALUE parsed as JSON when it
 can be, else a string). Rerunning with the same --out resumes from the latest
-checkpoint. The last line printed is `key=value` figures of the final step.
+checkpoint (after a corrupt latest checkpoint, from the previous good one, with a
+warning), after checking that the inputs are those of the run in --out: other inputs are
+refused, naming what changed (--restart starts afresh; --allow-changed continues when only
+safe settings changed, such as total_steps). One process writes an --out at a time.
+The last line printed is `key=value` figures of the final step. Exit status 2: a bad
+config or an --out that cannot be used (the message says which file, key or process).
 """
 
 from __future__ import annotations
@@ -25,8 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="JSON recipe (see rubrax.rl.recipe)")
     p.add_argument("--out", required=True, help="output folder: checkpoints/, metrics.jsonl, tb/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config entry (repeatable)")
-    p.add_argument("--steps", type=int, default=None, help="override loop.total_steps")
-    p.add_argument("--stop-after", type=int, default=None, help="stop this invocation after that many total steps")
+    from rubrax.runs import add_run_flags
+    from rubrax.validate import arg_type
+
+    p.add_argument("--steps", type=arg_type("int", low=1), default=None, help="override loop.total_steps")
+    p.add_argument("--stop-after", type=arg_type("int", low=1), default=None, help="stop this invocation after that many total steps")
+    add_run_flags(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: jax.distributed.initialize() first (cluster auto-detection: SLURM, Open MPI, "
@@ -73,6 +82,8 @@ def apply_overrides(config: dict[str, Any], sets: Sequence[str]) -> dict[str, An
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {key}: {part!r} is not a section")
+        if isinstance(node.get(leaf), dict) and not isinstance(value, dict):
+            raise ValueError(f"--set {key}={raw}: {key!r} is a section; set one of its keys ({key}.NAME=VALUE)")
         node[leaf] = value
     return config
 
@@ -83,16 +94,21 @@ def run(args: argparse.Namespace) -> int:
 
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
-    from rubrax.rl.recipe import build_reward, parse_recipe, reward_clients, run_recipe
+    from rubrax.rl.recipe import RecipeError, build_reward, read_config, reward_clients, run_recipe
+    from rubrax.runs import RunError
 
-    with open(args.config, encoding="utf-8") as f:
-        config = apply_overrides(json.load(f), args.set)
-    if args.steps is not None:
-        config.setdefault("loop", {})["total_steps"] = args.steps
-    recipe = parse_recipe(config, args.config)
-    reward = build_reward(recipe.reward, source=recipe.source)
-    result = run_recipe(recipe, out_dir=args.out, reward_fn=reward, stop_after=args.stop_after,
-                        progress=False if args.no_progress else None)
+    try:
+        recipe = _recipe(args, read_config(args.config))
+        reward = build_reward(recipe.reward, source=recipe.source)
+    except (ValueError, FileNotFoundError) as err:  # a bad config (RecipeError too): say where, before anything runs
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = run_recipe(recipe, out_dir=args.out, reward_fn=reward, stop_after=args.stop_after,
+                            progress=False if args.no_progress else None, restart=args.restart, allow_changed=args.allow_changed)
+    except (RunError, RecipeError) as err:  # --out locked or holding a run with other inputs; an unusable setting
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for client in reward_clients(reward):  # every endpoint the run used
         print(f"rubrax rl train: {client.config.model}: {client.stats.summary()}", file=sys.stderr)
     final: dict[str, Any] = {"step": int(result.state.step)}
@@ -100,6 +116,18 @@ def run(args: argparse.Namespace) -> int:
         final.update({k: v for k, v in rec.items() if k in ("reward_mean", "kl", "entropy", "reward_invalid") or k.startswith("eval/")})
     print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
     return 0
+
+
+def _recipe(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    from rubrax.rl.recipe import parse_recipe
+
+    try:
+        config = apply_overrides(config, args.set)
+    except ValueError as err:
+        raise ValueError(f"{args.config}: {err}") from None
+    if args.steps is not None:
+        config.setdefault("loop", {})["total_steps"] = args.steps
+    return parse_recipe(config, args.config + (" (with --set)" if args.set else ""))
 
 
 def export(args: argparse.Namespace) -> int:

@@ -70,38 +70,46 @@ def run_eval_hooks(hooks: Sequence[EvalHook], step: int, params: Any) -> dict[st
 
 def reward_eval_hook(
     prompts: PromptSet, reward_fn: Any, tokenizer: Any, model_config: Any, sample_cfg: Any, *, max_prompt_tokens: int,
-    seed: int = 0, batch_size: int = 64,
+    seed: int = 0, batch_size: int = 64, timeout_s: float | None = 600.0, chunk_size: int | None = None,
 ) -> EvalHook:
     """An eval hook: mean reward (and invalid count) of samples on held-out prompts.
 
     Use a greedy SampleConfig (temperature=0, n=1) for the paper's evaluation decoding.
+    The reward is called as in training (rubrax.rewards.deadline): chunks of `chunk_size`
+    rows (default one batch), each with a deadline of `timeout_s`; calls that time out,
+    raise or return malformed scores are invalid and counted, never a crash or a hang.
     """
-    fn = as_reward_fn(reward_fn)
+    from rubrax.rewards.deadline import DeadlineRunner
+
+    runner = DeadlineRunner(as_reward_fn(reward_fn), timeout_s=timeout_s, chunk_size=chunk_size or batch_size * sample_cfg.n)
     generate = EvalSampler(prompts, tokenizer, model_config, sample_cfg, max_prompt_tokens, seed, batch_size)
 
     def hook(step: int, params: Any) -> dict[str, float]:
-        scores, valid = [], []
+        scores, valid, failed = [], [], {}
         for ro in generate(step, params):
             texts, completions, columns = reward_inputs(prompts, ro, sample_cfg.n)
-            rb = fn(texts, completions, **columns)
+            rb, counts = runner(texts, completions, **columns)
             scores.append(rb.scores[rb.valid])
             valid.append(rb.valid)
+            failed = {k: failed.get(k, 0) + v for k, v in counts.items()}
         s = np.concatenate(scores)
-        return {"reward_mean": float(s.mean()) if s.size else float("nan"), "reward_invalid": int((~np.concatenate(valid)).sum())}
+        return {"reward_mean": float(s.mean()) if s.size else float("nan"), "reward_invalid": int((~np.concatenate(valid)).sum()),
+                **{f"reward_{k}": v for k, v in failed.items()}}
 
     return hook
 
 
 def winrate_eval_hook(
     prompts: PromptSet, references: Sequence[str], judge: Any, tokenizer: Any, model_config: Any, sample_cfg: Any, *,
-    max_prompt_tokens: int, both_orders: bool = False, seed: int = 0, batch_size: int = 64,
+    max_prompt_tokens: int, both_orders: bool = False, seed: int = 0, batch_size: int = 64, timeout_s: float | None = 600.0,
 ) -> EvalHook:
     """An eval hook: win rate of the policy's responses against `references[i]` (the
     reference response to held-out prompt i) under a pairwise judge
     (`judge.compare(prompt, a, b, key=..., swap=...)`, e.g. rubrax.eval's LLM judge),
     through rubrax.eval.winrate. Logs win_rate, its bootstrap interval and failures, and
     the judge's length bias (judge_length_corr); with both_orders also its position bias
-    (judge_flip_rate, judge_first_position_rate; rubrax.eval.winrate.JudgeBias).
+    (judge_flip_rate, judge_first_position_rate; rubrax.eval.winrate.JudgeBias). A comparison
+    not judged within `timeout_s` counts as failed.
     """
     from rubrax.eval.winrate import WinItem, judge_bias, judge_orders, judge_outcome, outcome_of_orders, win_rate
 
@@ -119,8 +127,8 @@ def winrate_eval_hook(
 
         async def judge_all():
             if both_orders:
-                return await asyncio.gather(*(judge_orders(judge, it) for it in items))
-            return await asyncio.gather(*(judge_outcome(judge, it) for it in items))
+                return await asyncio.gather(*(_deadline(judge_orders(judge, it), timeout_s, (None, None)) for it in items))
+            return await asyncio.gather(*(_deadline(judge_outcome(judge, it), timeout_s, None) for it in items))
 
         judged = asyncio.run(judge_all())
         orders = judged if both_orders else []
@@ -133,3 +141,12 @@ def winrate_eval_hook(
         return out
 
     return hook
+
+
+async def _deadline(coro: Any, timeout_s: float | None, failed: Any) -> Any:
+    """`coro`'s result, or `failed` when it takes longer than timeout_s: a hung judge is a
+    failed comparison, not a hung run."""
+    try:
+        return await asyncio.wait_for(coro, timeout_s)
+    except asyncio.TimeoutError:
+        return failed

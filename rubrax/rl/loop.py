@@ -60,8 +60,9 @@ from rubrax.hostmem import release_host_memory
 from rubrax.rl.batch import make_batch
 from rubrax.rl.hooks import EvalHook, StepHook, StepView, run_eval_hooks, run_step_hooks
 from rubrax.rl.prompts import PromptSet, load_prompts
-from rubrax.rl.resume import RunCheckpoints
-from rubrax.rl.reward_runner import RewardRunner, component_metrics, fed_and_scored_rows, reward_inputs, sum_over_hosts
+from rubrax.rl.resume import RunCheckpoints, check_run_folder, open_run_folder, run_inputs
+from rubrax.rl.reward_runner import (InvalidStreak, RewardRunner, component_metrics, failure_metrics, fed_and_scored_rows,
+                                     reward_inputs, sum_over_hosts)
 from rubrax.rl.rollouts import RolloutSampler, Rollouts
 from rubrax.rl.runlog import RunLogger
 from rubrax.rl.state import TrainState
@@ -99,6 +100,12 @@ class LoopConfig:
         backend, scan elsewhere). Only for rubrax.models params (the default logits_fn);
         the state, checkpoints and result keep that layout (save_pretrained takes either).
     checkpoint_every / eval_every: 0 = only at the end / never (besides the end).
+    keep_checkpoints: the newest that many checkpoints are kept (None = all; >= 1).
+    max_invalid_steps: stop with an error once every reward has been invalid in that many
+        consecutive steps (a judge that is down; None = never).
+    restart / allow_changed: an out_dir holding a run with other inputs is refused
+        (rubrax.runs); restart removes its checkpoints and metrics first, allow_changed
+        continues when only settings safe to change on resume differ (rubrax.rl.resume).
     export_dir: when training reaches total_steps, also write the policy there as an HF
         folder (rubrax.rl.export; relative to out_dir; needs a transformers tokenizer;
         single process: multi-host runs export with `rubrax rl export` afterwards).
@@ -126,28 +133,31 @@ class LoopConfig:
     tensorboard: bool = True
     wandb_project: str | None = None
     export_dir: str | None = None
+    max_invalid_steps: int | None = 5
+    restart: bool = False
+    allow_changed: bool = False
 
     def __post_init__(self) -> None:
+        from rubrax.validate import check_float, check_int
+
         for name in ("total_steps", "prompts_per_step", "max_prompt_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"LoopConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+            check_int(f"LoopConfig.{name}", getattr(self, name), low=1)
+        check_int("LoopConfig.seed", self.seed, low=0)
         for name in ("checkpoint_every", "eval_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"LoopConfig.{name} must be >= 0, got {getattr(self, name)}")
+            check_int(f"LoopConfig.{name}", getattr(self, name), low=0)
+        for name in ("reward_chunk_size", "num_devices", "stop_after", "max_invalid_steps"):
+            check_int(f"LoopConfig.{name}", getattr(self, name), low=1, optional=True)
+        # 0 would delete the final checkpoint too: the trained policy would be lost.
+        check_int("LoopConfig.keep_checkpoints", self.keep_checkpoints, low=1, optional=True)
+        check_float("LoopConfig.reward_timeout_s", self.reward_timeout_s, low=0, open_low=True, optional=True)
         if self.overlap not in OVERLAP_MODES:
             raise ValueError(f"LoopConfig.overlap must be one of {OVERLAP_MODES}, got {self.overlap!r}")
-        if self.reward_timeout_s is not None and not self.reward_timeout_s > 0:
-            raise ValueError(f"LoopConfig.reward_timeout_s must be > 0 or None, got {self.reward_timeout_s}")
         if self.layer_loop not in ("auto", "scan", "unrolled"):
             raise ValueError(f"LoopConfig.layer_loop must be 'auto', 'scan' or 'unrolled', got {self.layer_loop!r}")
-        if self.reward_chunk_size is not None and self.reward_chunk_size < 1:
-            raise ValueError(f"LoopConfig.reward_chunk_size must be >= 1, got {self.reward_chunk_size}")
-        if self.num_devices is not None and self.num_devices < 1:
-            raise ValueError(f"LoopConfig.num_devices must be >= 1 or None, got {self.num_devices}")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ValueError(f"LoopConfig.stop_after must be >= 1, got {self.stop_after}")
         if (self.checkpoint_every or self.stop_after) and not self.out_dir:
             raise ValueError("LoopConfig: checkpoints (checkpoint_every / stop_after) need out_dir")
+        if self.restart and self.allow_changed:
+            raise ValueError("LoopConfig: restart and allow_changed exclude each other")
 
 
 @dataclasses.dataclass
@@ -230,19 +240,23 @@ def train(
     run_config: JSON-able description of the run, stored with checkpoints and W&B.
     """
     _check_settings(rl, sample, loop)
+    inputs = run_inputs(rl=rl, optim=optim, sample=sample, loop=loop, model_config=model_config, reward_fn=reward_fn,
+                        prompts=prompts, run_config=run_config)
+    check_run_folder(loop, inputs)  # a refusal (folder in use, other inputs) costs no compilation
     data = prompts if isinstance(prompts, PromptSet) else load_prompts(
         prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
     )
     trainer, state, ref = _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh)
     ckpts = RunCheckpoints(loop.out_dir, keep=loop.keep_checkpoints, run_config=run_config)
-    state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
+    lock, state, start, pending, logger = _open_and_restore(loop, inputs, ckpts, state, run_config)
     end = min(loop.total_steps, loop.stop_after or loop.total_steps)
     sampler = _make_sampler(data, tokenizer, model_config, sample, loop, state)
-    runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=loop.reward_chunk_size or rl.group_size)
-    logger = RunLogger(loop, start, run_config)
+    runner = _make_runner(reward_fn, rl, loop)
+    streak = InvalidStreak(loop.max_invalid_steps)
     trim_host = _worth_trimming(state.params)
     late = _LateStep(logger, data, step_hooks)
     try:
+        _on_resume(eval_hooks, loop, logger, start, state)
         for step in range(start, end):
             ro = _timed(late.times, "time/sample_s", lambda: pending if pending is not None else sampler(step, state.params))
             future, fed, mine = _submit(runner, data, ro, rl.group_size, trainer.mesh)
@@ -252,30 +266,69 @@ def train(
             rewards, counts = _timed(late.times, "time/reward_wait_s", future.result)
             late.flush()
             scores, valid, counts = _gather_rewards(rewards, counts, len(ro.completions), mine)
-            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.behaviour_logprobs(rl.importance_correction),
-                               scores, valid, group_size=rl.group_size)
-            if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
-                batch = jax.tree.map(lambda x: x[fed], batch)
+            streak.update(step, counts.pop("valid_rows"), counts, rewards.info[0].get("error") if len(rewards) else None)
+            batch = _rollout_batch(ro, scores, valid, rl, fed)
             if trim_host:
                 release_host_memory()  # sampling's freed buffers, before the update's peak
             state, metrics = _timed(late.times, "time/update_dispatch_s", trainer, state, batch, ref)
             late.hold(step, metrics, counts, ro, scores, valid, rewards.info)
             done = step + 1
-            saved = bool(ckpts.ckpt_dir) and (_due(loop.checkpoint_every, done) or done == end)
-            if saved:
-                late.flush()
-                ckpts.save(done, state, pending)
-            if eval_hooks and (_due(loop.eval_every, done) or done == loop.total_steps):
+            saved = _checkpoint_if_due(ckpts, loop, late, done, end, state, pending)
+            if eval_hooks and logger.eval_due(loop, done):
                 late.flush()
                 if _evaluate(eval_hooks, done, state, pending, logger, ckpts, saved):
                     break
         late.flush()
+        if loop.export_dir and int(state.step) >= loop.total_steps:  # still under the run folder's lock
+            _export(state, model_config, tokenizer, loop)
     finally:
         runner.close()
         logger.close()
-    if loop.export_dir and int(state.step) >= loop.total_steps:
-        _export(state, model_config, tokenizer, loop)
+        if lock:
+            lock.release()
     return TrainResult(state=state, history=logger.history, out_dir=loop.out_dir, trainer=trainer)
+
+
+def _on_resume(eval_hooks, loop: LoopConfig, logger: RunLogger, start: int, state) -> None:
+    if eval_hooks and logger.eval_due(loop, start) and start not in logger.evaluated:
+        logger.write(start, run_eval_hooks(eval_hooks, start, state.params))  # it did not complete last time
+    if start >= loop.total_steps:
+        log.info("%s: the run is complete (%d of %d steps); nothing to do", loop.out_dir, start, loop.total_steps)
+
+
+def _checkpoint_if_due(ckpts: RunCheckpoints, loop: LoopConfig, late, done: int, end: int, state, pending) -> bool:
+    saved = bool(ckpts.ckpt_dir) and (_due(loop.checkpoint_every, done) or done == end)
+    if saved:
+        late.flush()  # a checkpoint's step has its metrics written before it
+        ckpts.save(done, state, pending)
+    return saved
+
+
+def _open_and_restore(loop: LoopConfig, inputs, ckpts: RunCheckpoints, state, run_config):
+    """Takes the run folder's lock (held for the run: one writer per out_dir), restores the
+    latest good checkpoint and cuts the metrics back to it; the lock is released on failure."""
+    lock = open_run_folder(loop, inputs)
+    try:
+        state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
+        return lock, state, start, pending, RunLogger(loop, start, run_config)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+
+
+def _make_runner(reward_fn, rl: RLConfig, loop: LoopConfig) -> RewardRunner:
+    chunk = loop.reward_chunk_size or rl.group_size
+    return RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=chunk,
+                        max_workers=-(-loop.prompts_per_step * rl.group_size // chunk))  # a step's calls never queue
+
+
+def _rollout_batch(ro: Rollouts, scores, valid, rl: RLConfig, fed: slice):
+    batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.behaviour_logprobs(rl.importance_correction),
+                       scores, valid, group_size=rl.group_size)
+    if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
+        batch = jax.tree.map(lambda x: x[fed], batch)
+    return batch
 
 
 def _make_sampler(data: PromptSet, tokenizer, model_config, sample, loop: LoopConfig, state) -> RolloutSampler:
@@ -305,6 +358,7 @@ def _check_settings(rl: RLConfig, sample: Any, loop: LoopConfig) -> None:
         raise ValueError(f"SampleConfig.n={sample.n} must equal RLConfig.group_size={rl.group_size}")
     if loop.overlap == "one_step_off_policy" and rl.behaviour_logprobs != "sampler":
         raise ValueError("overlap='one_step_off_policy' needs rl.behaviour_logprobs='sampler' (stale rollouts)")
+    rl.check_batch(loop.prompts_per_step * rl.group_size)  # before anything is sampled
 
 
 def _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh) -> tuple[Trainer, TrainState, Any]:
@@ -350,9 +404,10 @@ def _submit(runner: RewardRunner, data: PromptSet, ro: Rollouts, group_size: int
 
 def _gather_rewards(rewards, counts, rows: int, mine: slice):
     """[rows] scores and validity (rows other hosts scored: invalid, never fed) and the
-    failure counts summed over hosts."""
+    failure counts (+ "valid_rows", for the all-invalid rule) summed over hosts."""
     scores, valid = np.zeros(rows, np.float32), np.zeros(rows, bool)
     scores[mine], valid[mine] = rewards.scores, rewards.valid
+    counts = {**counts, "valid_rows": int(rewards.valid.sum())}
     if mine != slice(None):
         counts = sum_over_hosts(counts)
     return scores, valid, counts
@@ -369,8 +424,7 @@ class _LateStep:
         self.held: tuple | None = None
 
     def hold(self, step: int, metrics: Any, counts: Mapping[str, float | int], ro: Rollouts, scores, valid, infos=()) -> None:
-        host = {**self.times, "reward_timeouts": counts["timeouts"], "reward_exceptions": counts["exceptions"],
-                **component_metrics(counts)}
+        host = {**self.times, **failure_metrics(counts), **component_metrics(counts)}
         self.times = {}
         self.held = (step, metrics, host, ro, scores, valid, tuple(infos))
 

@@ -90,7 +90,10 @@ def load_prompts(
         tokens.append(tuple(int(t) for t in ids))
         rows.append({k: v for k, v in rec.items() if k != prompt_field})
     if not texts:
-        raise ValueError(f"no usable prompts in {data!r} ({skipped} longer than max_prompt_tokens={max_prompt_tokens})")
+        from rubrax.data.records import source_name
+
+        # The source's name, never repr(data): a list of records would be printed whole.
+        raise ValueError(f"no usable prompts in {source_name(data)} ({skipped} of them longer than max_prompt_tokens={max_prompt_tokens})")
     names = sorted({k for r in rows for k in r})
     columns = {k: tuple(r.get(k) for r in rows) for k in names}
     return PromptSet(tuple(texts), tuple(tokens), columns, skipped)

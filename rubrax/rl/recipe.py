@@ -51,12 +51,18 @@ from rubrax.rl.loop import LoopConfig
 from rubrax.rl.step import RLConfig
 from rubrax.rl.toy import TOY_WORDS, toy_prompts, toy_tokenizer  # also registers the reward "target_word"
 
+class RecipeError(ValueError):
+    """A config that names something unusable (found while building it); the message says where."""
+
+
 MODEL_SETTINGS = ("dtype", "param_dtype", "remat", "attention", "attention_block")
 _TOP_KEYS = ("model", "tiny_model", "model_settings", "model_shape", "train", "dataset", "split", "eval", "toy_prompts", "epochs",
              "reward", "rewards", "rl", "sample", "optim", "loop", "eval_sample", "gold")
 
 
 def _build(cls, section: Mapping[str, Any], where: str, **defaults):
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{where}: must be an object of {cls.__name__} fields, got {section!r}")
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in section.items() if not k.startswith("_")}
     unknown = sorted(set(values) - fields)
@@ -115,15 +121,21 @@ def parse_recipe(config: Mapping[str, Any], source: str = "<config>") -> GRPORec
     if "model" not in config:
         raise ValueError(f"{source}: missing key 'model'")
     rl = _build(RLConfig, config.get("rl", {}), f"{source}: rl")
+    for key in ("tiny_model", "loop"):
+        if not isinstance(config.get(key, {}), Mapping):
+            raise ValueError(f"{source}: {key} must be an object, got {config[key]!r}")
+    if "tiny_model" in config:
+        _check_tiny_model(config["tiny_model"], source)
     sample = _build(SampleConfig, config.get("sample", {}), f"{source}: sample", n=rl.group_size, max_new_tokens=64)
     if sample.n != rl.group_size:
         raise ValueError(f"{source}: sample.n={sample.n} must equal rl.group_size={rl.group_size}")
     optim = _build(OptimConfig, config.get("optim", {}), f"{source}: optim")
     loop = {k: v for k, v in config.get("loop", {}).items() if not k.startswith("_")}
     # validate now; total_steps and out_dir are fixed at run time
-    _build(LoopConfig, {"total_steps": 1, "out_dir": "<out>", **loop}, f"{source}: loop")
+    checked = _build(LoopConfig, {"total_steps": 1, "out_dir": "<out>", **loop}, f"{source}: loop")
     if "epochs" not in config and "total_steps" not in loop:
         raise ValueError(f"{source}: give loop.total_steps or epochs")
+    rl.check_batch(checked.prompts_per_step * rl.group_size, f"{source}: rl")  # before anything is sampled
     eval_sample = None
     if "eval_sample" in config:
         eval_sample = _build(SampleConfig, config["eval_sample"], f"{source}: eval_sample", max_new_tokens=sample.max_new_tokens)
@@ -160,13 +172,32 @@ def _parse_gold(section: Mapping[str, Any], sample: Any, source: str) -> dict[st
     return {"reward": reward, "sample": gold_sample, "monitor": monitor, "forecast_samples": forecast_samples}
 
 
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A recipe file's JSON object; errors name the file and line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not valid UTF-8 at byte {err.start + 1}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a recipe is a JSON object, got {type(config).__name__}")
+    return config
+
+
 def load_recipe(path: str | os.PathLike) -> GRPORecipe:
-    with open(path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-    return parse_recipe(config, os.fspath(path))
+    return parse_recipe(read_config(path), os.fspath(path))
+
+
+def _check_tiny_model(overrides: Mapping[str, Any], source: str) -> None:
+    from rubrax.models import ModelConfig
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(k for k in overrides if k not in fields and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"{source}: tiny_model: unknown ModelConfig field(s) {unknown}")
 
 
 # --------------------------------------------------------------------------- building
@@ -177,7 +208,7 @@ def _tiny_config(recipe: GRPORecipe):
     from rubrax.rl.toy import toy_tokenizer
 
     tok = toy_tokenizer() if recipe.train is None else _words_tokenizer(recipe)
-    config = ModelConfig.tiny(**{**dict(recipe.tiny_model), "vocab_size": tok.vocab_size, "pad_token_id": tok.pad_token_id,
+    config = ModelConfig.tiny(**{**{k: v for k, v in recipe.tiny_model.items() if not k.startswith("_")}, "vocab_size": tok.vocab_size, "pad_token_id": tok.pad_token_id,
                                  "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                                  **recipe.model_settings})
     return config, tok
@@ -355,7 +386,7 @@ def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, reward_fn: Any = None
         held = toy_prompts(16, seed=seed + 1) if recipe.eval is None else _records(recipe.eval, recipe, "test")
         eval_sample = recipe.eval_sample or dataclasses.replace(recipe.sample, n=1, temperature=0.0)
         hooks.append(reward_eval_hook(load_prompts(held, tok, max_prompt_tokens=max_prompt, chat_template=chat), reward_fn, tok,
-                                      model_config, eval_sample, max_prompt_tokens=max_prompt))
+                                      model_config, eval_sample, max_prompt_tokens=max_prompt, timeout_s=loop.reward_timeout_s))
     if recipe.gold is not None:
         from rubrax.rl.monitor import GoldMonitor
 

@@ -1,28 +1,31 @@
-"""Rewards of a step's rollouts, computed off the main thread.
+"""Rewards of a step's rollouts, computed off the main thread, that cannot hang the run.
 
-The reward function's async form is called concurrently on chunks of `chunk_size` rows
-(default: one group), each under `timeout_s`, on an asyncio loop in a background thread
-(so the main thread can sample while judges answer). A chunk that raises or times out
-becomes `valid=False` (counted in "timeouts" / "exceptions", never a 0 reward). Every
-record field other than the prompt is passed as a keyword column, repeated G times.
+The reward function is called concurrently on chunks of `chunk_size` rows (default: one
+group), each under a deadline of `timeout_s`, by `rubrax.rewards.deadline.DeadlineRunner`
+(an asyncio loop in a daemon thread, so the main thread can sample while judges answer;
+sync rewards on a bounded daemon pool whose hung workers are abandoned and replaced;
+async ones cancelled). A chunk that times out, raises or returns something malformed
+becomes `valid=False` (counted in "timeouts" / "exceptions" / "malformed", never a 0
+reward; the first of each kind warned once with a sample). `InvalidStreak` stops a run
+whose rewards are all invalid for `LoopConfig.max_invalid_steps` consecutive steps.
+Every record field other than the prompt is passed as a keyword column, repeated G times.
 Multi-host: each process scores only the rows it feeds (whole groups), and the failure
 counts are summed over processes. A combined reward (WeightedSum, e.g. a recipe's
 "rewards" list) also reports each component: reward/<name>/mean over the component's
-valid rows and reward/<name>/invalid, per step (`reward_metrics`).
+valid rows and reward/<name>/invalid, per step (`component_metrics`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from rubrax.rewards.base import RewardBatch, as_reward_fn
+from rubrax.rewards.base import RewardBatch
+from rubrax.rewards.deadline import FAILURE_KINDS, DeadlineRunner
 from rubrax.rl.prompts import PromptSet
 from rubrax.rl.rollouts import Rollouts
 from rubrax.sharding import local_rows
@@ -30,63 +33,47 @@ from rubrax.sharding import local_rows
 log = logging.getLogger("rubrax.rl")
 
 
-class RewardRunner:
-    """Runs reward calls on an asyncio loop in a background thread, so the main thread
-    can sample (device work) while judges answer. Counts failures."""
+class RewardRunner(DeadlineRunner):
+    """The loop's reward runner: `submit(prompts, completions, columns)` -> Future of
+    (RewardBatch, {"timeouts", "exceptions", "malformed": rows, + component sums})."""
 
-    def __init__(self, reward_fn: Any, *, timeout_s: float | None, chunk_size: int):
-        self.fn = as_reward_fn(reward_fn)
-        self.timeout_s, self.chunk_size = timeout_s, chunk_size
+    def __init__(self, reward_fn: Any, *, timeout_s: float | None, chunk_size: int, max_workers: int | None = None):
+        super().__init__(reward_fn, timeout_s=timeout_s, chunk_size=chunk_size, max_workers=max_workers)
         # declared up front, so every step (and every host) reports the same keys
         self.components = tuple(getattr(self.fn, "component_names", ()))
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="rubrax-rewards", daemon=True)
-        self._thread.start()
-
-    def submit(self, prompts: Sequence[str], completions: Sequence[str], columns: Mapping[str, Sequence[Any]]):
-        """Starts the reward computation; returns a Future of (RewardBatch, {"timeouts", "exceptions"})."""
-        return asyncio.run_coroutine_threadsafe(self._all(list(prompts), list(completions), dict(columns)), self._loop)
-
-    async def _one(self, prompts, completions, columns) -> tuple[RewardBatch, str | None]:
-        n = len(completions)
-        try:
-            out = await asyncio.wait_for(self.fn.acall(prompts, completions, **columns), self.timeout_s)
-            if len(out) != n:
-                raise ValueError(f"reward returned {len(out)} scores for {n} completions")
-            return out, None
-        except asyncio.TimeoutError:
-            return RewardBatch.invalid(n, f"timeout after {self.timeout_s}s"), "timeouts"
-        except Exception as err:  # a failing judge must not end a long run: the rows become invalid
-            return RewardBatch.invalid(n, f"{type(err).__name__}: {err}"), "exceptions"
 
     async def _all(self, prompts, completions, columns):
-        c = self.chunk_size
-        calls = [
-            self._one(prompts[s : s + c], completions[s : s + c], {k: list(v[s : s + c]) for k, v in columns.items()})
-            for s in range(0, len(completions), c)
-        ]
-        parts = await asyncio.gather(*calls)
-        counts = {"timeouts": 0, "exceptions": 0}
-        for batch, failure in parts:
-            if failure:
-                counts[failure] += len(batch)
-                if counts[failure] == len(batch):
-                    log.warning("reward call failed (%s); its %d rows are masked: %s", failure, len(batch), batch.info[0].get("error"))
-        rb = RewardBatch.concat([p for p, _ in parts])
+        rb, counts = await super()._all(prompts, completions, columns)
         return rb, {**counts, **component_counts(rb, self.components)}
 
-    def close(self) -> None:
-        """Closes the reward's connections on the loop that made them (no "Unclosed client
-        session" at exit), then stops the loop."""
-        aclose = getattr(self.fn, "aclose", None)
-        if aclose is not None:
-            try:
-                asyncio.run_coroutine_threadsafe(aclose(), self._loop).result(timeout=30)
-            except Exception as err:  # closing must not hide the run's own outcome
-                log.warning("closing the reward function failed: %s: %s", type(err).__name__, err)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        self._loop.close()
+
+def failure_metrics(counts: Mapping[str, Any]) -> dict[str, int]:
+    """The per-step metrics of reward failures: reward_timeouts, reward_exceptions, reward_malformed."""
+    return {f"reward_{k}": int(counts.get(k, 0)) for k in FAILURE_KINDS}
+
+
+class RewardsAllInvalid(RuntimeError):
+    """Every reward of a run was invalid for too many consecutive steps."""
+
+
+class InvalidStreak:
+    """Counts consecutive steps in which no row got a valid reward; raises after `limit`."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.steps, self.first = limit, 0, None
+
+    def update(self, step: int, valid_rows: int, counts: Mapping[str, Any], sample: Any) -> None:
+        if valid_rows:
+            self.steps, self.first = 0, None
+            return
+        self.steps += 1
+        self.first = step if self.first is None else self.first
+        if self.limit is not None and self.steps >= self.limit:
+            raise RewardsAllInvalid(
+                f"every reward was invalid in {self.steps} consecutive steps ({self.first}..{step}; "
+                f"{', '.join(f'{k}={int(counts.get(k, 0))}' for k in FAILURE_KINDS)} in the last one; sample: {sample!r}). "
+                "The run stops (LoopConfig.max_invalid_steps) instead of training on nothing; fix the reward "
+                "and rerun with the same out_dir to resume from the last checkpoint.")
 
 
 def fed_and_scored_rows(mesh, rows: int, group_size: int) -> tuple[slice, slice]:

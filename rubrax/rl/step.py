@@ -110,21 +110,21 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         adv_lib.get_advantage_fn(self.advantage)
+        from rubrax.validate import check_float, check_int
+
         for name in ("group_size", "ppo_epochs", "num_minibatches", "grad_accum"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"RLConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+            check_int(f"RLConfig.{name}", getattr(self, name), low=1)
         if not (0 < self.clip_low < 1 and self.upper_clip > 0):
             raise ValueError(f"RLConfig: need 0 < clip_low < 1 and clip_high > 0, got {self.clip_low}, {self.clip_high}")
         if self.loss_aggregation not in losses.AGGREGATIONS:
             raise ValueError(f"RLConfig.loss_aggregation must be one of {losses.AGGREGATIONS}, got {self.loss_aggregation!r}")
         if self.kl_estimator not in losses.KL_ESTIMATORS:
             raise ValueError(f"RLConfig.kl_estimator must be one of {losses.KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        if self.kl_coef < 0 or self.entropy_coef < 0 or self.adv_eps < 0:
-            raise ValueError("RLConfig: kl_coef, entropy_coef and adv_eps must be >= 0")
+        for name in ("kl_coef", "entropy_coef", "adv_eps"):  # NaN would act as 0, inf train to NaN
+            check_float(f"RLConfig.{name}", getattr(self, name), low=0)
         if self.behaviour_logprobs not in ("sampler", "recompute"):
             raise ValueError(f"RLConfig.behaviour_logprobs must be 'sampler' or 'recompute', got {self.behaviour_logprobs!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"RLConfig.temperature must be > 0, got {self.temperature}")
+        check_float("RLConfig.temperature", self.temperature, low=0, open_low=True)
         if self.temperature != 1.0 and self.behaviour_logprobs == "sampler" and self.importance_correction == "none":
             # rubrax.policy.sample records temperature-1 logprobs; a tempered numerator
             # against them would be a biased ratio.
@@ -146,6 +146,14 @@ class RLConfig:
     @property
     def optimizer_steps_per_update(self) -> int:
         return self.ppo_epochs * self.num_minibatches
+
+    def check_batch(self, rows: int, where: str = "RLConfig") -> None:
+        """A batch of `rows` rollouts must split into minibatches x micro-batches: say so at
+        config time (before anything is sampled), not inside the first update."""
+        parts = self.num_minibatches * self.grad_accum
+        if rows % self.group_size or rows % parts:
+            raise ValueError(f"{where}: a batch of {rows} rollouts (prompts_per_step x group_size) does not divide into "
+                             f"{self.num_minibatches} minibatches x {self.grad_accum} micro-batches")
 
 
 # --------------------------------------------------------------------------- the step

@@ -2,7 +2,10 @@
 
 Writes results/<run>/report.md (+ PNGs, CSVs, config, seeds, git commit) and prints
 where the report is. `--run NAME` names the folder (default: <preset>-<UTC time>);
-rerunning with the same name resumes: arms already written are not recomputed.
+rerunning with the same name resumes: arms already written are not recomputed. The
+folder is locked while a run writes it, and its settings are fingerprinted (run.json):
+a rerun with other settings refuses (--restart recomputes; other seeds or arms are fine,
+each (seed, arm) has its own file).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default=None, help="comma-separated seeds, overriding the preset's")
     p.add_argument("--arms", default=None, help="comma-separated arms, overriding the preset's (see rubrax.sim.presets.ARMS)")
     p.add_argument("--quiet", action="store_true", help="print only the report path")
+    from rubrax.runs import add_run_flags
+
+    add_run_flags(p)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -38,7 +44,10 @@ def config_from_args(args: argparse.Namespace):
     cfg = get_preset(args.preset)
     overrides = {}
     if args.seeds:
-        overrides["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+        try:
+            overrides["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     if args.arms:
         overrides["arms"] = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
@@ -50,11 +59,28 @@ def run_command(args: argparse.Namespace) -> int:
     except ValueError as err:  # bad configuration: say so before any training starts
         print(f"rubrax sim run: {err}", file=sys.stderr)
         return 2
-    from rubrax.sim.experiment import run_experiment
-    from rubrax.sim.report import write_report
+    from rubrax.runs import RunError, fingerprint, open_run
 
     name = args.run or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     out = Path(args.out) / name
+    # Seeds and arms only pick which (seed, arm) files exist: not part of the fingerprint.
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("seeds", "arms")}
+    try:
+        lock = open_run(out, fingerprint(settings), folder=True, outputs=[str(out / "arms"), str(out / "rubrics")],
+                        restart=getattr(args, "restart", False), allow_changed=getattr(args, "allow_changed", False))
+    except RunError as err:
+        print(f"rubrax sim run: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _run_locked(args, cfg, out)
+    finally:
+        lock.release()
+
+
+def _run_locked(args: argparse.Namespace, cfg, out: Path) -> int:
+    from rubrax.sim.experiment import run_experiment
+    from rubrax.sim.report import write_report
+
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:

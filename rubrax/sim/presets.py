@@ -64,11 +64,20 @@ ARM_LABELS: dict[str, str] = {
 }
 
 
-def _positive(obj: object, *names: str) -> None:
+def _check(obj: object, names: tuple[str, ...], low: float, open_low: bool) -> None:
+    from rubrax.validate import check_float, check_int
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(obj)}
     for name in names:
-        v = getattr(obj, name)
-        if not v > 0:
-            raise ValueError(f"{type(obj).__name__}.{name} must be > 0, got {v!r}")
+        where, v = f"{type(obj).__name__}.{name}", getattr(obj, name)
+        if types[name] == "int":
+            check_int(where, v, low=int(low) + open_low)
+        else:
+            check_float(where, v, low=low, open_low=open_low)
+
+
+def _positive(obj: object, *names: str) -> None:
+    _check(obj, names, 0, True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -176,7 +185,10 @@ class SimConfig:
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        from rubrax.validate import check_int
+
+        # numpy seeds are non-negative integers: -1 must fail here, before a run folder exists.
+        object.__setattr__(self, "seeds", tuple(check_int("SimConfig.seeds[]", s, low=0, high=2**32 - 1) for s in self.seeds))
         object.__setattr__(self, "arms", tuple(self.arms))
         if not self.seeds:
             raise ValueError("SimConfig.seeds must name at least one seed")

@@ -57,6 +57,18 @@ def _figure2(args: argparse.Namespace) -> int:
 
 
 def _tilted(args: argparse.Namespace) -> int:
+    import jax
+
+    # float64: the KL range then reaches ~700 (float32 stops near 85, where beta underflows).
+    jax.config.update("jax_enable_x64", True)
+    try:
+        return _tilted_impl(args)
+    except ValueError as err:  # a KL or c out of range: say so, no traceback
+        print(f"rubrax theory tilted: {err}", file=sys.stderr)
+        return 2
+
+
+def _tilted_impl(args: argparse.Namespace) -> int:
     from rubrax.theory import beta_for_kl, misspec, tilted
 
     if args.map in ("top_wrong", "worst_wrong"):

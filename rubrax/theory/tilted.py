@@ -111,8 +111,14 @@ def kl_tilted(beta: Any) -> jnp.ndarray:
     return padded_call(_kl_of_t_jit, beta)
 
 
+_S_ASYMPTOTIC = 4.0  # t = e^s > 54: KL = s - 1 + O(t e^-t), exact to < 1e-21
+
+
 def _kl_of_s(s: jnp.ndarray) -> jnp.ndarray:
-    return _kl_of_t(jnp.exp(s))
+    """KL as a function of s = log(1/beta). Above s = 4 it is s - 1 to within t e^-t, and
+    computing it so keeps it from saturating where e^s overflows (s > 88 in float32)."""
+    big = s > _S_ASYMPTOTIC
+    return jnp.where(big, s - 1, _kl_of_t(jnp.exp(jnp.where(big, _S_ASYMPTOTIC, s))))
 
 
 @jax.jit
@@ -153,6 +159,13 @@ def beta_for_kl(kl: Any) -> jnp.ndarray:
     if is_concrete(kl) and (np.asarray(kl) < 0).any():
         raise ValueError(f"{where}: kl must be >= 0, got {np.asarray(kl).min()!r}")
     kl = jnp.asarray(kl, float_dtype(kl))
+    # beta ~ e^-(kl + 1) must stay a normal number of the dtype (float32: kl < ~86).
+    top = -math.log(float(jnp.finfo(kl.dtype).tiny)) - 2
+    if is_concrete(kl) and (np.asarray(kl) > top).any():
+        worst = float(np.asarray(kl).max())
+        hint = " (enable jax_enable_x64 for up to ~706)" if kl.dtype != jnp.float64 else ""
+        raise ValueError(f"{where}: kl={worst:g} needs beta ~ e^-{worst + 1:g}, below the smallest {kl.dtype} number; "
+                         f"kl must be <= {top:.0f} here{hint}")
     return padded_call(_beta_for_kl, kl)
 
 
@@ -200,8 +213,10 @@ def tilt_stats(r_PxN: jnp.ndarray, w_PxN: jnp.ndarray, values: tuple[jnp.ndarray
     rmin = jnp.min(jnp.where(live, rc, jnp.inf), axis=-1)
     inv_beta = (1 / beta_K).reshape((-1,) + (1,) * rmax.ndim)  # [K, 1...]
     centred = jax.lax.stop_gradient((rmax - rmin) * inv_beta) < 2  # [K, ...]
-    shift = jnp.where(centred, 0, rmax * inv_beta)
-    y = rc * inv_beta[..., None] - shift[..., None]
+    # Shifted regime: y = (rc - max rc) / beta, <= 0 by construction. Written as rc/beta - max/beta,
+    # a fused multiply-add leaves the max node at +-ulp(max/beta) (~3e4 for beta = 1e-12 in
+    # float32), whose exp overflows: NaN for small beta (large KL).
+    y = jnp.where(centred[..., None], rc * inv_beta[..., None], (rc - rmax[..., None]) * inv_beta[..., None])
     e = jnp.exp(y)  # y < 2 in the centred regime, <= 0 in the shifted one: never overflows
     m = jnp.where(centred[..., None], _expm1_minus_x(y, e), e)
     vals = [jnp.where(live, v, 0) for v in values]

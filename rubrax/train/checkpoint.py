@@ -5,9 +5,18 @@
     latest_step(ckpt_dir)                      -> int | None
 
 Writes are atomic (orbax writes to a temporary folder and renames it when complete),
-so a crash mid-save leaves the previous checkpoints intact and `latest_step` never
-points at a half-written step. Saves are synchronous: when `save` returns, the step
-is on disk.
+so a crash mid-save leaves the previous checkpoints intact. Saves are synchronous: when
+`save` returns, the step is on disk.
+
+Fail safe: only committed steps count (a step folder holding orbax's commit record
+`_CHECKPOINT_METADATA` and both items); a stray or half-copied `checkpoints/25/` is
+ignored, with a warning. A committed step that cannot be read raises
+`CheckpointCorrupt` naming the step folder and the file. `restore(step=None)` then
+falls back automatically to the newest earlier step that reads, with a warning naming
+the corrupt one (`fallback=False` raises instead); a resumed run redoes the steps
+after it, so nothing is lost but time. A checkpoint whose arrays do not fit the target
+(another model size) raises `CheckpointMismatch` naming the first parameter that
+differs, and never falls back.
 
 `target` fixes the tree structure, shapes, dtypes and shardings of the restored
 arrays (pass the freshly initialised state, or a tree of `jax.ShapeDtypeStruct`).
@@ -26,8 +35,27 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+log = logging.getLogger("rubrax.checkpoint")
+
 _STATE = "state"
 _EXTRA = "extra"
+_COMMIT = "_CHECKPOINT_METADATA"  # written by orbax when the step is finalised
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; `path` is the step folder or file at fault."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+class CheckpointCorrupt(CheckpointError):
+    pass
+
+
+class CheckpointMismatch(CheckpointError):
+    pass
 
 
 def _manager(ckpt_dir: str | os.PathLike, max_to_keep: int | None = None) -> ocp.CheckpointManager:
@@ -90,59 +118,129 @@ def save(
     return os.path.join(os.fspath(ckpt_dir), str(step))
 
 
-def latest_step(ckpt_dir: str | os.PathLike) -> int | None:
-    """The largest complete step in `ckpt_dir`, or None if there is none (or no folder)."""
-    if not os.path.isdir(ckpt_dir):
-        return None
-    with _manager(ckpt_dir) as mngr:
-        return mngr.latest_step()
+def _committed(step_dir: str) -> bool:
+    return os.path.isfile(os.path.join(step_dir, _COMMIT)) and all(os.path.isdir(os.path.join(step_dir, i)) for i in (_STATE, _EXTRA))
 
 
 def all_steps(ckpt_dir: str | os.PathLike) -> list[int]:
-    """All complete steps in `ckpt_dir`, ascending."""
+    """All committed steps in `ckpt_dir`, ascending (stray step folders are skipped, with a warning)."""
     if not os.path.isdir(ckpt_dir):
         return []
-    with _manager(ckpt_dir) as mngr:
-        return sorted(mngr.all_steps())
+    steps = []
+    for name in os.listdir(ckpt_dir):
+        if name.isdigit() and os.path.isdir(os.path.join(ckpt_dir, name)):
+            if _committed(os.path.join(ckpt_dir, name)):
+                steps.append(int(name))
+            else:
+                log.warning("%s: not a committed checkpoint (no %s or items); ignored", os.path.join(os.fspath(ckpt_dir), name), _COMMIT)
+    return sorted(steps)
+
+
+def latest_step(ckpt_dir: str | os.PathLike) -> int | None:
+    """The largest committed step in `ckpt_dir`, or None if there is none (or no folder)."""
+    steps = all_steps(ckpt_dir)
+    return steps[-1] if steps else None
 
 
 def restore(
-    ckpt_dir: str | os.PathLike, target_pytree: Any, step: int | None = None
+    ckpt_dir: str | os.PathLike, target_pytree: Any, step: int | None = None, *, fallback: bool = True
 ) -> tuple[Any, dict[str, Any]]:
-    """Restores step `step` (default: latest) into the structure of `target_pytree`.
+    """Restores step `step` (default: the latest committed one) into the structure of `target_pytree`.
 
-    Returns `(pytree, extra)`. Raises FileNotFoundError when there is no such step.
+    Returns `(pytree, extra)`. Raises FileNotFoundError when there is no such step,
+    CheckpointMismatch when the arrays do not fit the target, CheckpointCorrupt when the
+    step cannot be read. With step=None and `fallback`, a corrupt step is skipped (warned)
+    for the newest earlier one that reads: callers resume from `extra` (its "step").
     """
+    steps = all_steps(ckpt_dir)
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoint folder {ckpt_dir}")
-    with _manager(ckpt_dir) as mngr:
-        steps = mngr.all_steps()
-        if step is None:
-            step = mngr.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-        elif int(step) not in steps:
-            raise FileNotFoundError(f"no checkpoint step {step} in {ckpt_dir}; available: {sorted(steps)}")
-        abstract = jax.tree.map(_abstract, target_pytree)
-        out = mngr.restore(
-            int(step),
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardRestore(abstract), _EXTRA: ocp.args.JsonRestore()}
-            ),
-        )
-    return out[_STATE], dict(out[_EXTRA] or {})
+    if step is not None:
+        if int(step) not in steps:
+            raise FileNotFoundError(f"no checkpoint step {step} in {ckpt_dir}; available: {steps}")
+        return _restore_step(ckpt_dir, int(step), target_pytree)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    for i, s in enumerate(reversed(steps)):
+        try:
+            return _restore_step(ckpt_dir, s, target_pytree)
+        except CheckpointCorrupt as err:
+            if not fallback or i == len(steps) - 1:
+                raise
+            log.warning("%s; falling back to the previous checkpoint, step %d", err, steps[-2 - i])
+    raise AssertionError("unreachable")
+
+
+def _restore_step(ckpt_dir: str | os.PathLike, step: int, target_pytree: Any) -> tuple[Any, dict[str, Any]]:
+    step_dir = os.path.join(os.fspath(ckpt_dir), str(step))
+    extra = _read_extra(step_dir)
+    _check_fits(step_dir, target_pytree)
+    abstract = jax.tree.map(_abstract, target_pytree)
+    try:
+        with _manager(ckpt_dir) as mngr:
+            out = mngr.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}))
+    except Exception as err:  # orbax / tensorstore errors on damaged array files
+        raise CheckpointCorrupt(os.path.join(step_dir, _STATE), f"array data unreadable ({type(err).__name__}: {_first_line(err)})") from err
+    return out[_STATE], extra
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _read_extra(step_dir: str) -> dict[str, Any]:
+    path = os.path.join(step_dir, _EXTRA, "metadata")
+    try:
+        with open(path, encoding="utf-8") as f:
+            extra = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointCorrupt(path, "missing (the checkpoint's JSON extra)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointCorrupt(path, f"not valid JSON ({err})") from None
+    if not isinstance(extra, dict):
+        raise CheckpointCorrupt(path, f"expected a JSON object, got {type(extra).__name__}")
+    return extra
+
+
+def _leaf_name(path: tuple) -> str:
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))))
+    return ".".join(parts)
+
+
+def _check_fits(step_dir: str, target_pytree: Any) -> None:
+    """CheckpointMismatch naming the first parameter whose shape or presence differs."""
+    from etils import epath
+
+    state_dir = os.path.join(step_dir, _STATE)
+    try:
+        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+        tree = getattr(meta, "tree", meta)
+        stored = {_leaf_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(m, "shape")}
+    except Exception as err:
+        raise CheckpointCorrupt(os.path.join(state_dir, "_METADATA"), f"unreadable ({type(err).__name__}: {_first_line(err)})") from err
+    wanted = {_leaf_name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(target_pytree)[0]}
+    for name, shape in wanted.items():
+        if name not in stored:
+            raise CheckpointMismatch(state_dir, f"parameter {name!r} is not in the checkpoint (another model or layer layout?)")
+        if stored[name] != shape:
+            raise CheckpointMismatch(state_dir, f"parameter {name!r} has shape {stored[name]} in the checkpoint but {shape} in the model")
+    extra_names = sorted(set(stored) - set(wanted))
+    if extra_names:
+        raise CheckpointMismatch(state_dir, f"the checkpoint has parameters the model lacks: {extra_names[:5]}")
 
 
 def restore_extra(ckpt_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """Only the JSON `extra` of a step (default: latest), e.g. to rebuild a config first."""
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoint folder {ckpt_dir}")
-    with _manager(ckpt_dir) as mngr:
-        step = mngr.latest_step() if step is None else int(step)
-        if step is None or step not in mngr.all_steps():
-            raise FileNotFoundError(f"no checkpoint step {step} in {ckpt_dir}")
-        out = mngr.restore(step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))
-    return dict(out[_EXTRA] or {})
+    steps = all_steps(ckpt_dir)
+    step = (steps[-1] if steps else None) if step is None else int(step)
+    if step is None or step not in steps:
+        raise FileNotFoundError(f"no checkpoint step {step} in {ckpt_dir}")
+    return _read_extra(os.path.join(os.fspath(ckpt_dir), str(step)))
 
 
 def _abstract(x: Any) -> Any:

@@ -7,9 +7,12 @@
 `smollm2` (the bundled SmolLM2-135M-Instruct, converted once into ~/.cache/rubrax), or
 `tiny` (a random-init tiny model with a word-level tokenizer built from the data: for
 CPU smoke runs). Everything lands in --out: checkpoints/ (a rerun with the same --out
-resumes exactly where the last run stopped), metrics.jsonl, and the final model
-(reward_model/ for BT, model/ in HF format for SFT). The last line printed is
-`key=value` figures of the final held-out evaluation.
+resumes exactly where the last run stopped, metrics.jsonl cut back to its checkpoint),
+metrics.jsonl, and the final model (reward_model/ for BT, model/ in HF format for SFT).
+--out is locked while a run writes it, and its inputs are fingerprinted (run.json: the
+settings, the data files' and model's hashes): a rerun with other inputs refuses, naming
+them (--restart starts afresh; --allow-changed accepts changed eval/logging/checkpoint
+cadence). The last line printed is `key=value` figures of the final held-out evaluation.
 """
 
 from __future__ import annotations
@@ -26,29 +29,34 @@ TASKS = ("reward-model", "sft")
 
 
 def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
+    from rubrax.runs import add_run_flags
+    from rubrax.validate import arg_type
+
+    pos_int, pos_float = arg_type("int", low=1), arg_type("float", low=0, open_low=True)
+    add_run_flags(p)
     p.add_argument("--train", required=True, help="training records: JSONL path, or a `datasets` name with --dataset")
     p.add_argument("--eval", default=None, help="held-out records (default: split --eval-fraction off --train)")
     p.add_argument("--dataset", action="store_true", help="--train/--eval name `datasets` datasets (load_dataset; offline)")
     p.add_argument("--split", default="train", help="dataset split with --dataset")
-    p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.add_argument("--eval-fraction", type=arg_type("float", low=0, high=1, open_low=True, open_high=True), default=0.1)
     p.add_argument("--model", default="tiny", help="HF-format folder, 'smollm2' or 'tiny'")
     p.add_argument("--preset", default="tiny", choices=("paper", "tiny"), help="training settings (rubrax.train.presets)")
     p.add_argument("--out", required=True, help="output folder (checkpoints, metrics, final model)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per sequence (prompt + response)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides the preset)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--grad-accum", type=int, default=None)
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-length", type=arg_type("int", low=2), default=512, help="tokens per sequence (prompt + response)")
+    p.add_argument("--lr", type=pos_float, default=None, help="peak learning rate (overrides the preset)")
+    p.add_argument("--epochs", type=pos_int, default=None)
+    p.add_argument("--batch-size", type=pos_int, default=None)
+    p.add_argument("--grad-accum", type=pos_int, default=None)
+    p.add_argument("--max-steps", type=pos_int, default=None)
     p.add_argument("--schedule", choices=("cosine", "constant", "linear"), default=None)
-    p.add_argument("--warmup-ratio", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--warmup-ratio", type=arg_type("float", low=0, high=1, open_high=True), default=None)
+    p.add_argument("--seed", type=arg_type("int", low=0), default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to --out/tb")
     if task == "reward-model":
         p.add_argument("--freeze-backbone", action="store_true", help="train the scalar head only")
-        p.add_argument("--margin", type=float, default=0.0, help="margin m in -log sigmoid(r_c - r_r - m)")
-        p.add_argument("--center-coef", type=float, default=0.0, help="reward-centring coefficient")
+        p.add_argument("--margin", type=arg_type("float"), default=0.0, help="margin m in -log sigmoid(r_c - r_r - m)")
+        p.add_argument("--center-coef", type=arg_type("float", low=0), default=0.0, help="reward-centring coefficient")
 
 
 def register(subparsers: Any) -> None:
@@ -126,9 +134,46 @@ def load_model(model: str, texts: Sequence[str], seed: int):
     return params, config, models.load_tokenizer(path), os.fspath(path)
 
 
+_SAFE_ON_RESUME = ("train.log_every", "train.eval_every", "train.eval_batch_size", "train.checkpoint_every",
+                   "train.keep_checkpoints", "train.eval_at_start")
+
+
+def open_out(task: str, args: argparse.Namespace, cfg: Any) -> Any:
+    """Locks --out and checks its fingerprint (rubrax.runs); returns the held lock."""
+    from rubrax.runs import fingerprint, open_run
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "out", "no_progress", "restart", "allow_changed",
+                                                                  "train", "eval", "model")}
+    config = {"task": task, "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"},
+              "args": settings, "model": args.model}
+    files = {} if args.dataset else {name: path for name, path in (("train", args.train), ("eval", args.eval)) if path}
+    if os.path.exists(args.model):  # a model folder (big weight files: by size and mtime)
+        files["model"] = args.model
+    if args.dataset:
+        config["datasets"] = {"train": args.train, "eval": args.eval}
+    outputs = [os.path.join(args.out, n) for n in ("checkpoints", "metrics.jsonl", "tb", "reward_model", "model")]
+    return open_run(args.out, fingerprint(config, files), folder=True, outputs=outputs, safe=_SAFE_ON_RESUME,
+                    restart=args.restart, allow_changed=args.allow_changed)
+
+
 def run(task: str, args: argparse.Namespace) -> int:
-    cfg = train_config(task, args)
-    os.makedirs(args.out, exist_ok=True)
+    import sys
+
+    from rubrax.runs import RunError
+
+    try:
+        cfg = train_config(task, args)
+        lock = open_out(task, args, cfg)
+    except (RunError, ValueError, FileNotFoundError) as err:  # bad settings, a missing file, a locked or changed --out
+        print(f"rubrax train {task}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _run_locked(task, args, cfg)
+    finally:
+        lock.release()
+
+
+def _run_locked(task: str, args: argparse.Namespace, cfg: Any) -> int:
     if task == "reward-model":
         from rubrax.data.pairs import read_pairs as read
     else:

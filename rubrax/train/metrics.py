@@ -39,10 +39,12 @@ class MetricsWriter:
     """Appends `{"step": step, **metrics}` lines to `path`; mirrors scalars to TensorBoard.
 
     `tensorboard_dir` writes TensorBoard event files when the `tensorboard` package is
-    installed (silently JSONL-only otherwise). Use as a context manager or call close().
+    installed (silently JSONL-only otherwise). `purge_step` (a resumed run) makes
+    TensorBoard drop the events of earlier invocations from that step on, as the JSONL
+    file is cut back (rubrax.runs.cut_jsonl). Use as a context manager or call close().
     """
 
-    def __init__(self, path: str | os.PathLike, tensorboard_dir: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike, tensorboard_dir: str | os.PathLike | None = None, *, purge_step: int | None = None):
         self.path = os.fspath(path)
         parent = os.path.dirname(self.path)
         if parent:
@@ -51,6 +53,8 @@ class MetricsWriter:
         self._tb = _TensorBoard(os.fspath(tensorboard_dir)) if tensorboard_dir else None
         if self._tb is not None and not self._tb.available:
             self._tb = None
+        if self._tb is not None and purge_step is not None:
+            self._tb.purge(int(purge_step))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if self._file is None:
@@ -65,6 +69,10 @@ class MetricsWriter:
                 raise ValueError(f"metric {key!r}: {err}") from None
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        self.write_tensorboard(step, record)
+
+    def write_tensorboard(self, step: int, record: Mapping[str, Any]) -> None:
+        """The scalars of `record` to TensorBoard only (a record the JSONL file already holds)."""
         if self._tb is not None:
             self._tb.write(int(step), {k: v for k, v in record.items() if k != "step"})
 
@@ -121,6 +129,13 @@ class _TensorBoard:
             )
             self._writer.add_event(event)
             self._writer.flush()
+
+    def purge(self, step: int) -> None:
+        """A SessionLog START at `step`: TensorBoard discards the earlier events at steps >= step."""
+        event = self._event_pb2.Event(wall_time=time.time(), step=step,
+                                      session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START))
+        self._writer.add_event(event)
+        self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()

@@ -47,18 +47,17 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.end_lr_ratio <= 1.0:
-            raise ValueError(f"end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        from rubrax.validate import check_float, check_int
+
+        check_float("OptimConfig.learning_rate", self.learning_rate, low=0, open_low=True)
+        check_float("OptimConfig.warmup_ratio", self.warmup_ratio, low=0, high=1, open_high=True)
+        check_int("OptimConfig.warmup_steps", self.warmup_steps, low=0, optional=True)
+        check_float("OptimConfig.end_lr_ratio", self.end_lr_ratio, low=0, high=1)
+        check_float("OptimConfig.weight_decay", self.weight_decay, low=0)
+        for name in ("b1", "b2"):
+            check_float(f"OptimConfig.{name}", getattr(self, name), low=0, high=1, open_high=True)
+        check_float("OptimConfig.eps", self.eps, low=0)
+        check_float("OptimConfig.max_grad_norm", self.max_grad_norm, low=0, open_low=True, optional=True)
 
 
 def num_warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

@@ -81,22 +81,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.optim, OptimConfig):
             raise TypeError(f"optim must be an OptimConfig, got {type(self.optim).__name__}")
+        from rubrax.validate import check_int
+
         for name in ("batch_size", "grad_accum_steps", "num_epochs", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_int(f"TrainConfig.{name}", getattr(self, name), low=1)
+        for name in ("max_steps", "eval_batch_size", "keep_checkpoints"):
+            check_int(f"TrainConfig.{name}", getattr(self, name), low=1, optional=True)
+        for name in ("eval_every", "checkpoint_every", "seed"):
+            check_int(f"TrainConfig.{name}", getattr(self, name), low=0)
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(
                 f"batch_size={self.batch_size} must be a multiple of grad_accum_steps={self.grad_accum_steps}"
             )
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
-        for name in ("eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.eval_batch_size is not None and self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1 or None, got {self.keep_checkpoints}")
 
     @property
     def micro_batch_size(self) -> int:
@@ -305,7 +301,10 @@ def train(
     eval_jit = jax.jit(eval_fn) if eval_fn is not None else None
     eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
     per_epoch = cfg.steps_per_epoch(n)
-    writer = MetricsWriter(metrics_path, tensorboard_dir) if metrics_path else None
+    if metrics_path:
+        _resume_metrics(metrics_path, start, complete=start >= total)
+    purge = start + 1 if tensorboard_dir and os.path.isdir(tensorboard_dir) else None
+    writer = MetricsWriter(metrics_path, tensorboard_dir, purge_step=purge) if metrics_path else None
     last: dict[str, float] = {}
 
     def log(step: int, metrics: dict[str, Any]) -> None:
@@ -355,6 +354,9 @@ def train(
             if (cfg.eval_every and done % cfg.eval_every == 0) or (not cfg.eval_every and epoch_end):
                 run_eval(done)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                if pending is not None:  # the step's metrics belong before its checkpoint (exact resume)
+                    log(*pending)
+                    pending = None
                 save(done)
         if pending is not None:
             log(*pending)
@@ -370,6 +372,16 @@ def train(
         if writer:
             writer.close()
     return SupervisedResult(params=state.params, state=state, eval_history=tuple(history), last_metrics=last)
+
+
+def _resume_metrics(path: str | os.PathLike, start: int, *, complete: bool) -> None:
+    """Cuts the metrics file back to what the checkpoint of step `start` covers (records of
+    steps <= start; the timing-only record of an invocation stopped early goes too), so that
+    a resumed run's file equals an uninterrupted run's line for line (time fields aside)."""
+    from rubrax.runs import cut_jsonl
+
+    cut_jsonl(path, lambda r: start > 0 and isinstance(r.get("step"), int) and r["step"] <= start
+              and (complete or any(k != "step" and not k.startswith("time/") for k in r)))
 
 
 # Settings that may change between a run and its resumption without changing the result.
