@@ -109,7 +109,9 @@ def _einsum_attention(q, k, v, q_offset, kv_mask_BxS, kv: str):
     scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k.astype(q.dtype),
                         preferred_element_type=jnp.float32) / math.sqrt(Dh)
     allowed = _allowed(T, k.shape[kv.index("s")], q_offset, kv_mask_BxS)
-    scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
+    # An additive mask, not jnp.where: XLA CPU fuses it as before, so logits stay bit-identical
+    # to the pre-kernel code (and within transformers' fp32 parity tolerance).
+    scores = scores + jnp.where(allowed, 0.0, _NEG_INF)[:, None, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum(f"bkgts,{kv}->btkgd", probs, v.astype(q.dtype))
 
