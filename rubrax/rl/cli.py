@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="override loop.total_steps")
     p.add_argument("--stop-after", type=int, default=None, help="stop this invocation after that many total steps")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device-memory", type=float, default=None, metavar="GB",
+                   help="memory per device for the fit check that runs before any weights load (`rubrax plan`; "
+                        "default: the accelerators' own; on CPU the check runs only with this flag)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: jax.distributed.initialize() first (cluster auto-detection: SLURM, Open MPI, "
                         "TPU pods, ...; or --coordinator/--num-processes/--process-id)")
@@ -82,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:
         config.setdefault("loop", {})["total_steps"] = args.steps
     recipe = parse_recipe(config, args.config)
+    from rubrax.plan import check_fits
+
+    check_fits(config, source=args.config, device_memory_gb=getattr(args, "device_memory", None))
     result = run_recipe(recipe, out_dir=args.out, stop_after=args.stop_after, progress=False if args.no_progress else None)
     final: dict[str, Any] = {"step": int(result.state.step)}
     for rec in result.history:
