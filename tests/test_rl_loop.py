@@ -204,23 +204,23 @@ def assert_same_run(a, b, params_b=None):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
 
-def test_prompt_bucket_trims_padding_without_changing_the_run():
-    """A batch trimmed to its longest prompt (rounded up to 4) trains like the batch padded
+def test_trimmed_prompts_train_like_padded_ones():
+    """A batch trimmed to its longest prompt (rounded up to SampleConfig.prompt_bucket) trains like the batch padded
     to max_prompt_tokens=16: same samples and rewards, same metrics and params up to float
     rounding; the update sees the narrower batch."""
     rl = RLConfig(group_size=G, kl_coef=0.05)
     wide = run(2, rl=rl, max_prompt_tokens=16)
-    trim = run(2, rl=rl, max_prompt_tokens=16, prompt_bucket=4)
+    trim = run(2, rl=rl, max_prompt_tokens=16, trim_prompts=True)
     assert_same_run(wide, trim)
-    # the update saw the narrow batch: the sampler hands out prompt blocks of width 4 or 8
+    # the update saw the narrow batch: the sampler hands out prompt blocks of width 8 < 16
     from rubrax.rl.rollouts import RolloutSampler
 
     prompts = load_prompts(toy_prompts(64), TOK, max_prompt_tokens=16)
     sampler = RolloutSampler(prompts, TOK, CONFIG, SAMPLE, np.asarray(jax.random.PRNGKey(0)), prompts_per_step=4, max_prompt_tokens=16,
-                             prompt_bucket=4)
+                             prompt_bucket=SAMPLE.prompt_bucket)
     ro = sampler(0, trim.state.params)
     longest = max(len(prompts.tokens[i]) for i in ro.indices)
-    assert ro.prompt_tokens.shape[1] == -(-longest // 4) * 4 < 16
+    assert ro.prompt_tokens.shape[1] == -(-longest // 8) * 8 < 16
 
 
 def test_loop_on_eight_devices_equals_one_device():
@@ -232,13 +232,13 @@ def test_loop_on_eight_devices_equals_one_device():
     assert_same_run(one, eight)
 
 
-def test_stacked_and_unstacked_layer_layouts_train_alike():
-    """LoopConfig.layer_layout: the scan over stacked layers and the unrolled per-layer
+def test_scan_and_unrolled_layer_loops_train_alike():
+    """LoopConfig.layer_loop: the scan over stacked layers and the unrolled per-layer
     layout (the CPU default) give the same run; the result keeps its layout."""
     from rubrax.models import is_unstacked, stack_layers
 
     rl = RLConfig(group_size=G, kl_coef=0.05)
-    a = run(2, rl=rl, layer_layout="stacked")
-    b = run(2, rl=rl, layer_layout="unstacked")
+    a = run(2, rl=rl, layer_loop="scan")
+    b = run(2, rl=rl, layer_loop="unrolled")
     assert not is_unstacked(a.state.params) and is_unstacked(b.state.params)
     assert_same_run(a, b, params_b=stack_layers(b.state.params))

@@ -42,6 +42,7 @@ class StepView:
     scores_B: np.ndarray
     valid_B: np.ndarray
     metrics: Mapping[str, float]
+    infos: tuple[Mapping[str, Any], ...] = ()  # the reward's per-row info (RewardBatch.info) of the rows this host scored
 
 
 StepHook = Callable[[StepView], Mapping[str, float]]
@@ -98,9 +99,11 @@ def winrate_eval_hook(
     """An eval hook: win rate of the policy's responses against `references[i]` (the
     reference response to held-out prompt i) under a pairwise judge
     (`judge.compare(prompt, a, b, key=..., swap=...)`, e.g. rubrax.eval's LLM judge),
-    through rubrax.eval.winrate. Logs win_rate, its bootstrap interval and failures.
+    through rubrax.eval.winrate. Logs win_rate, its bootstrap interval and failures, and
+    the judge's length bias (judge_length_corr); with both_orders also its position bias
+    (judge_flip_rate, judge_first_position_rate; rubrax.eval.winrate.JudgeBias).
     """
-    from rubrax.eval.winrate import WinItem, judge_outcome, win_rate
+    from rubrax.eval.winrate import WinItem, judge_bias, judge_orders, judge_outcome, outcome_of_orders, win_rate
 
     if len(references) != len(prompts):
         raise ValueError(f"winrate_eval_hook: {len(references)} references for {len(prompts)} prompts")
@@ -115,9 +118,18 @@ def winrate_eval_hook(
         ]
 
         async def judge_all():
-            return await asyncio.gather(*(judge_outcome(judge, it, both_orders=both_orders) for it in items))
+            if both_orders:
+                return await asyncio.gather(*(judge_orders(judge, it) for it in items))
+            return await asyncio.gather(*(judge_outcome(judge, it) for it in items))
 
-        wr = win_rate(asyncio.run(judge_all()), seed=seed)
-        return {"win_rate": wr.win_rate, "win_rate_ci_low": wr.ci_low, "win_rate_ci_high": wr.ci_high, "win_rate_failed": wr.failed}
+        judged = asyncio.run(judge_all())
+        orders = judged if both_orders else []
+        outcomes = [outcome_of_orders(*o) for o in judged] if both_orders else judged
+        wr, bias = win_rate(outcomes, seed=seed), judge_bias(items, outcomes, orders)
+        out = {"win_rate": wr.win_rate, "win_rate_ci_low": wr.ci_low, "win_rate_ci_high": wr.ci_high, "win_rate_failed": wr.failed,
+               "judge_length_corr": bias.length_corr}
+        if both_orders:
+            out.update({"judge_flip_rate": bias.flip_rate, "judge_first_position_rate": bias.first_position_rate})
+        return out
 
     return hook

@@ -9,8 +9,9 @@ One step k:
     `default_rng([seed, e])`, so the records of step k depend only on k and the seed);
     tokenised once at start-up (chat template by default), left-padded to the fixed
     width `max_prompt_tokens` so every batch has the same shape (one compilation), or,
-    with `prompt_bucket`, to the batch's longest prompt rounded up to that multiple
-    (one compilation per width; short prompts then cost no padded compute);
+    with `trim_prompts`, to the batch's longest prompt rounded up to a multiple of
+    SampleConfig.prompt_bucket (one compilation per width; short prompts then cost no
+    padded compute);
  2. rollouts (rubrax.rl.rollouts): `rubrax.policy.sample` draws G = rl.group_size completions per prompt
     with key fold_in(fold_in(root, k), SAMPLE_STREAM);
  3. rewards (rubrax.rl.reward_runner): the reward function's async form, called concurrently on chunks of
@@ -70,6 +71,7 @@ from rubrax.sharding import make_mesh
 log = logging.getLogger("rubrax.rl")
 
 OVERLAP_MODES = ("sync", "one_step_off_policy")
+TRIM_MIN_BYTES = 64 << 20  # params from which the host heap is trimmed before each update (CPU)
 
 
 
@@ -81,25 +83,31 @@ class LoopConfig:
     total_steps: RL iterations of the whole run (fixes the LR schedule).
     prompts_per_step: P prompts per iteration (x rl.group_size samples).
     max_prompt_tokens: fixed prompt width; longer prompts are skipped at load time (counted).
-    prompt_bucket: None keeps every batch at max_prompt_tokens wide; an int b trims each
-        batch's prompt block to its longest prompt rounded up to a multiple of b (the
-        update compiles once per distinct width; the samples are the same either way).
+    trim_prompts: False keeps every batch at max_prompt_tokens wide; True trims each
+        batch's prompt block to its longest prompt rounded up to a multiple of the
+        sampler's SampleConfig.prompt_bucket (the one bucket setting: the update compiles
+        once per distinct width; the samples are the same either way).
     stop_after: end this invocation after that many total steps (pre-emptible jobs;
         rerun with the same out_dir to continue). None = run to total_steps.
     reward_chunk_size: rows per reward call (default one group); reward_timeout_s per call.
     num_devices: the first that many devices form the data mesh (None = all, all hosts).
-    layer_layout: "stacked" (layers under a scan), "unstacked" (per-layer buffers, an
-        unrolled loop: on CPU the update's backward is ~1.3x faster and sampling reads each
-        layer in place instead of splitting the weights every step) or "auto" (unstacked on
-        the CPU backend). Only for rubrax.models params (the default logits_fn); the
-        state, checkpoints and result keep that layout (save_pretrained takes either).
+    layer_loop: how the layers run, the vocabulary of SampleConfig.layer_loop: "scan"
+        (stacked [L, ...] params under a scan: one compiled layer body, the accelerator
+        choice), "unrolled" (per-layer buffers, `rubrax.models.unstack_layers`, an unrolled
+        loop: on CPU the update's backward is ~1.3x faster and sampling reads each layer in
+        place instead of splitting the weights every step) or "auto" (unrolled on the CPU
+        backend, scan elsewhere). Only for rubrax.models params (the default logits_fn);
+        the state, checkpoints and result keep that layout (save_pretrained takes either).
     checkpoint_every / eval_every: 0 = only at the end / never (besides the end).
+    export_dir: when training reaches total_steps, also write the policy there as an HF
+        folder (rubrax.rl.export; relative to out_dir; needs a transformers tokenizer;
+        single process: multi-host runs export with `rubrax rl export` afterwards).
     """
 
     total_steps: int
     prompts_per_step: int
     max_prompt_tokens: int = 512
-    prompt_bucket: int | None = None
+    trim_prompts: bool = False
     seed: int = 0
     overlap: str = "sync"
     reward_timeout_s: float | None = 600.0
@@ -112,11 +120,12 @@ class LoopConfig:
     chat_template: bool = True
     prompt_field: str = "prompt"
     fsdp: bool = False
-    layer_layout: str = "auto"
+    layer_loop: str = "auto"
     num_devices: int | None = None
     progress: bool = True
     tensorboard: bool = True
     wandb_project: str | None = None
+    export_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "prompts_per_step", "max_prompt_tokens"):
@@ -129,10 +138,8 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.overlap must be one of {OVERLAP_MODES}, got {self.overlap!r}")
         if self.reward_timeout_s is not None and not self.reward_timeout_s > 0:
             raise ValueError(f"LoopConfig.reward_timeout_s must be > 0 or None, got {self.reward_timeout_s}")
-        if self.prompt_bucket is not None and (not isinstance(self.prompt_bucket, int) or self.prompt_bucket < 1):
-            raise ValueError(f"LoopConfig.prompt_bucket must be a positive int or None, got {self.prompt_bucket!r}")
-        if self.layer_layout not in ("auto", "stacked", "unstacked"):
-            raise ValueError(f"LoopConfig.layer_layout must be 'auto', 'stacked' or 'unstacked', got {self.layer_layout!r}")
+        if self.layer_loop not in ("auto", "scan", "unrolled"):
+            raise ValueError(f"LoopConfig.layer_loop must be 'auto', 'scan' or 'unrolled', got {self.layer_loop!r}")
         if self.reward_chunk_size is not None and self.reward_chunk_size < 1:
             raise ValueError(f"LoopConfig.reward_chunk_size must be >= 1, got {self.reward_chunk_size}")
         if self.num_devices is not None and self.num_devices < 1:
@@ -154,13 +161,13 @@ class TrainResult:
     trainer: Trainer
 
 
-def _layout(params: Any, layout: str) -> Any:
-    """rubrax.models params in the requested layer layout (see LoopConfig.layer_layout)."""
+def arrange_layers(params: Any, layer_loop: str) -> Any:
+    """rubrax.models params stacked for "scan" or split for "unrolled" (see LoopConfig.layer_loop)."""
     from rubrax.models import llama
 
     if not isinstance(params, dict) or "layers" not in params:
         return params
-    if layout == "unstacked" or (layout == "auto" and jax.default_backend() == "cpu"):
+    if layer_loop == "unrolled" or (layer_loop == "auto" and jax.default_backend() == "cpu"):
         return llama.unstack_layers(params)
     return llama.stack_layers(params)
 
@@ -214,7 +221,9 @@ def train(
     sample: rubrax.policy.SampleConfig with n == rl.group_size. optim:
     rubrax.train.optim.OptimConfig (schedule over total_steps * ppo_epochs *
     num_minibatches optimizer updates). eval_hooks: callables (step, params) -> dict of
-    scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>").
+    scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>"); a
+    hook whose `stop_requested` attribute is then True ends the run there (with a
+    checkpoint), e.g. `rubrax.rl.monitor.GoldMonitor`'s early stop.
     step_hooks: callables (rubrax.rl.hooks.StepView) -> dict of scalars, run after every
     step and logged with its metrics. mesh: a 1-D "data" mesh (default: loop.num_devices
     devices). logits_fn: a model other than rubrax.models (params, tokens, mask) -> logits.
@@ -230,9 +239,11 @@ def train(
     end = min(loop.total_steps, loop.stop_after or loop.total_steps)
     sampler = RolloutSampler(data, tokenizer, model_config, sample, np.asarray(jax.device_get(state.key)),
                              prompts_per_step=loop.prompts_per_step, max_prompt_tokens=loop.max_prompt_tokens,
-                             prompt_bucket=loop.prompt_bucket, seed=loop.seed)
+                             prompt_bucket=sample.prompt_bucket if loop.trim_prompts else None, seed=loop.seed)
     runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=loop.reward_chunk_size or rl.group_size)
     logger = RunLogger(loop, start, run_config)
+    # CPU only, and only for models whose transients are worth it: a trim costs ~30 ms.
+    trim_host = jax.default_backend() == "cpu" and _tree_bytes(state.params) >= TRIM_MIN_BYTES
     late = _LateStep(logger, data, step_hooks)
     try:
         for step in range(start, end):
@@ -244,13 +255,14 @@ def train(
             rewards, counts = _timed(late.times, "time/reward_wait_s", future.result)
             late.flush()
             scores, valid, counts = _gather_rewards(rewards, counts, len(ro.completions), mine)
-            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, scores, valid,
-                               group_size=rl.group_size)
+            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.behaviour_logprobs(rl.importance_correction),
+                               scores, valid, group_size=rl.group_size)
             if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
                 batch = jax.tree.map(lambda x: x[fed], batch)
-            release_host_memory()  # sampling's freed buffers, before the update's peak
+            if trim_host:
+                release_host_memory()  # sampling's freed buffers, before the update's peak
             state, metrics = _timed(late.times, "time/update_dispatch_s", trainer, state, batch, ref)
-            late.hold(step, metrics, counts, ro, scores, valid)
+            late.hold(step, metrics, counts, ro, scores, valid, rewards.info)
             done = step + 1
             if ckpts.ckpt_dir and ((loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end):
                 late.flush()
@@ -258,10 +270,19 @@ def train(
             if eval_hooks and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.total_steps):
                 late.flush()
                 logger.write(done, run_eval_hooks(eval_hooks, done, state.params))
+                if any(getattr(hook, "stop_requested", False) for hook in eval_hooks):  # e.g. the gold monitor
+                    log.info("an eval hook asked to stop after step %d", done)
+                    if ckpts.ckpt_dir and done != end and not (loop.checkpoint_every and done % loop.checkpoint_every == 0):
+                        ckpts.save(done, state, pending)
+                    break
         late.flush()
     finally:
         runner.close()
         logger.close()
+    if loop.export_dir and int(state.step) >= loop.total_steps:
+        from rubrax.rl.export import export_trained
+
+        export_trained(state.params, model_config, tokenizer, os.path.join(loop.out_dir or "", loop.export_dir), step=int(state.step))
     return TrainResult(state=state, history=logger.history, out_dir=loop.out_dir, trainer=trainer)
 
 
@@ -275,8 +296,8 @@ def _check_settings(rl: RLConfig, sample: Any, loop: LoopConfig) -> None:
 def _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh) -> tuple[Trainer, TrainState, Any]:
     """(trainer, placed state, placed reference) of a fresh run."""
     if logits_fn is None:
-        params = _layout(params, loop.layer_layout)
-        ref_params = None if ref_params is None else _layout(ref_params, loop.layer_layout)
+        params = arrange_layers(params, loop.layer_loop)
+        ref_params = None if ref_params is None else arrange_layers(ref_params, loop.layer_loop)
     # The reference is the caller's params themselves (no copy, unless the layout changed):
     # the TrainState gets its own copy (Trainer.place_state never aliases), so donation
     # never touches them.
@@ -286,6 +307,10 @@ def _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh) -
     trainer = _cached_trainer(rl, optim, loop, model_config, logits_fn, mesh, params, ref)
     state = TrainState.create(params, trainer.tx, seed=loop.seed)
     return trainer, trainer.place_state(state), trainer.place_ref(ref)
+
+
+def _tree_bytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def _timed(times: dict[str, float], name: str, fn: Callable, *args):
@@ -322,18 +347,18 @@ class _LateStep:
         self.times: dict[str, float] = {}
         self.held: tuple | None = None
 
-    def hold(self, step: int, metrics: Any, counts: Mapping[str, int], ro: Rollouts, scores, valid) -> None:
+    def hold(self, step: int, metrics: Any, counts: Mapping[str, int], ro: Rollouts, scores, valid, infos=()) -> None:
         host = {**self.times, "reward_timeouts": counts["timeouts"], "reward_exceptions": counts["exceptions"]}
         self.times = {}
-        self.held = (step, metrics, host, ro, scores, valid)
+        self.held = (step, metrics, host, ro, scores, valid, tuple(infos))
 
     def flush(self) -> None:
         if self.held is None:
             return
-        step, dev, host, ro, scores, valid = self.held
+        step, dev, host, ro, scores, valid, infos = self.held
         self.held = None
         record = {k: (v.item() if hasattr(v, "item") else v) for k, v in {**jax.device_get(dev), **host}.items()}
         if self.step_hooks:
-            record.update(run_step_hooks(self.step_hooks, StepView(step, self.prompts, ro, scores, valid, record)))
+            record.update(run_step_hooks(self.step_hooks, StepView(step, self.prompts, ro, scores, valid, record, infos)))
         self.logger.write(step, record)
         self.logger.bar.update(1)

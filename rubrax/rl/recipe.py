@@ -20,6 +20,11 @@ A config file has these keys (every section optional except "model"):
                 kwargs.verifier is {"model": ..., ClientConfig fields, "mode": "all"}
     rl, sample, optim, loop, eval_sample
                 fields of RLConfig, SampleConfig, OptimConfig, LoopConfig, SampleConfig
+    gold        a gold monitor on the held-out prompts (rubrax.rl.monitor.GoldMonitor):
+                {"reward": {"name", "kwargs"}, "sample": SampleConfig fields (default: the
+                training sample with n=4), "patience", "min_delta", "keep_best",
+                "forecast_samples": n > 0 writes the theory's forecast from n base samples
+                per held-out prompt to OUT/forecast.jsonl before training (rubrax.forecast)}
 Keys starting with "_" are comments. Unknown keys are errors naming the file and key.
 """
 
@@ -37,7 +42,7 @@ from rubrax.rl.step import RLConfig
 
 MODEL_SETTINGS = ("dtype", "param_dtype", "remat", "attention", "attention_block")
 _TOP_KEYS = ("model", "tiny_model", "model_settings", "model_shape", "train", "dataset", "split", "eval", "toy_prompts", "epochs", "reward", "rl",
-             "sample", "optim", "loop", "eval_sample")
+             "sample", "optim", "loop", "eval_sample", "gold")
 
 
 def _build(cls, section: Mapping[str, Any], where: str, **defaults):
@@ -75,6 +80,7 @@ class GRPORecipe:
     epochs: float | None = None
     reward: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"name": "target_word"})
     eval_sample: Any = None
+    gold: Mapping[str, Any] | None = None  # {"reward", "sample", "monitor"} (parsed)
     source: str = "<config>"
 
     def loop_config(self, num_prompts: int, **overrides: Any) -> LoopConfig:
@@ -125,8 +131,25 @@ def parse_recipe(config: Mapping[str, Any], source: str = "<config>") -> GRPORec
     if config.get("model_shape") is not None and config["model_shape"] not in SHAPES:
         raise ValueError(f"{source}: model_shape={config['model_shape']!r} is not one of {sorted(SHAPES)}")
     top = {k: config[k] for k in ("model_shape", "tiny_model", "train", "dataset", "split", "eval", "toy_prompts", "epochs") if k in config}
+    gold = _parse_gold(config["gold"], sample, source) if "gold" in config else None
     return GRPORecipe(model=config["model"], model_settings=settings, rl=rl, sample=sample, optim=optim, loop=loop, reward=reward,
-                      eval_sample=eval_sample, source=source, **top)
+                      eval_sample=eval_sample, gold=gold, source=source, **top)
+
+
+def _parse_gold(section: Mapping[str, Any], sample: Any, source: str) -> dict[str, Any]:
+    from rubrax.policy import SampleConfig
+    from rubrax.rl.monitor import GoldMonitorConfig
+
+    section = {k: v for k, v in section.items() if not k.startswith("_")}
+    reward = dict(section.pop("reward", {}))
+    if "name" not in reward or set(reward) - {"name", "kwargs"}:
+        raise ValueError(f"{source}: gold.reward must be {{\"name\": ..., \"kwargs\": {{...}}}}, got {sorted(reward)}")
+    gold_sample = _build(SampleConfig, section.pop("sample", {}), f"{source}: gold.sample", **{**dataclasses.asdict(sample), "n": 4})
+    forecast_samples = section.pop("forecast_samples", 0)
+    if isinstance(forecast_samples, bool) or not isinstance(forecast_samples, int) or forecast_samples < 0:
+        raise ValueError(f"{source}: gold.forecast_samples must be an int >= 0, got {forecast_samples!r}")
+    monitor = _build(GoldMonitorConfig, section, f"{source}: gold")
+    return {"reward": reward, "sample": gold_sample, "monitor": monitor, "forecast_samples": forecast_samples}
 
 
 def load_recipe(path: str | os.PathLike) -> GRPORecipe:
@@ -229,8 +252,24 @@ def build_reward(spec: Mapping[str, Any]):
     return get_reward(spec["name"], **kwargs)
 
 
-def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, **loop_overrides: Any):
-    """Loads everything the recipe names and trains; returns loop.TrainResult."""
+def reward_clients(fn: Any) -> list[Any]:
+    """The endpoint clients a reward function holds (an LLM verifier's; components of a
+    weighted sum), for the end-of-run summary of calls, cache hits, tokens and cost."""
+    client = getattr(getattr(fn, "verifier", None), "client", None)
+    found = [client] if client is not None and hasattr(client, "stats") else []
+    for inner in list(getattr(fn, "fns", ())) + [getattr(fn, "inner", None)]:
+        if inner is not None:
+            found += [c for c in reward_clients(inner) if all(c is not f for f in found)]
+    return found
+
+
+def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, reward_fn: Any = None, make_hooks: Any = None, **loop_overrides: Any):
+    """Loads everything the recipe names and trains; returns loop.TrainResult.
+
+    `reward_fn`: the reward already built from recipe.reward (a caller that reads its
+    endpoint counters afterwards); default: built here. The loop closes it at the end.
+    `make_hooks(tokenizer, model_config) -> [EvalHook]`: more eval hooks (they need the
+    tokenizer and model this function loads)."""
     from rubrax.rl.hooks import reward_eval_hook
     from rubrax.rl.loop import train
     from rubrax.rl.prompts import load_prompts
@@ -243,14 +282,38 @@ def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, **loop_overrides: Any
     chat = bool(recipe.loop.get("chat_template", True))
     prompts = load_prompts(records, tok, max_prompt_tokens=max_prompt, chat_template=chat)
     loop = recipe.loop_config(len(prompts), out_dir=out_dir, **loop_overrides)
-    reward_fn = build_reward(recipe.reward)
+    reward_fn = build_reward(recipe.reward) if reward_fn is None else reward_fn
     hooks = []
     if recipe.eval is not None or recipe.train is None:
         held = toy_prompts(16, seed=seed + 1) if recipe.eval is None else _records(recipe.eval, recipe, "test")
         eval_sample = recipe.eval_sample or dataclasses.replace(recipe.sample, n=1, temperature=0.0)
         hooks.append(reward_eval_hook(load_prompts(held, tok, max_prompt_tokens=max_prompt, chat_template=chat), reward_fn, tok,
                                       model_config, eval_sample, max_prompt_tokens=max_prompt))
+    if recipe.gold is not None:
+        from rubrax.rl.monitor import GoldMonitor
+
+        held = toy_prompts(16, seed=seed + 1) if recipe.eval is None else _records(recipe.eval, recipe, "test")
+        held = load_prompts(held, tok, max_prompt_tokens=max_prompt, chat_template=chat)
+        gold_fn = build_reward(recipe.gold["reward"])
+        if recipe.gold["forecast_samples"] and out_dir and not os.path.exists(os.path.join(out_dir, "forecast.jsonl")):
+            _write_forecast(recipe, held, gold_fn, reward_fn, params, model_config, tok, max_prompt, out_dir)
+        hooks.append(GoldMonitor(held, gold_fn, reward_fn, tok, model_config, recipe.gold["sample"], max_prompt_tokens=max_prompt,
+                                 ref_params=params, out_dir=out_dir, config=recipe.gold["monitor"]))
+    if make_hooks is not None:
+        hooks += list(make_hooks(tok, model_config))
     run_config = {"source": recipe.source, "model": recipe.model, "rl": dataclasses.asdict(recipe.rl),
                   "optim": dataclasses.asdict(recipe.optim), "reward": recipe.reward.get("name")}
     return train(params=params, model_config=model_config, tokenizer=tok, reward_fn=reward_fn, prompts=prompts, rl=recipe.rl,
                  sample=recipe.sample, optim=recipe.optim, loop=loop, eval_hooks=hooks, run_config=run_config)
+
+
+def _write_forecast(recipe: GRPORecipe, held: Any, gold_fn: Any, reward_fn: Any, params: Any, model_config: Any, tok: Any,
+                    max_prompt: int, out_dir: str) -> None:
+    """The theory's forecast from base samples of the held-out prompts (before training)."""
+    from rubrax import forecast
+
+    cfg = dataclasses.replace(recipe.gold["sample"], n=recipe.gold["forecast_samples"])
+    samples = forecast.sample_base(params, held, tok, model_config, cfg, max_prompt_tokens=max_prompt)
+    rows = forecast.forecast(gold_fn, reward_fn, held.texts, samples, columns=held.columns, label=recipe.reward.get("name", "proxy"))
+    os.makedirs(out_dir, exist_ok=True)
+    forecast.write_forecast(out_dir, rows)

@@ -78,7 +78,15 @@ class RLConfig:
         from the model's, e.g. top-k/top-p truncation).
     temperature: logits are divided by it before every log-softmax (TRL's convention).
         `rubrax.policy.sample` records temperature-1 logprobs, so a temperature other
-        than 1 requires behaviour_logprobs="recompute".
+        than 1 requires behaviour_logprobs="recompute" (or an importance correction fed
+        with the sampler's `sampling_logprobs`).
+    importance_correction: "none" | "token_tis" | "sequence_mis" (`rubrax.rl.losses.
+        importance_weights`): the batch's behaviour logprobs are then the sampler's mu
+        (`SampleOutput.sampling_logprobs`: tempered, top-k / top-p truncated), the PPO
+        ratio is taken against the trainer's own logprobs pi_old at the start of the
+        update (one more forward pass), and each token's PPO loss is weighted by the
+        truncated (token) or masked (sequence) ratio pi_old / mu, capped at
+        importance_cap. Needs behaviour_logprobs="sampler" (the batch carries mu).
     """
 
     group_size: int
@@ -97,6 +105,8 @@ class RLConfig:
     grad_accum: int = 1
     behaviour_logprobs: str = "sampler"
     temperature: float = 1.0
+    importance_correction: str = "none"
+    importance_cap: float = 2.0
 
     def __post_init__(self) -> None:
         adv_lib.get_advantage_fn(self.advantage)
@@ -115,10 +125,17 @@ class RLConfig:
             raise ValueError(f"RLConfig.behaviour_logprobs must be 'sampler' or 'recompute', got {self.behaviour_logprobs!r}")
         if not self.temperature > 0:
             raise ValueError(f"RLConfig.temperature must be > 0, got {self.temperature}")
-        if self.temperature != 1.0 and self.behaviour_logprobs == "sampler":
+        if self.temperature != 1.0 and self.behaviour_logprobs == "sampler" and self.importance_correction == "none":
             # rubrax.policy.sample records temperature-1 logprobs; a tempered numerator
             # against them would be a biased ratio.
-            raise ValueError("RLConfig.temperature != 1 needs behaviour_logprobs='recompute'")
+            raise ValueError("RLConfig.temperature != 1 needs behaviour_logprobs='recompute' or an importance_correction")
+        if self.importance_correction not in losses.IMPORTANCE_CORRECTIONS:
+            raise ValueError(f"RLConfig.importance_correction must be one of {losses.IMPORTANCE_CORRECTIONS}, got {self.importance_correction!r}")
+        if not self.importance_cap >= 1.0:
+            raise ValueError(f"RLConfig.importance_cap must be >= 1, got {self.importance_cap}")
+        if self.importance_correction != "none" and self.behaviour_logprobs != "sampler":
+            raise ValueError("RLConfig.importance_correction needs behaviour_logprobs='sampler': the batch carries the "
+                             "sampler's logprobs mu, the update recomputes pi_old itself")
 
     @property
     def upper_clip(self) -> float:
@@ -189,6 +206,8 @@ def _micro_loss(params, mb: dict, norms: dict, *, cfg: RLConfig, logits_fn: Logi
     pg_BxT, ratio_BxT, clipped_BxT = losses.ppo_clipped_objective(
         logp_BxT, mb["behaviour_logp"], mb["adv"], clip_low=cfg.clip_low, clip_high=cfg.upper_clip
     )
+    if "is_weight" in mb:  # off-policy correction: stop-gradient weight pi_old / mu per token
+        pg_BxT = pg_BxT * mb["is_weight"]
     agg = functools.partial(losses.aggregate, mask_BxT=m_BxT, mode=cfg.loss_aggregation, **norms)
     pg_loss = agg(pg_BxT)
     loss = pg_loss
@@ -314,8 +333,14 @@ def _update(state, batch, ref_params, *, cfg: RLConfig, logits_fn: LogitsFn, tx,
         diff_BxT = jnp.abs(behaviour_BxT - sampler_BxT)
         metrics["sampler_logp_diff_mean"] = diff_BxT.sum() / jnp.maximum(loss_mask_BxT.sum(), 1.0)
         metrics["sampler_logp_diff_max"] = diff_BxT.max()
+    is_weight = None
+    if cfg.importance_correction != "none":
+        behaviour_BxT, is_weight, is_metrics = _importance_correction(scored(state.params), behaviour_BxT, loss_mask_BxT, cfg=cfg)
+        metrics.update(is_metrics)
     rewards_B = batch.rewards_B.astype(jnp.float32)
     data = {"tokens": batch.tokens_BxT, "mask": batch.mask_BxT, "loss_mask": loss_mask_BxT, "behaviour_logp": behaviour_BxT}
+    if is_weight is not None:
+        data["is_weight"] = is_weight
     if cfg.kl_coef > 0:
         data["ref_logp"] = jax.lax.stop_gradient(scored(ref_params)) * loss_mask_BxT
         rewards_B, ref_metrics = _reference_terms(cfg, rewards_B, valid_B, behaviour_BxT, data["ref_logp"], loss_mask_BxT)
@@ -342,6 +367,20 @@ def _update(state, batch, ref_params, *, cfg: RLConfig, logits_fn: LogitsFn, tx,
     metrics.update(_summarise(sums, cfg, batch, valid_B, data["adv"], loss_mask_BxT))
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
     return new_state, metrics
+
+
+def _importance_correction(old_logp_BxT, mu_BxT, loss_mask_BxT, *, cfg: RLConfig):
+    """(pi_old logprobs, the PPO anchor; weights pi_old / mu; mismatch metrics) from the
+    trainer's no-gradient pass at the start of the update and the sampler's logprobs mu."""
+    old_BxT = jax.lax.stop_gradient(old_logp_BxT) * loss_mask_BxT
+    w_BxT, stats = losses.importance_weights(old_BxT, mu_BxT, loss_mask_BxT, mode=cfg.importance_correction, cap=cfg.importance_cap)
+    per = jnp.maximum(loss_mask_BxT.sum(), 1.0) if cfg.importance_correction == "token_tis" else jnp.maximum(stats["rows"], 1.0)
+    metrics = {
+        "is_log_ratio_abs_mean": stats["log_ratio_abs"] / jnp.maximum(loss_mask_BxT.sum(), 1.0),
+        "is_log_ratio_abs_max": stats["log_ratio_abs_max"],
+        "is_truncated_frac": stats["truncated"] / per,  # tokens (token_tis) or sequences (sequence_mis)
+    }
+    return old_BxT, w_BxT, metrics
 
 
 def _reference_terms(cfg: RLConfig, rewards_B, valid_B, behaviour_BxT, ref_logp_BxT, loss_mask_BxT):
@@ -389,13 +428,22 @@ def _summarise(sums: dict, cfg: RLConfig, batch: RolloutBatch, valid_B, adv_B, l
     out["reward_mean"] = mean
     out["reward_std"] = jnp.sqrt(_masked_mean((rewards_B - mean) ** 2, valid_B))
     out["reward_invalid"] = jnp.sum(~valid_B).astype(jnp.int32)
+    out["reward_invalid_frac"] = jnp.mean(~valid_B)
     out["zero_var_frac"] = adv_lib.zero_variance_fraction(rewards_B, valid_B, group_size=cfg.group_size, eps=cfg.adv_eps)
     out["adv_abs_mean"] = _masked_mean(jnp.abs(adv_B), valid_B)
     lengths_B = batch.loss_mask_BxT.astype(jnp.float32).sum(axis=1)
     out["response_len_mean"] = lengths_B.mean()
     out["response_len_max"] = lengths_B.max()
+    out["reward_len_corr"] = _masked_corr(rewards_B, lengths_B, valid_B)  # length bias of the reward
     return out
 
+
+def _masked_corr(x_B, y_B, m_B):
+    """Pearson correlation over the rows of m_B; NaN when either side is constant there."""
+    mx, my = _masked_mean(x_B, m_B), _masked_mean(y_B, m_B)
+    cov = _masked_mean((x_B - mx) * (y_B - my), m_B)
+    var = _masked_mean((x_B - mx) ** 2, m_B) * _masked_mean((y_B - my) ** 2, m_B)
+    return jnp.where(var > 0, cov / jnp.sqrt(jnp.where(var > 0, var, 1.0)), jnp.nan)
 
 
 # --------------------------------------------------------------------------- jit
