@@ -11,10 +11,12 @@ The RL update and the rollout sampler are compiled ahead of time from abstract s
 is allocated) with exactly the functions, settings and shardings the run uses
 (`rubrax.rl.step.make_update`, `rubrax.sharding.state_sharding`, `rubrax.policy`'s
 sampler), then XLA's own accounting is read: `compiled.memory_analysis()` for memory and
-`compiled.cost_analysis()` for FLOPs. Per device:
+`compiled.cost_analysis()` for FLOPs (which counts a loop body once, so the table shows
+`model_flops`, the analytic count, and the JSON both). Per device:
 
     params / optimizer / reference   this device's shards of the state (exact)
-    kv cache                         the sampler's [L, R, K, S, Dh] cache shard (exact)
+    kv cache                         the sampler's [L, R, K, S, Dh] cache shard (exact; it is
+                                     created inside the program, so part of temporaries)
     batch + outputs                  arguments and outputs besides the above, minus donation
     temporaries                      XLA's temp buffers: activations, gradients, gathers
     peak                             arguments + outputs - aliased (donated) + temporaries
@@ -54,6 +56,18 @@ KNOBS = ("rows per device (loop.prompts_per_step, rl.grad_accum, rl.num_minibatc
          "devices (more devices, loop.fsdp true)")
 
 
+def model_flops(config, *, tokens: int, T: int, backward: bool) -> float:
+    """Model FLOPs of `tokens` tokens in sequences of T (the MFU convention: 2 per
+    multiply-add of every weight matmul, plus causal attention's QK and PV at mean context
+    T / 2; x3 with the backward pass; recomputation not counted)."""
+    c = config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    per_layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    matmul = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
+    attn = c.num_hidden_layers * 2 * q * T  # 2 matmuls x 2 flops x T/2 mean context
+    return (3.0 if backward else 1.0) * tokens * (2.0 * matmul + attn)
+
+
 @dataclasses.dataclass(frozen=True)
 class ProgramPlan:
     """One compiled program's per-device bytes (see module docstring) and its cost."""
@@ -66,7 +80,8 @@ class ProgramPlan:
     other_io: int
     temporaries: int
     peak: int
-    flops: float
+    flops: float  # XLA's cost_analysis, per device: loop bodies (layer scan) counted once
+    model_flops: float  # per device, `model_flops`
     tokens: int
     compile_s: float
 
@@ -87,12 +102,12 @@ class Plan:
 
     def table(self) -> str:
         cols = ("params", "optimizer", "reference", "kv_cache", "other_io", "temporaries", "peak")
-        head = f"{'program':<10}" + "".join(f"{c:>13}" for c in cols) + f"{'fits':>6}{'TFLOP/step':>12}{'tokens':>9}"
+        head = f"{'program':<10}" + "".join(f"{c:>13}" for c in cols) + f"{'fits':>6}{'model TFLOP':>13}{'tokens':>9}"
         rows = [head]
         for p in self.programs:
-            cells = "".join(f"{getattr(p, c) / GB:>10.2f} GB" for c in cols)
+            cells = "".join(f"{_size(getattr(p, c)):>13}" for c in cols)
             rows.append(f"{p.name:<10}{cells}{'yes' if p.peak <= self.device_memory else 'NO':>6}"
-                        f"{p.flops / 1e12:>12.2f}{p.tokens:>9}")
+                        f"{p.model_flops / 1e12:>13.2f}{p.tokens:>9}")
         settings = " ".join(f"{k}={v}" for k, v in self.settings.items())
         return (f"{self.source}: {self.devices} {self.platform} devices planned for {self.target}, "
                 f"{self.device_memory / GB:.0f} GB each; per device:\n" + "\n".join(rows) + f"\nsettings: {settings}")
@@ -119,6 +134,10 @@ class Plan:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _size(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.2f} MB"
 
 
 def _shard_bytes(tree: Any) -> int:
@@ -151,13 +170,14 @@ def _flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def _program(name: str, compiled, *, params=0, optimizer=0, reference=0, kv_cache=0, tokens=0, compile_s=0.0):
+def _program(name: str, compiled, *, params=0, optimizer=0, reference=0, kv_cache=0, tokens=0, model_flops=0.0,
+             compile_s=0.0):
     m = compiled.memory_analysis()
     args, out, alias = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes
     peak = args + out - alias + m.temp_size_in_bytes
     other = args + out - alias - params - optimizer - reference
     return ProgramPlan(name, params, optimizer, reference, kv_cache, other, m.temp_size_in_bytes, peak,
-                       _flops(compiled), tokens, compile_s)
+                       _flops(compiled), model_flops, tokens, compile_s)
 
 
 def planned_config(config, *, target: str, platform: str, T: int):
@@ -219,7 +239,8 @@ def plan_update(config, rl, optim, *, rows: int, width: int, completion: int, me
     compiled = _compile(fn.lower(abstract_state, batch, ref), platform)
     return _program("update", compiled, params=_shard_bytes(abstract_state.params),
                     optimizer=_shard_bytes(abstract_state.opt_state), reference=_shard_bytes(ref) if ref else 0,
-                    tokens=rows * T, compile_s=time.perf_counter() - t0)
+                    tokens=rows * T, compile_s=time.perf_counter() - t0,
+                    model_flops=model_flops(config, tokens=rows * T, T=T, backward=True) / mesh.size)
 
 
 def plan_sampler(config, sample, *, prompts: int, width: int, mesh, fsdp: bool, platform: str) -> ProgramPlan:
@@ -247,7 +268,8 @@ def plan_sampler(config, sample, *, prompts: int, width: int, mesh, fsdp: bool, 
     kv = 2 * config.num_hidden_layers * (R // mesh.size) * config.num_key_value_heads * S * config.head_dim \
         * jnp.dtype(config.dtype).itemsize
     return _program("sampler", compiled, params=_shard_bytes(params), kv_cache=int(kv),
-                    tokens=R * sample.max_new_tokens, compile_s=time.perf_counter() - t0)
+                    tokens=R * sample.max_new_tokens, compile_s=time.perf_counter() - t0,
+                    model_flops=model_flops(config, tokens=R * S, T=S, backward=False) / mesh.size)
 
 
 # --------------------------------------------------------------------------- recipes
@@ -308,7 +330,8 @@ def _plan_parsed(recipe, pool, *, device_memory_gb, platform, fake: bool) -> Pla
                                       T=width + completion)
     rows = loop.prompts_per_step * recipe.rl.group_size
     micro = recipe.rl.num_minibatches * recipe.rl.grad_accum
-    settings |= {"rows_per_device": rows / (mesh.size * micro), "grad_accum": recipe.rl.grad_accum,
+    per_device = rows / (mesh.size * micro)
+    settings |= {"rows_per_device": int(per_device) if per_device == int(per_device) else per_device, "grad_accum": recipe.rl.grad_accum,
                  "fsdp": loop.fsdp, "T": width + completion}
     update = plan_update(config, recipe.rl, recipe.optim, rows=rows, width=width, completion=completion,
                          mesh=mesh, fsdp=loop.fsdp, total_steps=loop.total_steps, platform=here)
@@ -378,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
     print(plan.table())
     update, sampler = plan.programs
     print(f"fits={'yes' if plan.fits else 'no'} update_peak_gb={update.peak / GB:.2f} "
-          f"sampler_peak_gb={sampler.peak / GB:.2f} update_tflops={update.flops / 1e12:.2f}")
+          f"sampler_peak_gb={sampler.peak / GB:.2f} update_model_tflop={update.model_flops / 1e12:.2f}")
     return 0 if plan.fits else 1
 
 

@@ -457,7 +457,7 @@ def forward_with_cache_unrolled(params_u: Params, tokens_BxT: jax.Array, positio
     dt, pdt = jnp_dtype(c.dtype), jnp_dtype(c.param_dtype)
     h = jnp.take(params_u["embed_tokens"]["embedding"], tokens_BxT, axis=0).astype(dt)
     cos, sin = rope_cos_sin(positions_BxT, c)
-    layer = DecoderLayer(c)
+    layer = _layer_class(c)(c)
     for i, layer_params in enumerate(params_u["layers"]):
         (h, cache), _ = layer.apply({"params": layer_params}, (h, cache), cos, sin, kv_mask_BxS,
                                     cache_index, i)

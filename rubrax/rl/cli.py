@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after", type=arg_type("int", low=1), default=None, help="stop this invocation after that many total steps")
     add_run_flags(p)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device-memory", type=float, default=None, metavar="GB",
+                   help="memory per device for the fit check that runs before any weights load (`rubrax plan`; "
+                        "default: the accelerators' own; on CPU the check runs only with this flag)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: jax.distributed.initialize() first (cluster auto-detection: SLURM, Open MPI, "
                         "TPU pods, ...; or --coordinator/--num-processes/--process-id)")
@@ -98,11 +101,14 @@ def run(args: argparse.Namespace) -> int:
     from rubrax.runs import RunError
 
     try:
-        recipe = _recipe(args, read_config(args.config))
+        config, recipe = _recipe(args, read_config(args.config))
         reward = build_reward(recipe.reward, source=recipe.source)
     except (ValueError, FileNotFoundError) as err:  # a bad config (RecipeError too): say where, before anything runs
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from rubrax.plan import check_fits
+
+    check_fits(config, source=args.config, device_memory_gb=getattr(args, "device_memory", None))  # before any weights load
     try:
         result = run_recipe(recipe, out_dir=args.out, reward_fn=reward, stop_after=args.stop_after,
                             progress=False if args.no_progress else None, restart=args.restart, allow_changed=args.allow_changed)
@@ -118,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+def _recipe(args: argparse.Namespace, config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(the config with --set / --steps applied, its parsed recipe)."""
     from rubrax.rl.recipe import parse_recipe
 
     try:
@@ -127,7 +134,7 @@ def _recipe(args: argparse.Namespace, config: dict[str, Any]) -> Any:
         raise ValueError(f"{args.config}: {err}") from None
     if args.steps is not None:
         config.setdefault("loop", {})["total_steps"] = args.steps
-    return parse_recipe(config, args.config + (" (with --set)" if args.set else ""))
+    return config, parse_recipe(config, args.config + (" (with --set)" if args.set else ""))
 
 
 def export(args: argparse.Namespace) -> int:
