@@ -57,9 +57,14 @@ def run_rubrax(args) -> dict:
     from rubrax.hostmem import release_host_memory
     from rubrax.policy import SampleConfig
     from rubrax.rewards.base import as_reward_fn
-    from rubrax.rl.loop import LoopConfig, _layout, _Sampler, load_prompts, reward_inputs
+    from rubrax.rl.batch import make_batch
+    from rubrax.rl.loop import LoopConfig, _layout
+    from rubrax.rl.prompts import load_prompts
+    from rubrax.rl.reward_runner import reward_inputs
+    from rubrax.rl.rollouts import RolloutSampler
     from rubrax.rl.state import TrainState
-    from rubrax.rl.step import RLConfig, Trainer, make_batch, make_mesh, model_logits_fn
+    from rubrax.rl.step import RLConfig, Trainer, model_logits_fn
+    from rubrax.sharding import make_mesh
     from rubrax.train.optim import OptimConfig, make_optimizer
 
     path = models.smollm2_checkpoint()
@@ -83,7 +88,8 @@ def run_rubrax(args) -> dict:
     ref = params  # the state gets its own copy; the reference shares the loaded buffers (as in train())
     trainer = Trainer(rl, model_logits_fn(config), tx, state, ref, mesh=make_mesh(jax.devices()[:1]))
     state, ref = trainer.place_state(state), trainer.place_ref(ref)
-    sampler = _Sampler(prompts, tok, config, sample, loop, np.asarray(state.key))
+    sampler = RolloutSampler(prompts, tok, config, sample, np.asarray(state.key), prompts_per_step=P,
+                             max_prompt_tokens=args.prompt_tokens, prompt_bucket=args.prompt_bucket)
     fn = as_reward_fn(reward_fn)
     times = []
     for step in range(loop.total_steps):

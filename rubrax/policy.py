@@ -429,7 +429,7 @@ def sample(params, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, cfg: Samp
     `rubrax.models.unstack_layers(params)` or `decode_params`' output. All give the same
     samples (tested).
 
-    Data parallel: with `mesh` (a `jax.sharding.Mesh`, e.g. `rubrax.rl.step.make_mesh()`,
+    Data parallel: with `mesh` (a `jax.sharding.Mesh`, e.g. `rubrax.sharding.make_mesh()`,
     1-D or 2-D), the rows are padded to a multiple of the device count and split over all
     of its axes: each device decodes its own rows with its own KV cache, and `params`
     must already live on that mesh (replicated, or FSDP-sharded, as the RL trainer places

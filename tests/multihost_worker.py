@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_rl_step as t  # noqa: E402
 
 from rubrax.rl.state import TrainState  # noqa: E402
-from rubrax.rl.step import Trainer, local_rows, make_mesh  # noqa: E402
+from rubrax.rl.step import Trainer  # noqa: E402
+from rubrax.sharding import local_rows, make_mesh  # noqa: E402
 
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 if mode == "loop":

@@ -257,7 +257,7 @@ def test_sharded_load_reads_each_shard_straight_into_its_device(tmp_path, monkey
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from rubrax.models.checkpoint import LazyTensors
-    from rubrax.rl.step import param_sharding
+    from rubrax.sharding import param_sharding
 
     config = FAMILIES["llama3"]
     save_pretrained(random_params(config, 5), config, tmp_path, max_shard_bytes=60_000)

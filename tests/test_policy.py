@@ -250,7 +250,7 @@ def test_sampling_split_over_eight_devices_equals_one_device(params, layer_loop,
     the outputs really are split."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from rubrax.rl.step import param_sharding
+    from rubrax.sharding import param_sharding
 
     assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
@@ -275,7 +275,7 @@ def test_prefix_sharing_samples_the_same_as_one_prefill_per_row(params, devices)
     one device and FSDP over 8)."""
     from jax.sharding import Mesh
 
-    from rubrax.rl.step import param_sharding
+    from rubrax.sharding import param_sharding
 
     tokens, mask = left_padded([[5, 6, 7], [9, 10, 11, 12, 13], [3]], 5)
     cfg = SampleConfig(max_new_tokens=7, temperature=1.0, n=4, stop_token_ids=(), batch_bucket=5)
@@ -332,7 +332,7 @@ def test_decode_loop_runs_no_per_token_weight_gather_under_fsdp(params, layer_lo
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from rubrax.policy import decode_params
-    from rubrax.rl.step import param_sharding
+    from rubrax.sharding import param_sharding
 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     fsdp = jax.device_put(params, param_sharding(params, mesh, fsdp=True))

@@ -11,8 +11,11 @@ import pytest
 from rubrax.models import ModelConfig, init_params
 from rubrax.policy import SampleConfig
 from rubrax.rewards.base import RewardBatch, RewardFnBase
-from rubrax.rl.loop import LoopConfig, load_prompts, reward_eval_hook, train, winrate_eval_hook
-from rubrax.rl.step import RLConfig, make_mesh
+from rubrax.rl.hooks import reward_eval_hook, winrate_eval_hook
+from rubrax.rl.loop import LoopConfig, train
+from rubrax.rl.prompts import load_prompts
+from rubrax.rl.step import RLConfig
+from rubrax.sharding import make_mesh
 from rubrax.rl.toy import TargetWordReward, toy_prompts, toy_tokenizer
 from rubrax.train.metrics import read_metrics
 from rubrax.train.optim import OptimConfig
@@ -172,10 +175,11 @@ def test_prompt_bucket_trims_padding_without_changing_the_run():
     trim = run(2, rl=rl, max_prompt_tokens=16, prompt_bucket=4)
     assert_same_run(wide, trim)
     # the update saw the narrow batch: the sampler hands out prompt blocks of width 4 or 8
-    from rubrax.rl.loop import _Sampler
+    from rubrax.rl.rollouts import RolloutSampler
 
     prompts = load_prompts(toy_prompts(64), TOK, max_prompt_tokens=16)
-    sampler = _Sampler(prompts, TOK, CONFIG, SAMPLE, LoopConfig(total_steps=2, prompts_per_step=4, max_prompt_tokens=16, prompt_bucket=4), np.asarray(jax.random.PRNGKey(0)))
+    sampler = RolloutSampler(prompts, TOK, CONFIG, SAMPLE, np.asarray(jax.random.PRNGKey(0)), prompts_per_step=4, max_prompt_tokens=16,
+                             prompt_bucket=4)
     ro = sampler(0, trim.state.params)
     longest = max(len(prompts.tokens[i]) for i in ro.indices)
     assert ro.prompt_tokens.shape[1] == -(-longest // 4) * 4 < 16

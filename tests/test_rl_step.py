@@ -16,7 +16,9 @@ import optax
 import pytest
 
 from rubrax.rl.state import TrainState
-from rubrax.rl.step import RLConfig, RolloutBatch, Trainer, make_mesh, update
+from rubrax.rl.batch import RolloutBatch
+from rubrax.rl.step import RLConfig, Trainer, update
+from rubrax.sharding import make_mesh
 
 V, T, G, P = 8, 6, 4, 4  # vocab, sequence length, group size, prompts
 B = G * P
@@ -331,7 +333,7 @@ def test_update_with_fused_model_head_equals_unfused(prompt_width):
 def test_make_batch_layout_by_hand():
     """make_batch: prompts repeated per group, completions appended, loss mask only on
     completion tokens, behaviour logprobs zeroed off the completion, static prompt width."""
-    from rubrax.rl.step import make_batch
+    from rubrax.rl.batch import make_batch
 
     prompt = np.array([[0, 5, 6], [7, 8, 9]])
     pmask = np.array([[0, 1, 1], [1, 1, 1]])
@@ -347,6 +349,6 @@ def test_make_batch_layout_by_hand():
     assert b.prompt_width == 3
     assert b.valid_B.tolist() == [True, True, False, True]
     # static: survives placement on a mesh
-    from rubrax.rl.step import make_mesh, shard_batch
+    from rubrax.sharding import make_mesh, shard_batch
 
     assert shard_batch(b, make_mesh(jax.devices()[:2])).prompt_width == 3

@@ -146,7 +146,7 @@ def hwm():
 base = hwm()
 from jax.sharding import Mesh
 from rubrax.models import load_pretrained
-from rubrax.rl.step import param_sharding
+from rubrax.sharding import param_sharding
 mesh = Mesh(np.asarray(jax.devices()), ("data",))
 params, _ = load_pretrained(path, shardings=lambda p: param_sharding(p, mesh, fsdp=True))
 size = sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20

@@ -5,15 +5,15 @@
                    optim=OptimConfig(...), loop=LoopConfig(...))
 
 One step k:
- 1. prompts: P records of a fixed shuffled order (epoch e is permutation
+ 1. prompts (rubrax.rl.prompts): P records of a fixed shuffled order (epoch e is permutation
     `default_rng([seed, e])`, so the records of step k depend only on k and the seed);
     tokenised once at start-up (chat template by default), left-padded to the fixed
     width `max_prompt_tokens` so every batch has the same shape (one compilation), or,
     with `prompt_bucket`, to the batch's longest prompt rounded up to that multiple
     (one compilation per width; short prompts then cost no padded compute);
- 2. rollouts: `rubrax.policy.sample` draws G = rl.group_size completions per prompt
+ 2. rollouts (rubrax.rl.rollouts): `rubrax.policy.sample` draws G = rl.group_size completions per prompt
     with key fold_in(fold_in(root, k), SAMPLE_STREAM);
- 3. rewards: the reward function's async form, called concurrently on chunks of
+ 3. rewards (rubrax.rl.reward_runner): the reward function's async form, called concurrently on chunks of
     `reward_chunk_size` rows (default: one group), each under `reward_timeout_s`.
     A chunk that raises or times out becomes `valid=False` (counted in
     `reward_exceptions` / `reward_timeouts`, never a 0 reward); the update masks
@@ -34,38 +34,44 @@ Overlap (`LoopConfig.overlap`):
    Batch 0 is on-policy. The pre-sampled batch is saved with each checkpoint so
    a resumed run is the same run.
 
-Checkpoints: every `checkpoint_every` steps and at the end, the TrainState goes to
-<out_dir>/checkpoints/<step> (orbax, via rubrax.train.checkpoint); a run started
-with the same out_dir resumes from the latest one and, keys and data order being
-functions of the step, reproduces the uninterrupted run step for step.
-Metrics: <out_dir>/metrics.jsonl (+ TensorBoard under <out_dir>/tb, + W&B when
+Checkpoints (rubrax.rl.resume): every `checkpoint_every` steps and at the end, the
+TrainState goes to <out_dir>/checkpoints/<step> (orbax, via rubrax.train.checkpoint); a
+run started with the same out_dir resumes from the latest one and, keys and data order
+being functions of the step, reproduces the uninterrupted run step for step.
+Metrics (rubrax.rl.runlog): <out_dir>/metrics.jsonl (+ TensorBoard under <out_dir>/tb, + W&B when
 `wandb_project` is set and wandb is installed), written one step late so the host
 never waits on the device just to log.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from rubrax.hostmem import release_host_memory
-from rubrax.rewards.base import RewardBatch, as_reward_fn
-from rubrax.rl.state import SAMPLE_STREAM, TrainState, stream_key
-from rubrax.rl.step import RLConfig, Trainer, local_rows, make_batch, make_mesh, model_logits_fn
+from rubrax.rl.batch import make_batch
+from rubrax.rl.hooks import EvalHook
+from rubrax.rl.prompts import PromptSet, load_prompts
+from rubrax.rl.resume import RunCheckpoints
+from rubrax.rl.reward_runner import RewardRunner, fed_and_scored_rows, reward_inputs, sum_over_hosts
+from rubrax.rl.rollouts import RolloutSampler
+from rubrax.rl.runlog import RunLogger
+from rubrax.rl.state import TrainState
+from rubrax.rl.step import RLConfig, Trainer, model_logits_fn
+from rubrax.sharding import make_mesh
 
 log = logging.getLogger("rubrax.rl")
 
 OVERLAP_MODES = ("sync", "one_step_off_policy")
-EvalHook = Callable[[int, Any], Mapping[str, float]]
+
+
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -137,272 +143,6 @@ class LoopConfig:
             raise ValueError("LoopConfig: checkpoints (checkpoint_every / stop_after) need out_dir")
 
 
-# --------------------------------------------------------------------------- prompts
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptSet:
-    """Tokenised prompt records. texts: the prompt string handed to the reward function;
-    tokens: token ids per prompt; columns: the other record fields, by name."""
-
-    texts: tuple[str, ...]
-    tokens: tuple[tuple[int, ...], ...]
-    columns: Mapping[str, tuple[Any, ...]]
-    skipped: int = 0
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def indices(self, step: int, per_step: int, seed: int) -> np.ndarray:
-        """Record indices of step `step`: a stream of per-epoch permutations."""
-        n = len(self)
-        out = []
-        for pos in range(step * per_step, (step + 1) * per_step):
-            epoch, i = divmod(pos, n)
-            out.append(_epoch_permutation(n, seed, epoch)[i])
-        return np.asarray(out)
-
-
-_PERM_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
-
-
-def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    key = (n, seed, epoch)
-    if key not in _PERM_CACHE:
-        _PERM_CACHE.clear()  # only the current epoch is ever needed again
-        _PERM_CACHE[key] = np.random.default_rng([seed, epoch]).permutation(n)
-    return _PERM_CACHE[key]
-
-
-def _prompt_text(value: Any, source: str, line: int, field: str) -> str:
-    from rubrax.data.records import RecordError
-
-    if isinstance(value, str) and value.strip():
-        return value
-    if isinstance(value, list) and value and all(isinstance(m, Mapping) and "content" in m for m in value):
-        return str(value[-1]["content"])
-    raise RecordError(source, line, field, "must be a non-empty string or a list of chat messages")
-
-
-def load_prompts(
-    data: str | os.PathLike | Iterable[Mapping[str, Any]],
-    tokenizer: Any,
-    *,
-    max_prompt_tokens: int,
-    chat_template: bool = True,
-    prompt_field: str = "prompt",
-) -> PromptSet:
-    """Reads prompt records (JSONL path, list of dicts or a `datasets.Dataset`).
-
-    Each record needs `prompt_field` (a string or a list of {"role", "content"}
-    messages); other fields become reward columns. Errors name file, line and field.
-    """
-    from rubrax.data.records import RecordError, iter_source
-
-    texts, tokens, rows, skipped = [], [], [], 0
-    for source, line, rec in iter_source(data):
-        if prompt_field not in rec:
-            raise RecordError(source, line, prompt_field, "missing")
-        value = rec[prompt_field]
-        text = _prompt_text(value, source, line, prompt_field)
-        if chat_template and hasattr(tokenizer, "apply_chat_template"):
-            messages = value if isinstance(value, list) else [{"role": "user", "content": value}]
-            ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        else:
-            ids = list(tokenizer.encode(text))
-        if not ids or len(ids) > max_prompt_tokens:
-            skipped += 1
-            if skipped == 1:
-                log.warning("%s:%s: prompt of %d tokens skipped (max_prompt_tokens=%d)", source, line, len(ids), max_prompt_tokens)
-            continue
-        texts.append(text)
-        tokens.append(tuple(int(t) for t in ids))
-        rows.append({k: v for k, v in rec.items() if k != prompt_field})
-    if not texts:
-        raise ValueError(f"no usable prompts in {data!r} ({skipped} longer than max_prompt_tokens={max_prompt_tokens})")
-    names = sorted({k for r in rows for k in r})
-    columns = {k: tuple(r.get(k) for r in rows) for k in names}
-    return PromptSet(tuple(texts), tuple(tokens), columns, skipped)
-
-
-def left_pad(token_lists: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """[n, width] int32 tokens and mask, each row right-aligned (left padding)."""
-    tokens = np.full((len(token_lists), width), pad_id, np.int32)
-    mask = np.zeros((len(token_lists), width), np.int32)
-    for i, ids in enumerate(token_lists):
-        if len(ids) > width:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens > width {width}")
-        tokens[i, width - len(ids) :] = ids
-        mask[i, width - len(ids) :] = 1
-    return tokens, mask
-
-
-# --------------------------------------------------------------------------- rollouts
-
-
-@dataclasses.dataclass
-class Rollouts:
-    """One step's samples on the host (numpy), before rewards."""
-
-    step: int
-    indices: np.ndarray  # [P] record indices
-    prompt_tokens: np.ndarray  # [P, W]
-    prompt_mask: np.ndarray
-    tokens: np.ndarray  # [P*G, L]
-    logprobs: np.ndarray
-    mask: np.ndarray
-    completions: list[str]
-
-    def to_npz(self, path: str) -> None:
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, step=self.step, indices=self.indices, prompt_tokens=self.prompt_tokens, prompt_mask=self.prompt_mask,
-                 tokens=self.tokens, logprobs=self.logprobs, mask=self.mask, completions=np.asarray(self.completions, dtype=object))
-        os.replace(tmp, path)  # atomic: a crash never leaves half a file under the real name
-
-    @classmethod
-    def from_npz(cls, path: str) -> Rollouts:
-        with np.load(path, allow_pickle=True) as z:
-            return cls(int(z["step"]), z["indices"], z["prompt_tokens"], z["prompt_mask"], z["tokens"], z["logprobs"],
-                       z["mask"], [str(c) for c in z["completions"]])
-
-
-def decode_completion(tokenizer: Any, ids: np.ndarray, mask: np.ndarray, stop_ids: Sequence[int]) -> str:
-    """Text of one sampled completion: the masked tokens, a final stop token dropped."""
-    ids = [int(t) for t, m in zip(ids, mask) if m]
-    if ids and ids[-1] in stop_ids:
-        ids = ids[:-1]
-    try:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-    except TypeError:
-        return tokenizer.decode(ids)
-
-
-def _layout(params: Any, layout: str) -> Any:
-    """rubrax.models params in the requested layer layout (see LoopConfig.layer_layout)."""
-    from rubrax.models import llama
-
-    if not isinstance(params, dict) or "layers" not in params:
-        return params
-    if layout == "unstacked" or (layout == "auto" and jax.default_backend() == "cpu"):
-        return llama.unstack_layers(params)
-    return llama.stack_layers(params)
-
-
-class _Sampler:
-    """Draws the rollouts of a step: data order, padding, rubrax.policy.sample, decoding."""
-
-    def __init__(self, prompts: PromptSet, tokenizer, model_config, sample_cfg, loop: LoopConfig, root_key):
-        self.prompts, self.tokenizer, self.model_config = prompts, tokenizer, model_config
-        self.sample_cfg, self.loop, self.root_key = sample_cfg, loop, root_key
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = pad if pad is not None else (model_config.pad_token_id or 0)
-        stops = sample_cfg.stop_token_ids
-        self.stop_ids = tuple(model_config.eos_token_ids if stops is None else stops)
-
-    def __call__(self, step: int, params) -> Rollouts:
-        from rubrax import policy
-
-        idx = self.prompts.indices(step, self.loop.prompts_per_step, self.loop.seed)
-        rows = [self.prompts.tokens[i] for i in idx]
-        width = self.loop.max_prompt_tokens
-        if self.loop.prompt_bucket:
-            longest = max(len(r) for r in rows)
-            width = min(width, -(-longest // self.loop.prompt_bucket) * self.loop.prompt_bucket)
-        ptoks, pmask = left_pad(rows, width, self.pad_id)
-        key = stream_key(self.root_key, step, SAMPLE_STREAM)
-        out = jax.device_get(policy.sample(params, ptoks, pmask, key, self.sample_cfg, config=self.model_config))
-        tokens, logprobs, mask = (np.asarray(x) for x in out)
-        texts = [decode_completion(self.tokenizer, t, m, self.stop_ids) for t, m in zip(tokens, mask)]
-        return Rollouts(step, idx, ptoks, pmask, tokens, logprobs.astype(np.float32), mask.astype(np.int32), texts)
-
-
-# --------------------------------------------------------------------------- rewards
-
-
-class RewardRunner:
-    """Runs reward calls on an asyncio loop in a background thread, so the main thread
-    can sample (device work) while judges answer. Counts failures."""
-
-    def __init__(self, reward_fn: Any, *, timeout_s: float | None, chunk_size: int):
-        self.fn = as_reward_fn(reward_fn)
-        self.timeout_s, self.chunk_size = timeout_s, chunk_size
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="rubrax-rewards", daemon=True)
-        self._thread.start()
-
-    def submit(self, prompts: Sequence[str], completions: Sequence[str], columns: Mapping[str, Sequence[Any]]):
-        """Starts the reward computation; returns a Future of (RewardBatch, {"timeouts", "exceptions"})."""
-        return asyncio.run_coroutine_threadsafe(self._all(list(prompts), list(completions), dict(columns)), self._loop)
-
-    async def _one(self, prompts, completions, columns) -> tuple[RewardBatch, str | None]:
-        n = len(completions)
-        try:
-            out = await asyncio.wait_for(self.fn.acall(prompts, completions, **columns), self.timeout_s)
-            if len(out) != n:
-                raise ValueError(f"reward returned {len(out)} scores for {n} completions")
-            return out, None
-        except asyncio.TimeoutError:
-            return RewardBatch.invalid(n, f"timeout after {self.timeout_s}s"), "timeouts"
-        except Exception as err:  # a failing judge must not end a long run: the rows become invalid
-            return RewardBatch.invalid(n, f"{type(err).__name__}: {err}"), "exceptions"
-
-    async def _all(self, prompts, completions, columns):
-        c = self.chunk_size
-        calls = [
-            self._one(prompts[s : s + c], completions[s : s + c], {k: list(v[s : s + c]) for k, v in columns.items()})
-            for s in range(0, len(completions), c)
-        ]
-        parts = await asyncio.gather(*calls)
-        counts = {"timeouts": 0, "exceptions": 0}
-        for batch, failure in parts:
-            if failure:
-                counts[failure] += len(batch)
-                if counts[failure] == len(batch):
-                    log.warning("reward call failed (%s); its %d rows are masked: %s", failure, len(batch), batch.info[0].get("error"))
-        rb = RewardBatch(
-            np.concatenate([p.scores for p, _ in parts]),
-            np.concatenate([p.valid for p, _ in parts]),
-            tuple(i for p, _ in parts for i in p.info),
-        )
-        return rb, counts
-
-    def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        self._loop.close()
-
-
-def _fed_and_scored_rows(mesh, rows: int, group_size: int) -> tuple[slice, slice]:
-    """(rows this process feeds to the update, rows it scores). One host: all, all.
-    Several: its own rows (`local_rows`) for both, so judge calls are not repeated per
-    host, unless that block would split a group (group-aware rewards see whole groups:
-    then it scores all rows)."""
-    if jax.process_count() == 1:
-        return slice(None), slice(None)
-    fed = local_rows(mesh, rows)
-    whole_groups = fed.start % group_size == 0 and (fed.stop - fed.start) % group_size == 0
-    return fed, fed if whole_groups else slice(None)
-
-
-def _sum_over_hosts(counts: dict[str, int]) -> dict[str, int]:
-    from jax.experimental import multihost_utils
-
-    keys = sorted(counts)
-    totals = multihost_utils.process_allgather(np.asarray([counts[k] for k in keys], np.int64)).sum(axis=0)
-    return {k: int(v) for k, v in zip(keys, totals)}
-
-
-def reward_inputs(prompts: PromptSet, ro: Rollouts, group_size: int):
-    """(prompt texts, completions, columns) with every per-prompt field repeated G times."""
-    rows = np.repeat(ro.indices, group_size)
-    texts = [prompts.texts[i] for i in rows]
-    columns = {k: [v[i] for i in rows] for k, v in prompts.columns.items()}
-    return texts, ro.completions, columns
-
-
-# --------------------------------------------------------------------------- the loop
-
-
 @dataclasses.dataclass
 class TrainResult:
     """Final state (on device), the metrics records written by this invocation, and the
@@ -414,55 +154,15 @@ class TrainResult:
     trainer: Trainer
 
 
-class _Logger:
-    """JSONL (+TensorBoard, +W&B) metrics, a progress bar; host-side only."""
+def _layout(params: Any, layout: str) -> Any:
+    """rubrax.models params in the requested layer layout (see LoopConfig.layer_layout)."""
+    from rubrax.models import llama
 
-    def __init__(self, loop: LoopConfig, start: int, run_config: Mapping[str, Any] | None):
-        from tqdm.auto import tqdm
-
-        self.writer = None
-        primary = jax.process_index() == 0  # multi-host: one process writes metrics / W&B
-        if loop.out_dir and primary:
-            from rubrax.train.metrics import MetricsWriter
-
-            tb = os.path.join(loop.out_dir, "tb") if loop.tensorboard else None
-            self.writer = MetricsWriter(os.path.join(loop.out_dir, "metrics.jsonl"), tensorboard_dir=tb)
-        self.wandb = None
-        if loop.wandb_project and primary:
-            try:
-                import wandb
-            except ImportError:
-                log.warning("wandb_project=%r but wandb is not installed; logging to JSONL/TensorBoard only", loop.wandb_project)
-            else:
-                self.wandb = wandb.init(project=loop.wandb_project, config=dict(run_config or {}), resume="allow")
-        self.bar = tqdm(total=loop.total_steps, initial=start, disable=not loop.progress, desc="rl")
-        self.history: list[dict[str, Any]] = []
-
-    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        record = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
-        self.history.append({"step": step, **record})
-        if self.writer:
-            self.writer.write(step, record)
-        if self.wandb:
-            self.wandb.log(record, step=step)
-        if "reward_mean" in record:
-            self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record.get('kl', 0.0):.4f}")
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.writer:
-            self.writer.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-def _prune_pending(pending_dir: str, kept_steps: Sequence[int]) -> None:
-    """Removes pre-sampled batches whose checkpoint orbax has deleted (keep_checkpoints)."""
-    if not os.path.isdir(pending_dir):
-        return
-    for name in os.listdir(pending_dir):
-        if name.endswith(".npz") and name[:-4].isdigit() and int(name[:-4]) not in kept_steps:
-            os.remove(os.path.join(pending_dir, name))
+    if not isinstance(params, dict) or "layers" not in params:
+        return params
+    if layout == "unstacked" or (layout == "auto" and jax.default_backend() == "cpu"):
+        return llama.unstack_layers(params)
+    return llama.stack_layers(params)
 
 
 _TRAINERS: dict[tuple, Trainer] = {}
@@ -518,8 +218,6 @@ def train(
     other than rubrax.models (params, tokens, mask) -> logits.
     run_config: JSON-able description of the run, stored with checkpoints and W&B.
     """
-    from rubrax.train import checkpoint
-
     if sample.n != rl.group_size:
         raise ValueError(f"SampleConfig.n={sample.n} must equal RLConfig.group_size={rl.group_size}")
     if loop.overlap == "one_step_off_policy" and rl.behaviour_logprobs != "sampler":
@@ -540,21 +238,15 @@ def train(
     state = TrainState.create(params, trainer.tx, seed=loop.seed)
     state, ref = trainer.place_state(state), trainer.place_ref(ref)
 
-    ckpt_dir = os.path.join(loop.out_dir, "checkpoints") if loop.out_dir else None
-    pending_dir = os.path.join(loop.out_dir, "pending") if loop.out_dir else None
-    start, pending = 0, None
-    if ckpt_dir and checkpoint.latest_step(ckpt_dir) is not None:
-        state, extra = checkpoint.restore(ckpt_dir, state)
-        start = int(extra["step"])
-        log.info("resumed from %s at step %d", ckpt_dir, start)
-        if loop.overlap == "one_step_off_policy" and start < loop.total_steps:
-            pending = Rollouts.from_npz(os.path.join(pending_dir, f"{start}.npz"))
+    ckpts = RunCheckpoints(loop.out_dir, keep=loop.keep_checkpoints, run_config=run_config)
+    state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
     end = min(loop.total_steps, loop.stop_after or loop.total_steps)
 
     root_key = np.asarray(jax.device_get(state.key))
-    sampler = _Sampler(data, tokenizer, model_config, sample, loop, root_key)
+    sampler = RolloutSampler(data, tokenizer, model_config, sample, root_key, prompts_per_step=loop.prompts_per_step,
+                             max_prompt_tokens=loop.max_prompt_tokens, prompt_bucket=loop.prompt_bucket, seed=loop.seed)
     runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=loop.reward_chunk_size or rl.group_size)
-    logger = _Logger(loop, start, run_config)
+    logger = RunLogger(loop, start, run_config)
     late: tuple[int, Any, dict] | None = None  # (step, device metrics, host metrics) not yet written
 
     def flush():
@@ -571,7 +263,7 @@ def train(
             ro = pending if pending is not None else sampler(step, state.params)
             t_sample = time.perf_counter() - t0
             texts, completions, columns = reward_inputs(data, ro, rl.group_size)
-            fed, mine = _fed_and_scored_rows(trainer.mesh, len(completions), rl.group_size)
+            fed, mine = fed_and_scored_rows(trainer.mesh, len(completions), rl.group_size)
             future = runner.submit(texts[mine], completions[mine], {k: v[mine] for k, v in columns.items()})
             pending = None
             if loop.overlap == "one_step_off_policy" and step + 1 < loop.total_steps:
@@ -583,7 +275,7 @@ def train(
             scores, valid = np.zeros(len(completions), np.float32), np.zeros(len(completions), bool)
             scores[mine], valid[mine] = rewards.scores, rewards.valid  # other hosts' rows: never fed
             if mine != slice(None):
-                counts = _sum_over_hosts(counts)
+                counts = sum_over_hosts(counts)
             batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, scores, valid,
                                group_size=rl.group_size)
             if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
@@ -596,16 +288,9 @@ def train(
             late = (step, metrics, host)
             done = step + 1
             if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end:
-                if ckpt_dir:
+                if ckpts.ckpt_dir:
                     flush()
-                    if pending is not None and jax.process_index() == 0:  # identical on every host
-                        os.makedirs(pending_dir, exist_ok=True)
-                        pending.to_npz(os.path.join(pending_dir, f"{done}.npz"))
-                    checkpoint.save(ckpt_dir, done, state, {"step": done, "config": dict(run_config or {})},
-                                    max_to_keep=loop.keep_checkpoints, overwrite=True)
-                    kept = checkpoint.all_steps(ckpt_dir)  # every process: orbax syncs them
-                    if jax.process_index() == 0:
-                        _prune_pending(pending_dir, kept)
+                    ckpts.save(done, state, pending)
             if eval_hooks and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.total_steps):
                 flush()
                 scores = {}
@@ -617,81 +302,3 @@ def train(
         runner.close()
         logger.close()
     return TrainResult(state=state, history=logger.history, out_dir=loop.out_dir, trainer=trainer)
-
-
-class _EvalSampler:
-    """Completions of every held-out prompt (in batches), for eval hooks."""
-
-    def __init__(self, prompts: PromptSet, tokenizer, model_config, sample_cfg, max_prompt_tokens: int, seed: int, batch_size: int):
-        loop = LoopConfig(total_steps=1, prompts_per_step=1, max_prompt_tokens=max_prompt_tokens, seed=seed, progress=False)
-        self.sampler = _Sampler(prompts, tokenizer, model_config, sample_cfg, loop, np.asarray(jax.random.PRNGKey(seed)))
-        self.prompts, self.batch_size, self.max_prompt_tokens = prompts, batch_size, max_prompt_tokens
-
-    def __call__(self, step: int, params) -> list[Rollouts]:
-        from rubrax import policy
-
-        s, out = self.sampler, []
-        for start in range(0, len(self.prompts), self.batch_size):
-            idx = np.arange(start, min(start + self.batch_size, len(self.prompts)))
-            ptoks, pmask = left_pad([self.prompts.tokens[i] for i in idx], self.max_prompt_tokens, s.pad_id)
-            key = stream_key(s.root_key, start, SAMPLE_STREAM)  # same keys at every evaluation
-            res = jax.device_get(policy.sample(params, ptoks, pmask, key, s.sample_cfg, config=s.model_config))
-            texts = [decode_completion(s.tokenizer, t, m, s.stop_ids) for t, m in zip(res.tokens, res.mask)]
-            out.append(Rollouts(step, idx, ptoks, pmask, res.tokens, res.logprobs, res.mask, texts))
-        return out
-
-
-def reward_eval_hook(
-    prompts: PromptSet, reward_fn: Any, tokenizer: Any, model_config: Any, sample_cfg: Any, *, max_prompt_tokens: int,
-    seed: int = 0, batch_size: int = 64,
-) -> EvalHook:
-    """An eval hook: mean reward (and invalid count) of samples on held-out prompts.
-
-    Use a greedy SampleConfig (temperature=0, n=1) for the paper's evaluation decoding.
-    """
-    fn = as_reward_fn(reward_fn)
-    generate = _EvalSampler(prompts, tokenizer, model_config, sample_cfg, max_prompt_tokens, seed, batch_size)
-
-    def hook(step: int, params: Any) -> dict[str, float]:
-        scores, valid = [], []
-        for ro in generate(step, params):
-            texts, completions, columns = reward_inputs(prompts, ro, sample_cfg.n)
-            rb = fn(texts, completions, **columns)
-            scores.append(rb.scores[rb.valid])
-            valid.append(rb.valid)
-        s = np.concatenate(scores)
-        return {"reward_mean": float(s.mean()) if s.size else float("nan"), "reward_invalid": int((~np.concatenate(valid)).sum())}
-
-    return hook
-
-
-def winrate_eval_hook(
-    prompts: PromptSet, references: Sequence[str], judge: Any, tokenizer: Any, model_config: Any, sample_cfg: Any, *,
-    max_prompt_tokens: int, both_orders: bool = False, seed: int = 0, batch_size: int = 64,
-) -> EvalHook:
-    """An eval hook: win rate of the policy's responses against `references[i]` (the
-    reference response to held-out prompt i) under a pairwise judge
-    (`judge.compare(prompt, a, b, key=..., swap=...)`, e.g. rubrax.eval's LLM judge),
-    through rubrax.eval.winrate. Logs win_rate, its bootstrap interval and failures.
-    """
-    from rubrax.eval.winrate import WinItem, judge_outcome, win_rate
-
-    if len(references) != len(prompts):
-        raise ValueError(f"winrate_eval_hook: {len(references)} references for {len(prompts)} prompts")
-    if sample_cfg.n != 1:
-        raise ValueError("winrate_eval_hook: use one sample per prompt (SampleConfig.n=1)")
-    generate = _EvalSampler(prompts, tokenizer, model_config, sample_cfg, max_prompt_tokens, seed, batch_size)
-
-    def hook(step: int, params: Any) -> dict[str, float]:
-        items = [
-            WinItem(key=f"{step}:{i}", prompt=prompts.texts[i], response=text, reference=references[i])
-            for ro in generate(step, params) for i, text in zip(ro.indices, ro.completions)
-        ]
-
-        async def judge_all():
-            return await asyncio.gather(*(judge_outcome(judge, it, both_orders=both_orders) for it in items))
-
-        wr = win_rate(asyncio.run(judge_all()), seed=seed)
-        return {"win_rate": wr.win_rate, "win_rate_ci_low": wr.ci_low, "win_rate_ci_high": wr.ci_high, "win_rate_failed": wr.failed}
-
-    return hook

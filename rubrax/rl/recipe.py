@@ -174,7 +174,9 @@ def build_reward(spec: Mapping[str, Any]):
 
 def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, **loop_overrides: Any):
     """Loads everything the recipe names and trains; returns loop.TrainResult."""
-    from rubrax.rl.loop import load_prompts, reward_eval_hook, train
+    from rubrax.rl.hooks import reward_eval_hook
+    from rubrax.rl.loop import train
+    from rubrax.rl.prompts import load_prompts
     from rubrax.rl.toy import toy_prompts
 
     seed = int(recipe.loop.get("seed", 0))

@@ -24,9 +24,10 @@ the modern form of pmap). `fsdp=True` also shards every parameter and its Adam
 moments along their largest dimension divisible by the device count; XLA
 all-gathers them where the forward needs them. Multi-host: call
 `jax.distributed.initialize()` on every host before anything else; `jax.devices()`
-then lists all hosts' devices, `make_mesh()` spans them, `Trainer.place_state` builds
+then lists all hosts' devices, `rubrax.sharding.make_mesh()` spans them, `Trainer.place_state` builds
 each host's shards from identical host values, and each host feeds its own rows
-(`local_rows`) through `jax.make_array_from_process_local_data` (see `shard_batch`).
+(`rubrax.sharding.local_rows`) through `jax.make_array_from_process_local_data`
+(`rubrax.sharding.shard_batch`).
 The step itself is unchanged. Tested with two CPU processes (tests/test_rl_multihost.py).
 """
 
@@ -39,18 +40,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rubrax.hostmem import release_host_memory
 from rubrax.rl import advantages as adv_lib
 from rubrax.rl import losses
+from rubrax.rl.batch import RolloutBatch
 from rubrax.rl.state import UPDATE_STREAM, TrainState, stream_key
+from rubrax.sharding import DATA_AXIS, batch_sharding, make_mesh, param_sharding, put_global, shard_batch, state_sharding
 
 LogitsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
-DATA_AXIS = "data"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -119,61 +119,6 @@ class RLConfig:
     @property
     def optimizer_steps_per_update(self) -> int:
         return self.ppo_epochs * self.num_minibatches
-
-
-@struct.dataclass
-class RolloutBatch:
-    """One batch of rollouts, B = P * G rows (prompt-major), T = prompt + completion.
-
-    tokens_BxT int32; mask_BxT (1 = real token, prompt or completion; attention);
-    loss_mask_BxT (1 = completion token, the ones trained on); behaviour_logp_BxT
-    float32 (sampling logprobs at completion positions, aligned like
-    `rubrax.policy.logprobs`); rewards_B float32; valid_B bool. prompt_width (static):
-    columns before the first completion column (make_batch sets it; 0 = unknown). The
-    fused LM head skips positions before it (they are never trained on).
-    """
-
-    tokens_BxT: jax.Array
-    mask_BxT: jax.Array
-    loss_mask_BxT: jax.Array
-    behaviour_logp_BxT: jax.Array
-    rewards_B: jax.Array
-    valid_B: jax.Array
-    prompt_width: int = struct.field(pytree_node=False, default=0)
-
-
-def make_batch(
-    prompt_tokens_PxL: Any,
-    prompt_mask_PxL: Any,
-    completion_tokens_BxC: Any,
-    completion_mask_BxC: Any,
-    completion_logp_BxC: Any,
-    rewards_B: Any,
-    valid_B: Any,
-    *,
-    group_size: int,
-) -> RolloutBatch:
-    """Builds a RolloutBatch from left-padded prompts and `rubrax.policy.sample` output.
-
-    Full sequence = concat(prompt repeated G times, completion) on the time axis.
-    Host-side numpy (runs before the batch is sharded onto devices).
-    """
-    prompt_tokens = np.repeat(np.asarray(prompt_tokens_PxL), group_size, axis=0)
-    prompt_mask = np.repeat(np.asarray(prompt_mask_PxL), group_size, axis=0)
-    comp_mask = np.asarray(completion_mask_BxC).astype(np.int32)
-    if prompt_tokens.shape[0] != comp_mask.shape[0]:
-        raise ValueError(f"{prompt_tokens.shape[0]} prompt rows x group but {comp_mask.shape[0]} completions")
-    return RolloutBatch(
-        tokens_BxT=np.concatenate([prompt_tokens, np.asarray(completion_tokens_BxC)], axis=1).astype(np.int32),
-        mask_BxT=np.concatenate([prompt_mask.astype(np.int32), comp_mask], axis=1),
-        loss_mask_BxT=np.concatenate([np.zeros_like(prompt_mask, np.int32), comp_mask], axis=1),
-        behaviour_logp_BxT=np.concatenate(
-            [np.zeros(prompt_mask.shape, np.float32), np.asarray(completion_logp_BxC, np.float32) * comp_mask], axis=1
-        ),
-        rewards_B=np.asarray(rewards_B, np.float32),
-        valid_B=np.asarray(valid_B, bool),
-        prompt_width=int(prompt_tokens.shape[1]),
-    )
 
 
 # --------------------------------------------------------------------------- the step
@@ -379,70 +324,8 @@ def _summarise(sums: dict, cfg: RLConfig, batch: RolloutBatch, valid_B, adv_B, l
     return out
 
 
-# --------------------------------------------------------------------------- sharding + jit
 
-
-def make_mesh(devices: Any = None) -> Mesh:
-    """A 1-D mesh with axis "data" over `devices` (default: all, on all hosts)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def param_sharding(params: Any, mesh: Mesh, *, fsdp: bool = False) -> Any:
-    """Replicated params, or (fsdp) each leaf split along its largest axis divisible by the mesh."""
-
-    def one(x):
-        if not fsdp or mesh.size == 1:
-            return NamedSharding(mesh, P())
-        dims = sorted(range(x.ndim), key=lambda d: -x.shape[d])
-        for d in dims:
-            if x.shape[d] % mesh.size == 0:
-                spec = [None] * x.ndim
-                spec[d] = DATA_AXIS
-                return NamedSharding(mesh, P(*spec))
-        return NamedSharding(mesh, P())
-
-    return jax.tree.map(one, params)
-
-
-def state_sharding(state: TrainState, mesh: Mesh, *, fsdp: bool = False) -> TrainState:
-    """Shardings for a TrainState. The FSDP rule depends on a leaf's shape only, so Adam
-    moments land exactly where their parameter does; scalars are replicated."""
-    replicated = NamedSharding(mesh, P())
-    return TrainState(
-        params=param_sharding(state.params, mesh, fsdp=fsdp),
-        opt_state=param_sharding(state.opt_state, mesh, fsdp=fsdp),
-        step=replicated,
-        key=replicated,
-    )
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def local_rows(mesh: Mesh, rows: int) -> slice:
-    """The rows of a `rows`-row global batch that this process feeds (multi-host): those of
-    its own devices under `batch_sharding(mesh)` (one contiguous block, since make_mesh
-    orders devices by process)."""
-    index = batch_sharding(mesh).addressable_devices_indices_map((rows,))
-    spans = sorted({(i[0].start or 0, rows if i[0].stop is None else i[0].stop) for i in index.values()})
-    lo, hi = spans[0][0], spans[-1][1]
-    if sum(b - a for a, b in spans) != hi - lo:
-        raise ValueError(f"this process's rows of the batch are not contiguous: {spans}")
-    return slice(lo, hi)
-
-
-def shard_batch(batch: RolloutBatch, mesh: Mesh) -> RolloutBatch:
-    """Places a host batch on the mesh, split along the batch axis.
-
-    Single host: `batch` is the global batch. Multi-host: each process passes its own
-    rows and the global array is assembled from the process-local pieces.
-    """
-    sharding = batch_sharding(mesh)
-    if jax.process_count() == 1:
-        return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), batch)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+# --------------------------------------------------------------------------- jit
 
 
 def make_update(
@@ -481,7 +364,7 @@ class Trainer:
         train(), which may also serve as the reference policy). A jitted copy, because
         device_put(..., may_alias=False) still aliases the first shard of a 1 -> N device
         replicated put (jax 0.10)."""
-        placed = _put_global(state, self.state_shardings)
+        placed = put_global(state, self.state_shardings)
         copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=self.state_shardings)
         out = copy(placed)
         del placed
@@ -489,24 +372,8 @@ class Trainer:
         return out
 
     def place_ref(self, ref_params: Any) -> Any:
-        return _put_global(ref_params, self.ref_shardings)
+        return put_global(ref_params, self.ref_shardings)
 
     def __call__(self, state: TrainState, batch: RolloutBatch, ref_params: Any):
         return self.update_fn(state, shard_batch(batch, self.mesh), ref_params)
 
-
-def _put_global(tree: Any, shardings: Any) -> Any:
-    """device_put onto (possibly multi-host) shardings. Single process: plain device_put.
-    Several processes: every process holds the same host values (same init / checkpoint),
-    and each builds only its own shards (`jax.make_array_from_callback`); device_put
-    itself refuses arrays already committed to a local device there."""
-    if jax.process_count() == 1:
-        return jax.device_put(tree, shardings)
-
-    def one(x, sharding):
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree.map(one, tree, shardings)

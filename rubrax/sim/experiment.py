@@ -411,7 +411,8 @@ class RLRunner:
         import optax
 
         from rubrax.rl.state import TrainState
-        from rubrax.rl.step import RLConfig, Trainer, make_mesh, model_logits_fn
+        from rubrax.rl.step import RLConfig, Trainer, model_logits_fn
+        from rubrax.sharding import make_mesh
 
         self.cfg = cfg
         self.rl_cfg = RLConfig(group_size=cfg.rl.group_size, kl_coef=cfg.rl.kl_coef, temperature=cfg.rl.temperature)
@@ -452,7 +453,7 @@ def _step_row(ctx: SeedContext, arm: str, step: int, ro: Rollouts, gold: np.ndar
 def run_rl_arm(ctx: SeedContext, cfg: SimConfig, runner: RLRunner, arm: str, proxy: Any, log: Log) -> list[dict[str, Any]]:
     import jax
 
-    from rubrax.rl.step import make_batch
+    from rubrax.rl.batch import make_batch
 
     g = cfg.rl.group_size
     state = runner.new_state(ctx.base_params, seed=ctx.seed)

@@ -40,6 +40,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from rubrax import sharding
 from rubrax.train import checkpoint
 from rubrax.train.metrics import MetricsWriter
 from rubrax.train.optim import OptimConfig, make_optimizer, make_schedule
@@ -215,7 +216,8 @@ def _eval_batches(data: Mapping[str, np.ndarray], batch_size: int):
 
 
 class _Sharder:
-    """Places batches (and replicates params) over a 1-D data mesh, or does nothing."""
+    """Places batches (and replicates params) over the 1-D data mesh of rubrax.sharding,
+    or does nothing (data_parallel off, or one device)."""
 
     def __init__(self, enabled: bool, micro_batch_size: int):
         self.mesh = None
@@ -223,18 +225,17 @@ class _Sharder:
             n = jax.device_count()
             if micro_batch_size % n:
                 raise ValueError(f"micro batch size {micro_batch_size} is not divisible by {n} devices")
-            self.mesh = jax.make_mesh((n,), ("data",))
+            self.mesh = sharding.make_mesh()
 
     def batch(self, batch: dict[str, np.ndarray], axis: int) -> Any:
         if self.mesh is None:
             return batch
-        spec = jax.sharding.PartitionSpec(*([None] * axis), "data")
-        return jax.device_put(batch, jax.sharding.NamedSharding(self.mesh, spec))
+        return jax.device_put(batch, sharding.batch_sharding(self.mesh, axis=axis))
 
     def replicate(self, tree: Any) -> Any:
         if self.mesh is None:
             return tree
-        return jax.device_put(tree, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        return sharding.put_global(tree, sharding.param_sharding(tree, self.mesh))
 
 
 def evaluate(params: Any, eval_fn: EvalFn, data: Mapping[str, np.ndarray], batch_size: int) -> dict[str, float]:
