@@ -28,6 +28,7 @@ import numpy as np
 
 from rubrax.models import llama
 from rubrax.models.config import ModelConfig
+from rubrax.sharding import row_axes
 
 
 def lm_head_fn(params, config: ModelConfig):
@@ -381,7 +382,7 @@ def _constrain_rows(x, *, mesh, batch_axis: int = 0):
 
     def one(a):
         spec = [None] * a.ndim
-        spec[batch_axis] = tuple(mesh.axis_names)
+        spec[batch_axis] = row_axes(mesh)
         return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec(*spec)))
 
     return jax.tree.map(one, x)
@@ -463,7 +464,7 @@ def sample(params, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, cfg: Samp
     if mesh is not None:
         from jax.sharding import NamedSharding, PartitionSpec
 
-        split_rows = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+        split_rows = NamedSharding(mesh, PartitionSpec(row_axes(mesh)))
         rows = [jax.device_put(x, split_rows) for x in rows]
         key = jax.device_put(key, NamedSharding(mesh, PartitionSpec()))
     rows = [jnp.asarray(x) for x in rows]

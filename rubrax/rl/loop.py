@@ -88,6 +88,10 @@ class LoopConfig:
         rerun with the same out_dir to continue). None = run to total_steps.
     reward_chunk_size: rows per reward call (default one group); reward_timeout_s per call.
     num_devices: the first that many devices form the data mesh (None = all, all hosts).
+    fsdp: shard params and optimizer state (FSDP) instead of replicating them.
+    fsdp_axis_size: hybrid sharding (needs fsdp): a 2-D ("data", "fsdp") mesh whose
+        "fsdp" axis spans that many consecutive devices (e.g. one node's 8 GPUs): params
+        are split within it and replicated across "data". None = one axis over all.
     layer_layout: "stacked" (layers under a scan), "unstacked" (per-layer buffers, an
         unrolled loop: on CPU the update's backward is ~1.3x faster and sampling reads each
         layer in place instead of splitting the weights every step) or "auto" (unstacked on
@@ -112,6 +116,7 @@ class LoopConfig:
     chat_template: bool = True
     prompt_field: str = "prompt"
     fsdp: bool = False
+    fsdp_axis_size: int | None = None
     layer_layout: str = "auto"
     num_devices: int | None = None
     progress: bool = True
@@ -135,6 +140,8 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.layer_layout must be 'auto', 'stacked' or 'unstacked', got {self.layer_layout!r}")
         if self.reward_chunk_size is not None and self.reward_chunk_size < 1:
             raise ValueError(f"LoopConfig.reward_chunk_size must be >= 1, got {self.reward_chunk_size}")
+        if self.fsdp_axis_size is not None and (not self.fsdp or self.fsdp_axis_size < 1):
+            raise ValueError(f"LoopConfig.fsdp_axis_size={self.fsdp_axis_size!r} needs fsdp=True and a positive size")
         if self.num_devices is not None and self.num_devices < 1:
             raise ValueError(f"LoopConfig.num_devices must be >= 1 or None, got {self.num_devices}")
         if self.stop_after is not None and self.stop_after < 1:
@@ -165,6 +172,23 @@ def _layout(params: Any, layout: str) -> Any:
     return llama.stack_layers(params)
 
 
+def loop_mesh(loop: LoopConfig):
+    """The mesh of a run: loop.num_devices devices (None = all), 1-D or, with
+    loop.fsdp_axis_size, the 2-D ("data", "fsdp") hybrid mesh."""
+    return make_mesh(jax.devices()[: loop.num_devices] if loop.num_devices else None, fsdp_axis_size=loop.fsdp_axis_size)
+
+
+def _release(tree: Any, *, keep: Any) -> None:
+    """Delete the device buffers of `tree`'s arrays, except arrays sharing a buffer with
+    `keep` (a device_put onto the same device may alias instead of copying)."""
+    buffers = lambda x: {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+    kept = set().union(*[buffers(x) for x in jax.tree.leaves(keep) if isinstance(x, jax.Array)])
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array) and not x.is_deleted() and not buffers(x) & kept:
+            x.delete()
+    release_host_memory()
+
+
 _TRAINERS: dict[tuple, Trainer] = {}
 
 
@@ -184,7 +208,7 @@ def _cached_trainer(rl, optim, loop, model_config, logits_fn, mesh, params, ref)
         if len(_TRAINERS) >= 8:
             _TRAINERS.pop(next(iter(_TRAINERS)))
         tx = make_optimizer(optim, total)
-        probe = TrainState.create(params, tx, seed=0)
+        probe = jax.eval_shape(lambda p: TrainState.create(p, tx, seed=0), params)  # shapes only
         trainer = Trainer(rl, logits_fn or model_logits_fn(model_config), tx, probe, ref, mesh=mesh, fsdp=loop.fsdp)
         _TRAINERS[key] = trainer
     return _TRAINERS[key]
@@ -206,6 +230,7 @@ def train(
     mesh: Any = None,
     logits_fn: Any = None,
     run_config: Mapping[str, Any] | None = None,
+    donate_params: bool = False,
 ) -> TrainResult:
     """Runs (or resumes) GRPO-family RL; see the module docstring for one step.
 
@@ -217,6 +242,10 @@ def train(
     mesh: a 1-D "data" mesh (default: loop.num_devices devices). logits_fn: a model
     other than rubrax.models (params, tokens, mask) -> logits.
     run_config: JSON-able description of the run, stored with checkpoints and W&B.
+    donate_params: free the buffers of `params` / `ref_params` once train() holds its
+    own (sharded) copies, so no second full copy of the weights stays alive for the run;
+    the caller must not use them afterwards (the recipe passes True for the weights it
+    loaded). Buffers the run itself uses (the reference policy) are kept.
     """
     if sample.n != rl.group_size:
         raise ValueError(f"SampleConfig.n={sample.n} must equal RLConfig.group_size={rl.group_size}")
@@ -225,18 +254,22 @@ def train(
     data = prompts if isinstance(prompts, PromptSet) else load_prompts(
         prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
     )
+    given = (params, ref_params)
     if logits_fn is None:
         params = _layout(params, loop.layer_layout)
         ref_params = None if ref_params is None else _layout(ref_params, loop.layer_layout)
-    # The reference is the caller's params themselves (no copy, unless the layout changed):
-    # the TrainState gets its own copy (Trainer.place_state never aliases), so donation
-    # never touches them.
+    # The reference is the caller's params themselves (no copy, unless the layout changed
+    # or the placement moves them): the TrainState gets its own copy (Trainer.init_state
+    # never aliases), so donation never touches them.
     ref = (params if ref_params is None else ref_params) if rl.kl_coef > 0 else None
     if mesh is None:
-        mesh = make_mesh(jax.devices()[: loop.num_devices] if loop.num_devices else None)
+        mesh = loop_mesh(loop)
     trainer = _cached_trainer(rl, optim, loop, model_config, logits_fn, mesh, params, ref)
-    state = TrainState.create(params, trainer.tx, seed=loop.seed)
-    state, ref = trainer.place_state(state), trainer.place_ref(ref)
+    state, ref = trainer.init_state(params, seed=loop.seed), trainer.place_ref(ref)
+    if donate_params and params is given[0] and ref_params is given[1]:
+        # (not after a layout change: CPU per-layer views alias the caller's buffers)
+        _release(given, keep=(state, ref))
+    del params, ref_params, given  # no second full copy of the weights for the run
 
     ckpts = RunCheckpoints(loop.out_dir, keep=loop.keep_checkpoints, run_config=run_config)
     state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
