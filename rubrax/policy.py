@@ -28,7 +28,7 @@ import numpy as np
 
 from rubrax.models import llama
 from rubrax.models.config import ModelConfig
-from rubrax.sharding import row_axes
+from rubrax.sharding import params_mesh, row_axes
 
 
 def lm_head_fn(params, config: ModelConfig):
@@ -359,18 +359,6 @@ def _sample_rows(params, tokens_XxP, mask_XxP, key, prompt_of_row_R=None, *, cfg
     out_mask = rows(jnp.zeros((R, N), bool).at[:, 0].set(col0))
     state, out_mask = jax.lax.while_loop(cond, body, (state, out_mask))
     return SampleOutput(rows(state[2]), rows(state[3]), rows(out_mask.astype(jnp.int32)))
-
-
-def params_mesh(params):
-    """The mesh that `params` are placed on (NamedSharding over more than one device), or
-    None."""
-    from jax.sharding import NamedSharding
-
-    leaf = jax.tree.leaves(params)[0]
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-        return sharding.mesh
-    return None
 
 
 def _constrain_rows(x, *, mesh, batch_axis: int = 0):

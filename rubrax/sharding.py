@@ -43,6 +43,16 @@ def make_mesh(devices: Any = None, *, fsdp_axis_size: int | None = None) -> Mesh
     return Mesh(grid, (DATA_AXIS, FSDP_AXIS))
 
 
+def params_mesh(params: Any) -> Mesh | None:
+    """The mesh that `params` are placed on (NamedSharding over more than one device), or
+    None."""
+    leaf = jax.tree.leaves(params)[0]
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        return sharding.mesh
+    return None
+
+
 def row_axes(mesh: Mesh) -> str | tuple[str, ...]:
     """The mesh axes a batch's row axis is split over: all of them."""
     return mesh.axis_names[0] if len(mesh.axis_names) == 1 else tuple(mesh.axis_names)

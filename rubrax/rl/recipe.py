@@ -119,8 +119,9 @@ def load_recipe(path: str | os.PathLike) -> GRPORecipe:
 # --------------------------------------------------------------------------- building
 
 
-def load_model(recipe: GRPORecipe, seed: int):
-    """(params, model_config, tokenizer) for recipe.model."""
+def load_model(recipe: GRPORecipe, seed: int, shardings=None):
+    """(params, model_config, tokenizer) for recipe.model; a checkpoint's weights are read
+    straight into `shardings` (see rubrax.models.load_pretrained)."""
     import jax
 
     if recipe.model == "tiny":
@@ -134,7 +135,7 @@ def load_model(recipe: GRPORecipe, seed: int):
     from rubrax import models
 
     path = models.smollm2_checkpoint() if recipe.model == "smollm2" else recipe.model
-    params, config = models.load_pretrained(path)
+    params, config = models.load_pretrained(path, shardings=shardings)
     return params, config, models.load_tokenizer(path)
 
 
@@ -175,12 +176,18 @@ def build_reward(spec: Mapping[str, Any]):
 def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, **loop_overrides: Any):
     """Loads everything the recipe names and trains; returns loop.TrainResult."""
     from rubrax.rl.hooks import reward_eval_hook
-    from rubrax.rl.loop import train
+    from rubrax.rl.loop import loop_mesh, train
     from rubrax.rl.prompts import load_prompts
     from rubrax.rl.toy import toy_prompts
+    from rubrax.sharding import param_sharding
 
     seed = int(recipe.loop.get("seed", 0))
-    params, model_config, tok = load_model(recipe, seed)
+    # The mesh only needs the device settings, known before the prompt count: the weights
+    # load straight into the run's (FSDP) shardings, and train() frees nothing it needs.
+    mesh_loop = recipe.loop_config(1, out_dir=out_dir, **loop_overrides)
+    mesh = loop_mesh(mesh_loop)
+    params, model_config, tok = load_model(
+        recipe, seed, shardings=lambda abstract: param_sharding(abstract, mesh, fsdp=mesh_loop.fsdp))
     records = toy_prompts(recipe.toy_prompts, seed=seed) if recipe.train is None else _records(recipe.train, recipe)
     max_prompt = int(recipe.loop.get("max_prompt_tokens", LoopConfig.max_prompt_tokens))
     chat = bool(recipe.loop.get("chat_template", True))
@@ -196,4 +203,5 @@ def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, **loop_overrides: Any
     run_config = {"source": recipe.source, "model": recipe.model, "rl": dataclasses.asdict(recipe.rl),
                   "optim": dataclasses.asdict(recipe.optim), "reward": recipe.reward.get("name")}
     return train(params=params, model_config=model_config, tokenizer=tok, reward_fn=reward_fn, prompts=prompts, rl=recipe.rl,
-                 sample=recipe.sample, optim=recipe.optim, loop=loop, eval_hooks=hooks, run_config=run_config)
+                 sample=recipe.sample, optim=recipe.optim, loop=loop, eval_hooks=hooks, run_config=run_config, mesh=mesh,
+                 donate_params=True)
