@@ -243,17 +243,16 @@ def test_unstacked_layers_sample_the_same_as_stacked(params):
     np.testing.assert_array_equal(unstacked.mask, stacked.mask)
 
 
-@pytest.mark.parametrize("layer_loop,fsdp", [("scan", False), ("unrolled", False), ("scan", True), ("unrolled", True)])
-def test_sampling_split_over_eight_devices_equals_one_device(params, layer_loop, fsdp):
+@pytest.mark.parametrize("layer_loop,fsdp,axis", [("scan", False, None), ("unrolled", False, None), ("scan", True, None),
+                                                  ("unrolled", True, None), ("scan", True, 4)])
+def test_sampling_split_over_eight_devices_equals_one_device(params, layer_loop, fsdp, axis):
     """Rows split over an 8-device mesh (5 prompts x n=3 = 15 rows, padded to 16) give the
-    same tokens and logprobs as one device, with replicated or FSDP-sharded params, and
-    the outputs really are split."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    from rubrax.sharding import param_sharding
+    same tokens and logprobs as one device, with replicated, FSDP-sharded or hybrid
+    (2 x 4 ("data", "fsdp") mesh) params, and the outputs really are split."""
+    from rubrax.sharding import make_mesh, param_sharding
 
     assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    mesh = make_mesh(fsdp_axis_size=axis)
     tokens, mask = left_padded([[1, 2, 3], [4], [5, 6], [7, 8, 9, 10], [11]], 4)
     cfg = SampleConfig(max_new_tokens=6, n=3, temperature=1.0, stop_token_ids=(), layer_loop=layer_loop)
     one = sample(params, tokens, mask, jax.random.key(7), cfg, config=CONFIG)
