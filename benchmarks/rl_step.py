@@ -58,7 +58,7 @@ def run_rubrax(args) -> dict:
     from rubrax.policy import SampleConfig
     from rubrax.rewards.base import as_reward_fn
     from rubrax.rl.batch import make_batch
-    from rubrax.rl.loop import LoopConfig, _layout
+    from rubrax.rl.loop import LoopConfig, arrange_layers
     from rubrax.rl.prompts import load_prompts
     from rubrax.rl.reward_runner import reward_inputs
     from rubrax.rl.rollouts import RolloutSampler
@@ -75,14 +75,14 @@ def run_rubrax(args) -> dict:
         params = models.init_params(config, jax.random.PRNGKey(0))
     else:
         params, config = models.load_pretrained(path)
-    params = _layout(params, "auto")  # what train() does: per-layer buffers on CPU
+    params = arrange_layers(params, "auto")  # what train() does: per-layer buffers on CPU
     P, G, L = args.prompts, args.group, args.new_tokens
     records = [{"prompt": PROMPTS[i % len(PROMPTS)]} for i in range(P * (args.iters + 1))]
     prompts = load_prompts(records, tok, max_prompt_tokens=args.prompt_tokens, chat_template=False)
     rl = RLConfig(group_size=G, kl_coef=0.01, loss_aggregation="token")
     sample = SampleConfig(max_new_tokens=L, n=G, stop_token_ids=(), prompt_bucket=args.prompt_bucket)
     loop = LoopConfig(total_steps=args.iters + 1, prompts_per_step=P, max_prompt_tokens=args.prompt_tokens,
-                      prompt_bucket=args.prompt_bucket, progress=False)
+                      trim_prompts=True, progress=False)
     tx = make_optimizer(OptimConfig(learning_rate=1e-6, schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0), loop.total_steps)
     state = TrainState.create(params, tx, seed=0)
     ref = params  # the state gets its own copy; the reference shares the loaded buffers (as in train())

@@ -20,9 +20,13 @@ _COMMANDS: tuple[tuple[str, str], ...] = (
     ("theory", "rubrax.theory.cli"),
     ("rubrics", "rubrax.elicit.cli"),
     ("eval", "rubrax.eval.cli"),
+    ("generate", "rubrax.generate"),
     ("train", "rubrax.train.cli"),
     ("rl", "rubrax.rl.cli"),
     ("sim", "rubrax.sim.cli"),
+    ("report", "rubrax.report"),
+    ("forecast", "rubrax.forecast"),
+    ("plan", "rubrax.plan"),
 )
 
 

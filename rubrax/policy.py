@@ -9,8 +9,11 @@ Sampling log-probabilities: `sample` records log p(token | prefix) of the *unmod
 model (temperature 1, no top-k / top-p truncation), whatever temperature and filters drew
 the token. That is the quantity `logprobs` recomputes, so the sampler's numbers equal
 `logprobs(params, seq, mask)` at the completion positions (tested to 1e-5) and the
-policy-gradient ratio pi_theta / pi_old starts at exactly 1 on policy. An RL loss that
-wants the tempered/truncated behaviour policy must recompute it from logits.
+policy-gradient ratio pi_theta / pi_old starts at exactly 1 on policy. Beside them,
+`sampling_logprobs` records log q(token | prefix) under the distribution q the token was
+actually drawn from (tempered, top-k / top-p truncated and renormalised): the behaviour
+policy an importance-sampling correction needs (`RLConfig.importance_correction`); with
+truncation pi / q is biased low by the mass the filter removed, pi / pi is not a ratio at all.
 
 `sample` is a host function (numpy bucketing and validation) around one jitted sampler
 `_sample_rows`; `logprobs` is jitted and may be called inside other jitted code.
@@ -193,11 +196,16 @@ class SampleOutput(NamedTuple):
     logprobs_BxL: log p(token | prefix) under the model at temperature 1 without top-k/top-p
         truncation (equal to `logprobs` of the full sequence at these tokens); 0 where masked.
     mask_BxL: 1 for generated tokens including the stop token, 0 after it.
+    sampling_logprobs_BxL: log q(token | prefix) under the distribution sampled from
+        (`filter_logits`: tempered, top-k / top-p truncated, renormalised); equal to
+        logprobs at temperature 1 without filters, 0 for greedy decoding (a point mass)
+        and where masked.
     """
 
     tokens: jax.Array
     logprobs: jax.Array
     mask: jax.Array
+    sampling_logprobs: jax.Array
 
 
 def filter_logits(logits_RxV: jax.Array, *, temperature: float, top_k: int,
@@ -273,18 +281,29 @@ def _token_logprobs_VxR(logits_VxR, tok_R):
     return chosen - jax.nn.logsumexp(logits_VxR, axis=0)
 
 
+def _unfiltered(cfg: SampleConfig) -> bool:
+    """Sampling from the model's own distribution (q = p): temperature 1, no filters."""
+    return cfg.temperature == 1.0 and not cfg.top_k and cfg.top_p >= 1.0
+
+
 def _choose(logits_VxR, key, step, cfg: SampleConfig):
-    """Next token per row (column); each row's randomness is fold_in(fold_in(key, row), step)
-    so it does not depend on the batch composition, prompt padding or bucket sizes."""
+    """Next token per row (column) and its log q under the sampled distribution (None when
+    q = p: the caller reuses log p). Each row's randomness is fold_in(fold_in(key, row),
+    step) so it does not depend on the batch composition, prompt padding or bucket sizes."""
     if cfg.temperature == 0.0:
-        return jnp.argmax(logits_VxR, axis=0).astype(jnp.int32)
+        tok_R = jnp.argmax(logits_VxR, axis=0).astype(jnp.int32)
+        return tok_R, jnp.zeros(tok_R.shape, jnp.float32)
     logits_RxV = logits_VxR.T
     filtered = filter_logits(logits_RxV, temperature=cfg.temperature, top_k=cfg.top_k,
                              top_p=cfg.top_p)
     rows = jnp.arange(logits_RxV.shape[0])
     u_R = jax.vmap(lambda r: jax.random.uniform(
         jax.random.fold_in(jax.random.fold_in(key, r), step)))(rows)
-    return categorical_from_uniform(filtered, u_R)
+    tok_R = categorical_from_uniform(filtered, u_R)
+    if _unfiltered(cfg):
+        return tok_R, None
+    chosen_R = jnp.take_along_axis(filtered, tok_R[:, None], axis=1)[:, 0]
+    return tok_R, chosen_R - jax.nn.logsumexp(filtered, axis=-1)
 
 
 def _prefill(step_fn, params, tokens_XxP, mask_XxP, prompt_of_row_R, *, N: int,
@@ -329,15 +348,17 @@ def _sample_rows(params, tokens_XxP, mask_XxP, key, prompt_of_row_R=None, *, cfg
     R = kv_mask_RxS.shape[0]
 
     def emit(state, logits_VxR):
-        i, cache, out_tok, out_logp, done = state
-        tok = _choose(logits_VxR, key, i, cfg)
+        i, cache, out_tok, out_logp, out_qlogp, done = state
+        tok, qlogp = _choose(logits_VxR, key, i, cfg)
         logp = _token_logprobs_VxR(logits_VxR, tok)
+        qlogp = logp if qlogp is None else qlogp
         tok = jnp.where(done, pad_id, tok)
         out_tok = out_tok.at[:, i].set(tok)
         out_logp = out_logp.at[:, i].set(jnp.where(done, 0.0, logp))
+        out_qlogp = out_qlogp.at[:, i].set(jnp.where(done, 0.0, qlogp))
         out_mask_col = ~done
         done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-        return (i + 1, cache, out_tok, out_logp, done), out_mask_col
+        return (i + 1, cache, out_tok, out_logp, out_qlogp, done), out_mask_col
 
     def body(carry):
         state, out_mask = carry
@@ -351,14 +372,14 @@ def _sample_rows(params, tokens_XxP, mask_XxP, key, prompt_of_row_R=None, *, cfg
 
     def cond(carry):
         state, _ = carry
-        return (state[0] < N) & ~jnp.all(state[4])
+        return (state[0] < N) & ~jnp.all(state[5])
 
     init = (0, cache, rows(jnp.full((R, N), pad_id, jnp.int32)), rows(jnp.zeros((R, N), jnp.float32)),
-            rows(jnp.zeros((R,), bool)))
+            rows(jnp.zeros((R, N), jnp.float32)), rows(jnp.zeros((R,), bool)))
     state, col0 = emit(init, logits_VxR)
     out_mask = rows(jnp.zeros((R, N), bool).at[:, 0].set(col0))
     state, out_mask = jax.lax.while_loop(cond, body, (state, out_mask))
-    return SampleOutput(rows(state[2]), rows(state[3]), rows(out_mask.astype(jnp.int32)))
+    return SampleOutput(rows(state[2]), rows(state[3]), rows(out_mask.astype(jnp.int32)), rows(state[4]))
 
 
 def _constrain_rows(x, *, mesh, batch_axis: int = 0):

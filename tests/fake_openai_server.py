@@ -5,11 +5,13 @@ batches endpoints (create, retrieve) that `rubrax.elicit.client` uses. Nothing l
 the machine.
 
 Scripting:
-- `responder(body) -> str`: the assistant text for a request. The default
+- `responder(body) -> str`: the assistant text for a request (or a tuple
+  (text, finish_reason), e.g. "length" for a reply cut at max_tokens). The default
   (`auto_responder`) understands rubrax's prompt templates: the verifier says "yes" to a
   criterion containing a double-quoted word iff the response contains that word
   (case-insensitive), the proposer writes `Mentions "<word>"` criteria, the judge prefers
-  the response with more distinct words.
+  the response with more distinct words; any other request with a `seed` (rubrax
+  generate) gets `generated_answer`: some prompt words and filler, by model and seed.
 - `latency`: seconds slept before answering each chat request.
 - `faults`: a list of `Fault(kind, rate, attempts, ...)`. Whether a request is hit is
   decided by the hash of its body (deterministic under any concurrency); a hit request
@@ -108,7 +110,20 @@ def auto_responder(body: dict[str, Any]) -> str:
         n1 = len(set(_words(_block(user, "response_1") or "")))
         n2 = len(set(_words(_block(user, "response_2") or "")))
         return json.dumps({"winner": 1 if n1 >= n2 else 2})
+    if "seed" in body:  # a sampled answer (rubrax generate): varies with the model and the seed
+        return generated_answer(user, body.get("model", "?"), int(body["seed"]))
     return "I do not understand."
+
+
+FILLER = ("indeed", "perhaps", "notably", "clearly", "briefly", "overall", "however", "moreover", "thus", "finally")
+
+
+def generated_answer(prompt: str, model: str, seed: int) -> str:
+    """Some of the prompt's words and some filler, chosen by a hash of (model, seed, prompt)."""
+    h = hashlib.sha256(f"{model}\0{seed}\0{prompt}".encode()).digest()
+    words = list(dict.fromkeys(_words(prompt)))
+    kept = [w for i, w in enumerate(words) if h[i % len(h)] % 3]
+    return " ".join(kept + [FILLER[b % len(FILLER)] for b in h[: 1 + h[0] % 4]])
 
 
 @dataclasses.dataclass
@@ -124,13 +139,13 @@ class Fault:
         return h % 10_000 < self.rate * 10_000
 
 
-def completion(content: str, model: str, prompt_chars: int) -> dict[str, Any]:
+def completion(content: str, model: str, prompt_chars: int, finish_reason: str = "stop") -> dict[str, Any]:
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": 0,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": prompt_chars // 4 + 1, "completion_tokens": len(content) // 4 + 1, "total_tokens": prompt_chars // 4 + len(content) // 4 + 2},
     }
 
@@ -196,14 +211,16 @@ class FakeOpenAIServer:
                     self.status[resp.status] += 1
                     return resp
                 break
-        content = self.responder(body)
+        content, finish = self.responder(body), "stop"
+        if isinstance(content, tuple):
+            content, finish = content
         for fault in self.faults:
             if seen < fault.attempts and fault.hits(key):
                 content = self._corrupt(fault, content)
         self.status[200] += 1
         self.ok += 1
         self.ok_keys[key] += 1
-        return web.json_response(completion(content, body.get("model", "?"), size))
+        return web.json_response(completion(content, body.get("model", "?"), size, finish))
 
     async def _fault(self, fault: Fault, body: dict[str, Any]) -> web.StreamResponse | None:
         if fault.kind == "429":

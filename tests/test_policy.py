@@ -121,6 +121,60 @@ def test_sampled_logprobs_are_untruncated_model_logprobs(params):
     assert len({tuple(r) for r in np.asarray(out.tokens)}) > 1  # samples differ
 
 
+def _numpy_sampling_logprobs(logits_V, temperature, top_k, top_p):
+    """The sampled distribution written out in float64: tempered softmax, keep the top_k
+    most likely tokens, then the smallest prefix of the sorted rest with mass >= top_p."""
+    z = logits_V.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = np.zeros(len(p), bool)
+    keep[order[:top_k]] = True
+    q = np.where(keep, p, 0.0)
+    q /= q.sum()
+    mass_before = np.cumsum(q[order]) - q[order]
+    keep[order[mass_before >= top_p]] = False
+    q = np.where(keep, q, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(q / q.sum())
+
+
+def test_sampling_logprobs_are_those_of_the_truncated_distribution(params):
+    """Behaviour logprobs for importance sampling: log q of the tempered, top-k / top-p
+    renormalised distribution, by an independent float64 construction; the empirical
+    frequencies of 4000 first tokens follow exp(log q); the untruncated logprobs would bias
+    pi / q low by the mass the filter removed."""
+    tokens, mask = left_padded([[5, 6, 7]], 3)
+    cfg = SampleConfig(max_new_tokens=2, temperature=0.7, top_k=6, top_p=0.8, n=4000,
+                       stop_token_ids=(), prompt_bucket=4)
+    out = jax.device_get(sample(params, tokens, mask, jax.random.key(3), cfg, config=CONFIG))
+    seq = np.concatenate([np.repeat(tokens, cfg.n, 0), out.tokens], axis=1)
+    logits = np.asarray(forward(params, jnp.asarray(seq[:64]), config=CONFIG))
+    for row in range(64):
+        for t in range(2):
+            ref = _numpy_sampling_logprobs(logits[row, 2 + t], 0.7, 6, 0.8)
+            assert out.sampling_logprobs[row, t] == pytest.approx(ref[out.tokens[row, t]], abs=1e-4)
+    q = np.exp(_numpy_sampling_logprobs(logits[0, 2], 0.7, 6, 0.8))
+    kept = np.flatnonzero(q > 0)
+    assert 1 < len(kept) <= 6
+    freq = np.bincount(out.tokens[:, 0], minlength=len(q)) / cfg.n
+    assert set(np.flatnonzero(freq)) <= set(kept)  # never a filtered token
+    np.testing.assert_allclose(freq[kept], q[kept], atol=0.03)
+    p_model = np.exp(out.logprobs[:, 0])
+    first = {tok: i for i, tok in enumerate(out.tokens[:, 0])}
+    mass_model = sum(p_model[i] for i in first.values())
+    mass_q = sum(np.exp(out.sampling_logprobs[i, 0]) for i in first.values())
+    assert mass_q == pytest.approx(1.0, abs=1e-4) and mass_model < 0.97
+
+
+def test_sampling_logprobs_equal_logprobs_without_filters_and_zero_when_greedy(params, greedy_out):
+    tokens, mask = PROMPTS
+    cfg = SampleConfig(max_new_tokens=5, n=2, stop_token_ids=(), prompt_bucket=8)
+    out = sample(params, tokens, mask, jax.random.key(2), cfg, config=CONFIG)
+    np.testing.assert_array_equal(np.asarray(out.sampling_logprobs), np.asarray(out.logprobs))
+    np.testing.assert_array_equal(np.asarray(greedy_out.sampling_logprobs), 0.0)
+
+
 def test_padding_and_batching_do_not_change_samples(params):
     cfg = SampleConfig(max_new_tokens=8, temperature=1.0, n=2, stop_token_ids=(),
                        prompt_bucket=4, batch_bucket=4)

@@ -31,12 +31,13 @@ OPTIM = OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0)
 ONE_DEVICE = make_mesh(jax.devices()[:1])  # 8 fake devices on 2 cores only add overhead; see the 1-vs-8 test
 
 
-def run(steps, *, rl=None, reward=None, prompts=None, mesh=ONE_DEVICE, **loop_kw):
+def run(steps, *, rl=None, reward=None, prompts=None, mesh=ONE_DEVICE, step_hooks=(), **loop_kw):
     loop_kw = {"total_steps": steps, "prompts_per_step": 4, "max_prompt_tokens": 8, "progress": False, **loop_kw}
     return train(
         params=init_params(CONFIG, jax.random.PRNGKey(0)), model_config=CONFIG, tokenizer=TOK,
         reward_fn=reward or TargetWordReward(target="yes"), prompts=prompts or toy_prompts(64),
         rl=rl or RLConfig(group_size=G), sample=SAMPLE, optim=OPTIM, loop=LoopConfig(**loop_kw), mesh=mesh,
+        step_hooks=step_hooks,
     )
 
 
@@ -100,6 +101,43 @@ def test_stop_and_resume_matches_uninterrupted(tmp_path, overlap):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # one compilation for all three runs (and both overlap modes): same config, same shapes
     assert resumed.trainer is full.trainer and full.trainer.update_fn._cache_size() == 1
+
+
+class RecordingHook:
+    """A step hook that checks its view against the reward function and logs two numbers."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, view):
+        ro = view.rollouts
+        assert ro.tokens.shape[0] == len(ro.completions) == 4 * G and view.step == ro.step
+        expected = TargetWordReward(target="yes")([view.prompts.texts[i] for i in np.repeat(ro.indices, G)], ro.completions)
+        np.testing.assert_array_equal(view.scores_B, expected.scores)
+        assert view.valid_B.all()
+        assert view.metrics["reward_mean"] == pytest.approx(float(view.scores_B.mean()), abs=1e-6)
+        with pytest.raises(ValueError):  # read-only
+            view.scores_B[0] = 1.0
+        self.steps.append(view.step)
+        return {"hook/yes_rows": float(view.scores_B.sum()), "hook/kl": view.metrics["seq_kl"]}
+
+
+def test_step_hooks_see_each_step_and_their_metrics_are_logged(tmp_path):
+    """Step hooks run once per step (also across a resume), with the step's rollouts, rewards
+    and update metrics; what they return lands in the step's metrics record."""
+    rl = RLConfig(group_size=G, kl_coef=0.05)
+    hook = RecordingHook()
+    kw = dict(rl=rl, out_dir=str(tmp_path), checkpoint_every=2, step_hooks=[hook])
+    first = run(3, stop_after=2, **kw)
+    resumed = run(3, **kw)
+    assert hook.steps == [0, 1, 2]
+    records = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
+    assert sorted(records) == [0, 1, 2]
+    for r in first.history + resumed.history:
+        assert r["hook/yes_rows"] == records[r["step"]]["hook/yes_rows"] and r["hook/kl"] == r["seq_kl"]
+    assert records[0]["hook/kl"] == pytest.approx(0.0, abs=1e-4)  # step 0 samples the reference policy itself
+    with pytest.raises(ValueError, match="reward_mean"):
+        run(1, step_hooks=[lambda view: {"reward_mean": 0.0}])
 
 
 class FlakyJudge(RewardFnBase):
@@ -166,23 +204,23 @@ def assert_same_run(a, b, params_b=None):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
 
-def test_prompt_bucket_trims_padding_without_changing_the_run():
-    """A batch trimmed to its longest prompt (rounded up to 4) trains like the batch padded
+def test_trimmed_prompts_train_like_padded_ones():
+    """A batch trimmed to its longest prompt (rounded up to SampleConfig.prompt_bucket) trains like the batch padded
     to max_prompt_tokens=16: same samples and rewards, same metrics and params up to float
     rounding; the update sees the narrower batch."""
     rl = RLConfig(group_size=G, kl_coef=0.05)
     wide = run(2, rl=rl, max_prompt_tokens=16)
-    trim = run(2, rl=rl, max_prompt_tokens=16, prompt_bucket=4)
+    trim = run(2, rl=rl, max_prompt_tokens=16, trim_prompts=True)
     assert_same_run(wide, trim)
-    # the update saw the narrow batch: the sampler hands out prompt blocks of width 4 or 8
+    # the update saw the narrow batch: the sampler hands out prompt blocks of width 8 < 16
     from rubrax.rl.rollouts import RolloutSampler
 
     prompts = load_prompts(toy_prompts(64), TOK, max_prompt_tokens=16)
     sampler = RolloutSampler(prompts, TOK, CONFIG, SAMPLE, np.asarray(jax.random.PRNGKey(0)), prompts_per_step=4, max_prompt_tokens=16,
-                             prompt_bucket=4)
+                             prompt_bucket=SAMPLE.prompt_bucket)
     ro = sampler(0, trim.state.params)
     longest = max(len(prompts.tokens[i]) for i in ro.indices)
-    assert ro.prompt_tokens.shape[1] == -(-longest // 4) * 4 < 16
+    assert ro.prompt_tokens.shape[1] == -(-longest // 8) * 8 < 16
 
 
 def test_loop_on_eight_devices_equals_one_device():
@@ -194,14 +232,14 @@ def test_loop_on_eight_devices_equals_one_device():
     assert_same_run(one, eight)
 
 
-def test_stacked_and_unstacked_layer_layouts_train_alike():
-    """LoopConfig.layer_layout: the scan over stacked layers and the unrolled per-layer
+def test_scan_and_unrolled_layer_loops_train_alike():
+    """LoopConfig.layer_loop: the scan over stacked layers and the unrolled per-layer
     layout (the CPU default) give the same run; the result keeps its layout."""
     from rubrax.models import is_unstacked, stack_layers
 
     rl = RLConfig(group_size=G, kl_coef=0.05)
-    a = run(2, rl=rl, layer_layout="stacked")
-    b = run(2, rl=rl, layer_layout="unstacked")
+    a = run(2, rl=rl, layer_loop="scan")
+    b = run(2, rl=rl, layer_loop="unrolled")
     assert not is_unstacked(a.state.params) and is_unstacked(b.state.params)
     assert_same_run(a, b, params_b=stack_layers(b.state.params))
 

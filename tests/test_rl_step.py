@@ -101,7 +101,7 @@ def reference_loss(w, ref_w, batch: RolloutBatch, cfg: RLConfig, base_w=None) ->
             logp, probs = dist(w, i, t)
             lp = logp[b.tokens_BxT[i, t]]
             ratio = np.exp(lp - b.behaviour_logp_BxT[i, t])
-            term = -min(ratio * adv[i], np.clip(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high) * adv[i])
+            term = -min(ratio * adv[i], np.clip(ratio, 1 - cfg.clip_low, 1 + cfg.upper_clip) * adv[i])
             if cfg.kl_coef and not cfg.kl_in_reward:
                 term += cfg.kl_coef * kl(dist(ref_w, i, t)[0][b.tokens_BxT[i, t]] - lp)
             term -= cfg.entropy_coef * -np.sum(probs * logp)
@@ -111,7 +111,7 @@ def reference_loss(w, ref_w, batch: RolloutBatch, cfg: RLConfig, base_w=None) ->
         elif cfg.loss_aggregation == "token":
             total += seq / n_tokens
         else:
-            total += seq / (len(rows) * T)
+            total += seq / (len(rows) * (T - b.prompt_width))  # Dr. GRPO: N_seq x completion budget
     return total
 
 
@@ -382,3 +382,86 @@ def test_make_batch_layout_by_hand():
     from rubrax.sharding import make_mesh, shard_batch
 
     assert shard_batch(b, make_mesh(jax.devices()[:2])).prompt_width == 3
+
+
+# --------------------------------------------------------------------------- defects fixed
+
+
+def _bigram_logp(w, tokens_BxT):
+    from rubrax.rl import losses
+
+    return np.asarray(losses.token_logprobs(bigram_logits({"w": w}, tokens_BxT, None), tokens_BxT))
+
+
+def _padded_batch(extra_pad: int) -> RolloutBatch:
+    """make_rollouts' batch with `extra_pad` more left-padding columns, as make_batch
+    builds it (prompt_width = W): the same completions behind a wider prompt block."""
+    b = make_rollouts()
+    pad = lambda x, v=0: np.concatenate([np.full((B, extra_pad), v, x.dtype), np.asarray(x)], axis=1)  # noqa: E731
+    return RolloutBatch(pad(b.tokens_BxT), pad(b.mask_BxT), pad(b.loss_mask_BxT), pad(b.behaviour_logp_BxT),
+                        b.rewards_B, b.valid_B, prompt_width=PROMPT + extra_pad)
+
+
+def test_dr_grpo_divides_by_the_completion_budget_whatever_the_prompt_width():
+    """Dr. GRPO's loss is sum_it m l / (N_seq * C) with C the completion budget (T - W), a
+    constant: two batches that differ only in left padding (prompt_bucket widths) take the
+    same step. Hand-computed on policy (ratio 1): pg_loss = -sum_i A_i |y_i| / (N_seq C)."""
+    cfg = RLConfig(group_size=G, advantage="dr_grpo", loss_aggregation="dr_grpo", behaviour_logprobs="recompute")
+    tx = optax.sgd(1.0)
+    outs = []
+    for extra in (0, 5):
+        state = TrainState.create(make_params(), tx, seed=0)
+        outs.append(jax.jit(lambda s, b: update(s, b, None, cfg=cfg, logits_fn=bigram_logits, tx=tx))(
+            state, jax.tree.map(jnp.asarray, _padded_batch(extra))))
+    (s0, m0), (s5, m5) = outs
+    b = make_rollouts()
+    r, v = np.asarray(b.rewards_B, np.float64), np.asarray(b.valid_B)
+    adv = np.zeros(B)
+    for g in range(0, B, G):
+        idx = [i for i in range(g, g + G) if v[i]]
+        adv[idx] = r[idx] - r[idx].mean()
+    lengths = np.asarray(b.loss_mask_BxT).sum(axis=1) * v
+    budget = T - PROMPT
+    expected = -(adv * lengths).sum() / ((lengths > 0).sum() * budget)
+    np.testing.assert_allclose(float(m0["pg_loss"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(m5["pg_loss"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(s5.params["w"], s0.params["w"], rtol=1e-6, atol=1e-7)
+
+
+def test_replace_clip_low_gives_a_symmetric_clip_when_clip_high_was_not_set():
+    """RLConfig never writes clip_high into itself, so dataclasses.replace(cfg, clip_low=0.3)
+    clips at [0.7, 1.3], and an explicit clip_high survives a replace of clip_low. Checked
+    on the update: ratio 1.25 with positive advantages is inside 1.3 (no clipping) but
+    outside 1.2 (all clipped)."""
+    base = RLConfig(group_size=G)
+    wide = dataclasses.replace(base, clip_low=0.3)
+    assert wide.clip_high is None and wide.upper_clip == 0.3
+    assert dataclasses.replace(RLConfig(group_size=G, clip_high=0.28), clip_low=0.1).upper_clip == 0.28
+    b = make_rollouts(invalid=())
+    w = np.asarray(make_params()["w"])
+    behaviour = (_bigram_logp(w, b.tokens_BxT) - np.log(1.25)) * b.loss_mask_BxT
+    batch = b.replace(behaviour_logp_BxT=behaviour.astype(np.float32), rewards_B=np.ones(B, np.float32))
+    batch = batch.replace(rewards_B=np.tile(np.array([1.0, 0.0, 2.0, 5.0], np.float32), P))  # mixed signs of A
+    tx = optax.sgd(0.0)
+    clip = {}
+    for name, cfg in (("base", base), ("wide", wide)):
+        state = TrainState.create(make_params(), tx, seed=0)
+        _, m = update(state, jax.tree.map(jnp.asarray, batch), None, cfg=cfg, logits_fn=bigram_logits, tx=tx)
+        clip[name] = float(m["clip_frac"])
+    assert clip["wide"] == 0.0
+    pos = np.tile(np.array([1.0, 0.0, 2.0, 5.0]) - 2.0 > 0, P)  # A > 0 rows: ratio 1.25 > 1.2 clips them
+    expected = (b.loss_mask_BxT.sum(axis=1) * pos).sum() / b.loss_mask_BxT.sum()
+    assert clip["base"] == pytest.approx(expected, rel=1e-5) and clip["base"] > 0
+
+
+def test_update_reports_the_per_sequence_kl_to_the_reference():
+    """seq_kl = mean over valid rows of sum_t (log mu(y_t) - log pi_ref(y_t)) (hand-computed)."""
+    cfg = RLConfig(group_size=G, kl_coef=0.1)
+    b = make_rollouts()
+    tx = optax.sgd(0.0)
+    state = TrainState.create(make_params(), tx, seed=0)
+    ref = make_params(1)
+    _, m = update(state, jax.tree.map(jnp.asarray, b), ref, cfg=cfg, logits_fn=bigram_logits, tx=tx)
+    ref_logp = _bigram_logp(np.asarray(ref["w"]), b.tokens_BxT)
+    per_seq = ((np.asarray(b.behaviour_logp_BxT) - ref_logp) * b.loss_mask_BxT).sum(axis=1)
+    assert float(m["seq_kl"]) == pytest.approx(per_seq[b.valid_B].mean(), rel=1e-5)

@@ -33,11 +33,11 @@ def test_every_arm_runs_and_is_tracked(tiny_run):
     for arm in ARMS:
         rows = sorted((r for r in curves if r["arm"] == arm), key=lambda r: r["step"])
         finals = [r for r in rows if r.get("final")]
-        assert len(finals) == 1 and finals[0]["step"] == (cfg.sft.great_steps if arm == "sft_great" else cfg.rl.steps)
+        assert len(finals) == 1 and finals[0]["step"] == (cfg.sft.great_steps if arm == "sft_great" else cfg.rl_steps)
         for r in rows:
             assert 0.0 <= r["win_rate"] <= 1.0 and np.isfinite(r["gold"]) and np.isfinite(r["kl"])
         if arm != "sft_great":
-            assert len(rows) == cfg.rl.steps + 1
+            assert len(rows) == cfg.rl_steps + 1
             assert all(np.isfinite(r["proxy"]) for r in rows)
             # the first rollouts come from the base policy itself: KL 0, win rate near 1/2
             assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-3)
@@ -60,7 +60,7 @@ def test_report_files_and_tables(tiny_run):
                  "fig4_winrate_vs_step.png", "fig4_winrate_vs_kl.png", "theory_vs_rl.png", "proxy_vs_gold.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "commit.txt").read_text().strip() == "abc123"
-    assert json.loads((out / "config.json").read_text())["rl"]["steps"] == cfg.rl.steps
+    assert json.loads((out / "config.json").read_text())["rl_steps"] == cfg.rl_steps
     with open(out / "table1.csv") as f:
         t1 = {r["arm"]: r for r in csv.DictReader(f)}
     summary = {r["arm"]: r for r in per_seed_summary(results["curves"])}
@@ -87,3 +87,44 @@ def test_cli_sim_run_resumes_and_prints_report_path(tiny_run, capsys):
     assert any("already complete" in line for line in lines)
     assert lines[-1] == f"report: {out / 'report.md'}"
     assert (out / "report.md").exists()
+
+
+def _report_without_wall_time(out, cfg, results):
+    text = write_report(out, cfg, results, command="rubrax sim run --preset tiny", commit="same").read_text()
+    return [line for line in text.splitlines() if "wall time" not in line]
+
+
+@pytest.mark.slow
+def test_sigkill_inside_an_arm_then_rerun_gives_the_uninterrupted_report(tiny_run, tmp_path):
+    """`rubrax sim run --preset tiny` killed (SIGKILL) after the first checkpoint of an RL
+    arm, then rerun: the arm resumes from its checkpoint (not from scratch) and the rows,
+    tables and report equal those of the uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg, _, results, _ = tiny_run
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "rubrax.cli", "sim", "run", "--preset", "tiny", "--out", str(tmp_path), "--run", "killed"]
+    ckpts = run / "runs" / "seed0_gold" / "checkpoints"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    deadline = time.monotonic() + 900
+    while not (ckpts / "1").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first RL checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "arms" / "seed0_gold.jsonl").exists()  # killed inside the arm
+    steps_logged = len((run / "runs" / "seed0_gold" / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= steps_logged < cfg.rl_steps
+    rc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    assert rc.returncode == 0, rc.stderr[-2000:]
+    logged = [json.loads(line)["step"] for line in (run / "runs" / "seed0_gold" / "metrics.jsonl").read_text().splitlines()]
+    assert logged.count(0) == 1 and sorted(set(logged)) == list(range(cfg.rl_steps))  # resumed, not restarted
+    again = run_experiment(cfg, run, log=lambda _: None)  # reads what the rerun wrote
+    for key in ("curves", "agreement", "theory"):
+        assert again[key] == results[key], key
+    (tmp_path / "uninterrupted").mkdir()
+    assert _report_without_wall_time(run, cfg, again) == _report_without_wall_time(tmp_path / "uninterrupted", cfg, results)

@@ -12,7 +12,8 @@ from rubrax.rewards.rubric import RubricReward
 from rubrax.sim import generators as G
 from rubrax.sim.agents import ProposerConfig, SimProposer, SimVerifier, VerifierConfig
 from rubrax.sim.predicates import parse_predicate
-from rubrax.sim.presets import ARMS, BTSettings, RLSettings, SimConfig, get_preset
+from rubrax.rl.step import RLConfig
+from rubrax.sim.presets import ARMS, BTSettings, SimConfig, get_preset
 from rubrax.sim.world import WorldConfig, make_world
 
 
@@ -73,10 +74,12 @@ def test_presets_parse_and_bad_config_fails_before_training():
         cfg = get_preset(name)
         assert set(cfg.arms) <= set(ARMS) and cfg.seeds
     assert get_preset("cpu").arms == ARMS
-    with pytest.raises(ValueError, match="steps must be > 0"):
-        RLSettings(steps=0)
-    with pytest.raises(ValueError, match="kl_coef must be >= 0"):
-        RLSettings(kl_coef=-0.1)
+    with pytest.raises(ValueError, match="rl_steps must be > 0"):
+        SimConfig(rl_steps=0)
+    with pytest.raises(ValueError, match="kl_coef"):
+        SimConfig(rl=RLConfig(group_size=8, kl_coef=-0.1))
+    with pytest.raises(ValueError, match="sample.n=4 must equal rl.group_size=8"):
+        dataclasses.replace(get_preset("cpu"), sample=dataclasses.replace(get_preset("cpu").sample, n=4))
     with pytest.raises(ValueError, match="lr must be > 0"):
         BTSettings(lr=-1e-3)
     with pytest.raises(ValueError, match="needs 14 distinct content words"):

@@ -102,6 +102,10 @@ class ResponseCache:
     def __len__(self) -> int:
         return len(self._memory if self._memory is not None else self._index)
 
+    @property
+    def closed(self) -> bool:
+        return self.path is not None and self._fd is None
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

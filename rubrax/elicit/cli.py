@@ -17,9 +17,11 @@ from typing import Any
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "rubrax", "chat")
 
 
-def add_client_args(p: argparse.ArgumentParser) -> None:
+def add_client_args(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    """The endpoint flags every job shares; `model=False` when the caller defines its own --model."""
     g = p.add_argument_group("endpoint")
-    g.add_argument("--model", required=True, help="model name at the endpoint")
+    if model:
+        g.add_argument("--model", required=True, help="model name at the endpoint")
     g.add_argument("--base-url", default=None, help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL or api.openai.com)")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     g.add_argument("--concurrency", type=int, default=16, help="requests in flight at most")
@@ -108,6 +110,8 @@ async def _propose(args: argparse.Namespace) -> int:
         job = await propose_rubrics(prompts, proposer, args.out, workers=_workers(args), progress=not args.no_progress)
         for pid, reason in proposer.failures[:10]:
             print(f"  proposal failed for {pid}: {reason}", file=sys.stderr)
+        for pid, reason in proposer.warnings[:10]:
+            print(f"  proposal for {pid} kept with: {reason}", file=sys.stderr)
         print_summary("rubrics propose", job.line(), client)
     return 0
 

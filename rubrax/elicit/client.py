@@ -108,6 +108,7 @@ class ClientStats:
     attempts: int = 0
     retries: int = 0
     failures: int = 0
+    truncated: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float | None = 0.0
@@ -116,7 +117,7 @@ class ClientStats:
     def summary(self) -> str:
         cost = "unknown (no price for this model)" if self.cost_usd is None else f"${self.cost_usd:.4f}"
         return (
-            f"calls={self.calls} cache_hits={self.cache_hits} retries={self.retries} failures={self.failures} "
+            f"calls={self.calls} cache_hits={self.cache_hits} retries={self.retries} failures={self.failures} truncated={self.truncated} "
             f"batch_requests={self.batch_requests} prompt_tokens={self.prompt_tokens} "
             f"completion_tokens={self.completion_tokens} cost={cost}"
         )
@@ -154,18 +155,30 @@ def _retry_after(headers: Mapping[str, str] | None) -> float | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """The assistant text of one completion and why it ended ("stop", "length" when cut
+    at max_tokens, None when the server did not say)."""
+
+    content: str
+    finish_reason: str | None = None
+
+
 def _parse_completion(text: str) -> dict[str, Any]:
-    """{'content', 'usage'} of a chat-completion body; _Retryable when malformed."""
+    """{'content', 'finish_reason', 'usage'} of a chat-completion body; _Retryable when malformed."""
     try:
         data = json.loads(text)
-        content = data["choices"][0]["message"]["content"]
+        choice = data["choices"][0]
+        content = choice["message"]["content"]
     except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
         raise _Retryable(f"malformed completion body ({type(err).__name__})") from None
     if not isinstance(content, str):
         raise _Retryable("completion has no text content")
     usage = data.get("usage") or {}
+    finish = choice.get("finish_reason") if isinstance(choice, Mapping) else None
     return {
         "content": content,
+        "finish_reason": finish if isinstance(finish, str) else None,
         "usage": {"prompt_tokens": int(usage.get("prompt_tokens") or 0), "completion_tokens": int(usage.get("completion_tokens") or 0)},
     }
 
@@ -237,10 +250,27 @@ class ChatClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Closes the connections and the cache. From a loop other than the one the
+        connections were made on (a reward graded on a background loop, closed later),
+        their sockets are closed directly."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is not None and running is not self._loop:
+            self.close()
+            return
         if self._sdk_client is not None:
             await self._sdk_client.close()
         if self._session is not None:
             await self._session.close()
+        self._sdk_client = self._session = None
+        self.cache.close()
+
+    def close(self) -> None:
+        """Synchronous close, for when no event loop of the client's runs any more."""
+        _abandon(self._session)
+        self._session = self._sdk_client = None
         self.cache.close()
 
     # ------------------------------------------------------------------ requests
@@ -255,7 +285,13 @@ class ChatClient:
 
     async def chat(self, messages: Sequence[Mapping[str, str]], *, json_output: bool = False, **sampling: Any) -> str:
         """The assistant text for `messages`; raises ChatError when the call failed for good."""
+        return (await self.chat_detailed(messages, json_output=json_output, **sampling)).content
+
+    async def chat_detailed(self, messages: Sequence[Mapping[str, str]], *, json_output: bool = False, **sampling: Any) -> Completion:
+        """`chat` with the finish reason (a completion cut at max_tokens says "length")."""
         self._bind_loop()
+        if self.cache.closed:  # used again after close(): a second run with the same reward
+            self.cache = ResponseCache(self.config.cache_dir)
         body = self.body(messages, json_output=json_output, **sampling)
         data = canonical_json(body)
         key = hashlib.sha256(data).hexdigest()
@@ -265,11 +301,12 @@ class ChatClient:
         hit = self.cache.get(key)
         if hit is not None:
             self.stats.cache_hits += 1
-            return hit["content"]
+            return Completion(hit["content"], hit.get("finish_reason"))
         pending = self._inflight.get(key)
         if pending is not None:
             self.stats.cache_hits += 1
-            return (await asyncio.shield(pending))["content"]
+            done = await asyncio.shield(pending)
+            return Completion(done["content"], done.get("finish_reason"))
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
@@ -285,7 +322,7 @@ class ChatClient:
             fut.set_result(result)
         finally:
             del self._inflight[key]
-        return result["content"]
+        return Completion(result["content"], result.get("finish_reason"))
 
     def _account(self, usage: Mapping[str, int]) -> None:
         self.stats.prompt_tokens += usage["prompt_tokens"]
@@ -326,6 +363,7 @@ class ChatClient:
                 self.stats.failures += 1
                 raise
             self.stats.calls += 1
+            self.stats.truncated += result.get("finish_reason") == "length"
             self._account(result["usage"])
             self.cache.put(key, result)
             return result

@@ -103,9 +103,46 @@ def format_criteria(rubric: Rubric, *, weights: bool) -> str:
 # --------------------------------------------------------------------------- tolerant parsing
 
 
+def _json_string_prefix(text: str, start: int) -> str:
+    """The decoded content of the JSON string literal opening at text[start] (a '"'),
+    up to its closing quote or, when the text was cut inside it, as far as it goes."""
+    i, n = start + 1, len(text)
+    while i < n and text[i] != '"':
+        i += 2 if text[i] == "\\" else 1
+    raw = text[start + 1 : min(i, n)]
+    raw = re.sub(r"\\(u[0-9a-fA-F]{0,3})?$", "", raw)  # a dangling escape cut at the end
+    try:
+        return json.loads('"' + raw + '"')
+    except json.JSONDecodeError:
+        return raw
+
+
+def unwrap_json_string(text: str, *, any_text: bool = False, keep_keys: Sequence[str] = ()) -> str:
+    """The inner text when `text` is a JSON object whose only value is a string holding
+    JSON (some servers answer JSON mode as {"response": "<the model's JSON text>"});
+    else `text` unchanged. A wrapper cut short (finish_reason=length) is unwrapped too.
+    `any_text`: unwrap whatever the string holds (prose, lists), unless the key is one of
+    `keep_keys` (a real answer such as {"c1": "yes"})."""
+    m = re.match(r'\s*\{\s*"([^"\\]{1,64})"\s*:\s*(?=")', text)
+    if m is None or m.group(1) in keep_keys:
+        return text
+    inner = _json_string_prefix(text, m.end())
+    rest = text[m.end() :]
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        obj = None
+    if isinstance(obj, Mapping) and len(obj) != 1:
+        return text  # a real object with several fields, not a wrapper
+    if obj is None and re.search(r'^"(?:[^"\\]|\\.)*"\s*,', rest, re.S):
+        return text  # a string value followed by more fields: not a wrapper
+    return inner if any_text or re.match(r"\s*(```(?:json)?\s*)?[{\[]", inner) else text
+
+
 def extract_json(text: str) -> Any:
-    """The first JSON object or array in `text` (code fences and prose allowed); None if none."""
-    stripped = text.strip()
+    """The first JSON object or array in `text` (code fences, prose, and a
+    {"key": "<JSON text>"} wrapper allowed); None if none."""
+    stripped = unwrap_json_string(text).strip()
     fenced = re.search(r"```(?:json)?\s*\n?(.*?)```", stripped, re.S)
     if fenced:
         stripped = fenced.group(1).strip()
@@ -125,6 +162,11 @@ def extract_json(text: str) -> Any:
 
 _YES = {"yes", "y", "true", "met", "pass", "1"}
 _NO = {"no", "n", "false", "not met", "unmet", "fail", "0"}
+_VERDICT_WORDS = re.compile(r"\b(not met|unmet|yes|no|true|false|met|pass|fail)\b", re.I)
+# A verdict line: an id marker ("c1:", "[c1]", "1.", "1)", "- c2 -", "**c3**:") then the rest.
+_VERDICT_LINE = re.compile(
+    r"^\s*(?:[-*]\s+)?\**\s*(?:[\[(]\s*([A-Za-z]?[\w-]{1,16})\s*[\])]\s*\**\s*[:.=-]?|([A-Za-z]?[\w-]{1,16})\s*\**\s*[:.)=-])\s*(.*)$"
+)
 
 
 def _verdict(value: Any) -> str:
@@ -141,9 +183,47 @@ def _verdict(value: Any) -> str:
     return "unknown"
 
 
+def _line_verdict(text: str) -> str:
+    """yes/no when every verdict word of `text` agrees (one "yes" and one "no" is ambiguous)."""
+    found = {_verdict(w.lower()) for w in _VERDICT_WORDS.findall(text)}
+    return found.pop() if len(found) == 1 else "unknown"
+
+
+def _line_id(token: str, ids: Sequence[str]) -> str | None:
+    """The asked id a line marker names: the id itself, or a list number n that means the
+    same id read either way (id "c<n>" and the n-th id asked); None when it is ambiguous."""
+    if token in ids:
+        return token
+    if not token.isdigit():
+        return None
+    n = int(token)
+    named = {f"c{n}"} & set(ids)
+    positional = {ids[n - 1]} if 1 <= n <= len(ids) else set()
+    both = named | positional
+    return both.pop() if len(both) == 1 else None
+
+
+def parse_verdict_lines(text: str, ids: Sequence[str]) -> dict[str, str]:
+    """Verdicts from a reply written as lines (`c1: yes`, `1. yes`, `[c2] no - because ...`).
+    An id given two different verdicts, or a line with both "yes" and "no", stays unknown."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        m = _VERDICT_LINE.match(line)
+        token = (m.group(1) or m.group(2)) if m else ""
+        cid = _line_id(token.lower() if re.fullmatch(r"[cC]\d+", token) else token, ids) if m else None
+        if cid is None:
+            continue
+        v = _line_verdict(m.group(3))
+        if cid in out and out[cid] != v:
+            v = "unknown"
+        out[cid] = v
+    return out
+
+
 def parse_verdicts(text: str, ids: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     """{id: yes|no|unknown} for the ids asked, from a verifier reply; plus the problems seen."""
     problems = []
+    text = unwrap_json_string(text, any_text=True, keep_keys=("verdicts", *ids))
     obj = extract_json(text)
     out = {cid: "unknown" for cid in ids}
     if isinstance(obj, Mapping):
@@ -156,12 +236,14 @@ def parse_verdicts(text: str, ids: Sequence[str]) -> tuple[dict[str, str], list[
         if extra:
             problems.append(f"unexpected criterion ids {extra[:5]}")
     else:
-        # Truncated or broken JSON: salvage the complete "id": "yes|no" pairs.
+        # Truncated or broken JSON: salvage the complete "id": "yes|no" pairs; else lines.
         problems.append("reply is not a JSON object")
         for cid in ids:
             m = re.search(r'"' + re.escape(cid) + r'"\s*:\s*"?(yes|no|true|false)\b', text, re.I)
             if m:
                 out[cid] = _verdict(m.group(1))
+        if all(v == "unknown" for v in out.values()):
+            out.update(parse_verdict_lines(text, ids))
     bad = [cid for cid, v in out.items() if v == "unknown"]
     if bad:
         problems.append(f"no verdict for {len(bad)} of {len(ids)} criteria")
@@ -169,24 +251,57 @@ def parse_verdicts(text: str, ids: Sequence[str]) -> tuple[dict[str, str], list[
 
 
 def parse_single_verdict(text: str) -> str:
+    text = unwrap_json_string(text, any_text=True, keep_keys=("verdict", "answer", "met", "result"))
     obj = extract_json(text)
     if isinstance(obj, Mapping):
         return _verdict(obj)
     m = re.search(r'"verdict"\s*:\s*"?(yes|no)\b', text, re.I)
     if m:
         return m.group(1).lower()
-    return _verdict(text)
+    v = _verdict(text)
+    if v == "unknown":
+        # "Yes, the response ..." / "No. It never ...": a verdict word first, none contradicting it.
+        first = re.match(r"\s*\**\s*(yes|no)\b", text, re.I)
+        if first and _line_verdict(text) == first.group(1).lower():
+            v = first.group(1).lower()
+    return v
+
+
+def _criteria_items(text: str) -> tuple[list[Any] | None, bool]:
+    """(the list of criterion objects, truncated?) of a proposer reply. A reply cut short
+    keeps the complete objects before the cut."""
+    obj = extract_json(text)
+    if isinstance(obj, Mapping):
+        obj = next((obj[k] for k in ("criteria", "rubric", "rubrics") if isinstance(obj.get(k), list)), None)
+    if isinstance(obj, list):
+        return obj, False
+    inner = unwrap_json_string(text)
+    m = re.search(r'"(?:criteria|rubric|rubrics)"\s*:\s*\[', inner) or re.search(r"\[\s*(?=\{)", inner)
+    if m is None:
+        return None, False
+    decoder, pos, items = json.JSONDecoder(), m.end(), []
+    while True:
+        pos = re.compile(r"[\s,]*").match(inner, pos).end()
+        try:
+            item, pos = decoder.raw_decode(inner, pos)
+        except json.JSONDecodeError:
+            break
+        items.append(item)
+    return (items, True) if items else (None, False)
 
 
 def parse_criteria(text: str) -> tuple[list[tuple[str, float]], list[str]]:
-    """[(criterion text, weight)] from a proposer reply, weights rounded and clipped to 1..3."""
-    obj = extract_json(text)
-    problems = []
-    if isinstance(obj, Mapping):
-        obj = next((obj[k] for k in ("criteria", "rubric", "rubrics") if isinstance(obj.get(k), list)), None)
-    if not isinstance(obj, list):
+    """[(criterion text, weight)] from a proposer reply, weights rounded and clipped to 1..3.
+
+    Tolerated, each noted in the problems: a reply cut short (the complete criteria before
+    the cut are kept), exact duplicate criteria (dropped), a criterion without a weight
+    (weight 1, the lowest: a missing weight never makes a criterion count more).
+    """
+    obj, truncated = _criteria_items(text)
+    if obj is None:
         return [], ["reply holds no list of criteria"]
-    out = []
+    problems = [f"reply truncated: kept the {len(obj)} complete criteria before the cut"] if truncated else []
+    out, seen = [], set()
     for i, item in enumerate(obj):
         if not isinstance(item, Mapping):
             problems.append(f"item {i} is not an object")
@@ -195,6 +310,8 @@ def parse_criteria(text: str) -> tuple[list[tuple[str, float]], list[str]]:
         if not crit.strip():
             problems.append(f"item {i} has no criterion text")
             continue
+        if "weight" not in item and "points" not in item:
+            problems.append(f"item {i} has no weight; using 1")
         w = item.get("weight", item.get("points", 1))
         try:
             w = float(w)
@@ -206,18 +323,39 @@ def parse_criteria(text: str) -> tuple[list[tuple[str, float]], list[str]]:
         w_clipped = float(min(3, max(1, round(w))))
         if w_clipped != w:
             problems.append(f"item {i} weight {w:g} set to {w_clipped:g}")
-        out.append((" ".join(crit.split()), w_clipped))
+        text_i = " ".join(crit.split())
+        if text_i in seen:
+            problems.append(f"item {i} duplicates an earlier criterion; dropped")
+            continue
+        seen.add(text_i)
+        out.append((text_i, w_clipped))
     return out, problems
 
 
+# "Response 1 is better", "I prefer response 2", "Winner: Response 1", "**Response 2** wins".
+_WINNER_PATTERNS = (
+    re.compile(r"\bresponse[\s_]*\**\s*([12])\b\**\s+(?:is\s+(?:clearly\s+|slightly\s+|much\s+)?(?:the\s+)?better|wins|is\s+(?:the\s+)?winner|is\s+preferred)", re.I),
+    re.compile(r"\b(?:winner|better(?:\s+response)?|preferred(?:\s+response)?|verdict|answer)\s*(?:is|:|=)\s*\**\s*(?:response[\s_]*)?\**\s*([12])\b", re.I),
+    re.compile(r"\bprefer\s+(?:the\s+)?response[\s_]*\**\s*([12])\b", re.I),
+)
+
+
 def parse_winner(text: str) -> int | None:
+    """1 or 2 from a judge reply: JSON {"winner": 1} (or "Response 1"), else prose that names
+    one response as the better; None when nothing or both are named."""
+    text = unwrap_json_string(text, any_text=True, keep_keys=("winner", "better"))
     obj = extract_json(text)
     if isinstance(obj, Mapping):
         obj = obj.get("winner", obj.get("better"))
-    if isinstance(obj, (int, str)) and str(obj).strip() in ("1", "2"):
-        return int(str(obj).strip())
+    if isinstance(obj, (int, str)) and not isinstance(obj, bool):
+        m = re.fullmatch(r"\s*(?:response[\s_]*)?([12])\s*", str(obj), re.I)
+        if m:
+            return int(m.group(1))
     m = re.search(r'winner"?\s*[:=]\s*"?([12])\b', text)
-    return int(m.group(1)) if m else None
+    if m:
+        return int(m.group(1))
+    named = {int(g) for p in _WINNER_PATTERNS for g in p.findall(text)}
+    return named.pop() if len(named) == 1 else None
 
 
 # --------------------------------------------------------------------------- proposer
@@ -236,17 +374,22 @@ class LLMProposer:
         self.temperature, self.max_tokens = temperature, max_tokens
         self.min_criteria, self.max_criteria = min_criteria, max_criteria
         self.failures: list[tuple[str, str]] = []
+        self.warnings: list[tuple[str, str]] = []
 
     async def _criteria(self, prompt_id: str, messages: list[dict[str, str]]) -> list[Criterion] | None:
         try:
-            reply = await self.client.chat(messages, json_output=True, temperature=self.temperature, max_tokens=self.max_tokens)
+            reply = await self.client.chat_detailed(messages, json_output=True, temperature=self.temperature, max_tokens=self.max_tokens)
         except ChatError as err:
             self.failures.append((prompt_id, str(err)))
             return None
-        items, problems = parse_criteria(reply)
+        items, problems = parse_criteria(reply.content)
+        if reply.finish_reason == "length":
+            problems.insert(0, "finish_reason=length (the reply was cut at max_tokens)")
         if not items:
             self.failures.append((prompt_id, "; ".join(problems)))
             return None
+        if problems:
+            self.warnings.append((prompt_id, "; ".join(problems)))
         return list(with_ids(items))
 
     async def propose(self, prompt_id: str, prompt: str) -> list[Criterion] | None:
@@ -289,6 +432,9 @@ class LLMVerifier:
         self.mode = mode
         self.templates = templates or Templates.load()
         self.temperature, self.max_tokens = temperature, max_tokens
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
 
     def _sampling(self, sample: int) -> dict[str, Any]:
         return {"temperature": self.temperature, "max_tokens": self.max_tokens, "seed": sample if sample else None}

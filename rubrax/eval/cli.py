@@ -14,6 +14,7 @@ rubric's preference is compared with the gold one, split into high- and low-rewa
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -24,7 +25,7 @@ async def _winrate(args: argparse.Namespace) -> int:
     from rubrax.elicit.client import ChatClient
     from rubrax.elicit.llm import LLMJudge, Templates
     from rubrax.elicit.pipeline import ResumableJsonl, progress_bar, run_workers
-    from rubrax.eval.winrate import WinItem, judge_outcome, win_rate
+    from rubrax.eval.winrate import WinItem, judge_bias, judge_orders, judge_outcome, outcome_of_orders, win_rate
 
     responses = read_responses(args.responses)
     refs: dict[str, Any] = {}
@@ -40,11 +41,19 @@ async def _winrate(args: argparse.Namespace) -> int:
     async with ChatClient(client_config(args)) as client:
         judge = LLMJudge(client, templates=Templates.load(args.templates), seed=args.seed)
 
-        async def one(r: Any) -> None:
+        def item_of(r: Any) -> WinItem:
             ref = refs[r.prompt_id]
-            item = WinItem(f"{r.prompt_id}/{r.response_id}/{ref.response_id}", r.prompt, r.response, ref.response)
-            outcome = await judge_outcome(judge, item, both_orders=args.both_orders)
-            sink.add({"prompt_id": r.prompt_id, "response_id": r.response_id, "reference_id": ref.response_id, "outcome": outcome})
+            return WinItem(f"{r.prompt_id}/{r.response_id}/{ref.response_id}", r.prompt, r.response, ref.response)
+
+        async def one(r: Any) -> None:
+            item, rec = item_of(r), {"prompt_id": r.prompt_id, "response_id": r.response_id, "reference_id": refs[r.prompt_id].response_id}
+            if args.both_orders:
+                # Both verdicts are kept: the position-bias figures need them, not just their mean.
+                rec["response_first"], rec["reference_first"] = await judge_orders(judge, item)
+                rec["outcome"] = outcome_of_orders(rec["response_first"], rec["reference_first"])
+            else:
+                rec["outcome"] = await judge_outcome(judge, item)
+            sink.add(rec)
             if bar is not None:
                 bar.update(1)
 
@@ -54,9 +63,12 @@ async def _winrate(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.close()
         sink.finalize([r.key for r in responses])
-        result = win_rate([sink.done[r.key]["outcome"] for r in responses], n_boot=args.bootstrap, confidence=args.confidence, seed=args.seed)
+        recs = [sink.done[r.key] for r in responses]
+        result = win_rate([rec["outcome"] for rec in recs], n_boot=args.bootstrap, confidence=args.confidence, seed=args.seed)
+        orders = [(rec["response_first"], rec["reference_first"]) if "response_first" in rec else None for rec in recs]
+        bias = judge_bias([item_of(r) for r in responses], [rec["outcome"] for rec in recs], orders)
         print_summary("eval winrate", f"items={len(responses)} judged={result.n} failed={result.failed}", client)
-    print(result.line())
+    print(f"{result.line()} {bias.line()}")
     return 0
 
 
@@ -85,7 +97,7 @@ async def _agreement(args: argparse.Namespace) -> int:
     from rubrax.elicit.cli import client_config, load_rubrics_arg, print_summary
     from rubrax.elicit.client import ChatClient
     from rubrax.elicit.llm import LLMVerifier, Templates
-    from rubrax.eval.agreement import rubric_agreement
+    from rubrax.eval.agreement import format_criterion_table, rubric_agreement_detail
     from rubrax.rewards.rubric import RubricReward
 
     pairs = read_pairs(args.pairs)
@@ -93,8 +105,12 @@ async def _agreement(args: argparse.Namespace) -> int:
     async with ChatClient(client_config(args)) as client:
         verifier = LLMVerifier(client, mode=args.verify, templates=Templates.load(args.templates), temperature=args.temperature)
         reward = RubricReward(rubrics, verifier, mode=args.aggregate, k=args.k)
-        table = await rubric_agreement(reward, pairs, threshold=args.threshold, tie_credit=args.tie_credit)
+        table, criteria = await rubric_agreement_detail(reward, pairs, threshold=args.threshold, tie_credit=args.tie_credit)
         print_summary("eval agreement", f"pairs={len(pairs)}", client)
+    if args.criteria_out:
+        with open(args.criteria_out, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in criteria)
+    print(format_criterion_table(criteria))
     print(" ".join(f"{region}_{k}={v:.4f}" if isinstance(v, float) else f"{region}_{k}={v}" for region, row in table.items() for k, v in row.items()))
     return 0
 
@@ -125,5 +141,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--weight-scale", choices=("paper", "points"), default=None)
     p.add_argument("--threshold", type=float, default=None, help="gold reward splitting high from low pairs (default: median)")
     p.add_argument("--tie-credit", type=float, default=0.0, help="credit of a rubric tie (default 0)")
+    p.add_argument("--criteria-out", default=None, help="write the per-criterion agreement table here (JSONL)")
     add_client_args(p)
     p.set_defaults(func=_run(_agreement))

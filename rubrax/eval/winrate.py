@@ -9,6 +9,15 @@ Items whose judgement failed are left out and counted.
 Win rate = mean outcome; its confidence interval is the percentile bootstrap over items:
 resample the n outcomes with replacement `n_boot` times and take the (1-c)/2 and
 (1+c)/2 quantiles of the resampled means.
+
+Judge-bias checks (`JudgeBias`), because position and length biases distort both the
+reward and the evaluation:
+    flip_rate            pairs judged in both orders whose winner changed with the order
+                         (an unbiased, consistent judge: 0; a judge that always picks the
+                         response shown first: 1)
+    first_position_rate  judgements that picked the response shown first (0.5 unbiased)
+    length_corr          Pearson correlation of the outcome with the length difference
+                         (words of the response minus words of the reference)
 """
 
 from __future__ import annotations
@@ -74,10 +83,66 @@ async def judge_outcome(judge: Any, item: WinItem, *, both_orders: bool = False)
     if not both_orders:
         pref = await judge.compare(item.prompt, item.response, item.reference, key=item.key)
         return None if pref is None else float(pref == "a")
+    return outcome_of_orders(*await judge_orders(judge, item))
+
+
+async def judge_orders(judge: Any, item: WinItem) -> tuple[str | None, str | None]:
+    """The judge's preference ("a" = item.response, "b" = item.reference, None = failed)
+    with the response shown first, then with the reference shown first."""
     p1, p2 = await asyncio.gather(
         judge.compare(item.prompt, item.response, item.reference, key=item.key, swap=False),
         judge.compare(item.prompt, item.response, item.reference, key=item.key, swap=True),
     )
+    return p1, p2
+
+
+def outcome_of_orders(p1: str | None, p2: str | None) -> float | None:
+    """Mean outcome over the two display orders (None if either failed)."""
     if p1 is None or p2 is None:
         return None
     return (float(p1 == "a") + float(p2 == "a")) / 2.0
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation; nan for fewer than 2 points or a constant input."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.size < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeBias:
+    """Position and length bias of a pairwise judge (see the module docstring); nan where
+    there is nothing to measure (no pair judged in both orders, constant outcomes)."""
+
+    flip_rate: float
+    first_position_rate: float
+    length_corr: float
+    n_both_orders: int
+
+    def line(self) -> str:
+        return (f"flip_rate={self.flip_rate:.4f} first_position_rate={self.first_position_rate:.4f} "
+                f"length_corr={self.length_corr:.4f} n_both_orders={self.n_both_orders}")
+
+
+def judge_bias(items: Sequence[WinItem], outcomes: Sequence[float | None],
+               orders: Sequence[tuple[str | None, str | None] | None] = ()) -> JudgeBias:
+    """Bias figures of judged `items`: `outcomes` as from `judge_outcome`, `orders` the
+    (response-first, reference-first) preferences of pairs judged in both orders (None
+    for a pair judged once)."""
+    both = [o for o in orders if o is not None and None not in o]
+    flips = [o[0] != o[1] for o in both]
+    first = [o[0] == "a" for o in both] + [o[1] == "b" for o in both]
+    judged = [(it, out) for it, out in zip(items, outcomes) if out is not None]
+    diff = [word_count(it.response) - word_count(it.reference) for it, _ in judged]
+    return JudgeBias(
+        flip_rate=float(np.mean(flips)) if flips else float("nan"),
+        first_position_rate=float(np.mean(first)) if first else float("nan"),
+        length_corr=pearson([out for _, out in judged], diff),
+        n_both_orders=len(both),
+    )

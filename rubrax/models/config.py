@@ -11,6 +11,9 @@ import dataclasses
 from typing import Any, Mapping
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# Mirrors of rubrax.models.attention.IMPLS and llama.REMAT_POLICIES (no jax import here).
+ATTENTION_IMPLS = ("auto", "einsum", "blockwise", "cudnn", "xla", "tpu_flash")
+REMAT_POLICIES = ("auto", "none", "full", "dots")
 _ROPE_TYPES = ("default", "linear", "llama3")
 # model_type -> HF architecture class name written to config.json.
 ARCHITECTURES = {
@@ -37,8 +40,18 @@ class ModelConfig:
       before RoPE).
     `rope_scaling` is stored as a sorted tuple of (key, value) pairs so the config stays
     hashable; pass a dict and it is frozen in __post_init__. `dtype` is the compute dtype
-    (activations, matmuls), `param_dtype` the storage dtype of the weights; logits and
-    log-probabilities are always float32.
+    (activations, matmuls, KV cache), `param_dtype` the storage dtype of the weights (and so
+    of the gradients and Adam moments: "float32" master weights with "bfloat16" compute is
+    the accelerator recipe); logits, log-probabilities and losses are always float32.
+
+    Execution settings (not part of config.json; they change memory and speed, never the
+    function computed, within float tolerance):
+    - `attention`: "auto" | "einsum" | "blockwise" | "cudnn" | "xla" | "tpu_flash"
+      (rubrax.models.attention; "auto" picks per platform and length there).
+    - `attention_block`: query/key block of the blockwise kernel.
+    - `remat`: "auto" | "none" | "full" | "dots": what each decoder layer keeps for the
+      backward pass (rubrax.models.llama.resolve_remat; "auto" = none on CPU, full on
+      GPU/TPU).
     """
 
     vocab_size: int
@@ -62,6 +75,9 @@ class ModelConfig:
     model_type: str = "llama"
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention: str = "auto"
+    attention_block: int = 512
+    remat: str = "auto"
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
@@ -90,6 +106,12 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if not isinstance(self.attention_block, int) or self.attention_block < 1:
+            raise ValueError(f"attention_block must be a positive int, got {self.attention_block!r}")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if isinstance(self.rope_scaling, Mapping):
@@ -141,3 +163,30 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+_QWEN3 = dict(model_type="qwen3", qk_norm=True, head_dim=128, vocab_size=151936, rope_theta=1e6,
+              rms_norm_eps=1e-6, max_position_embeddings=40960, num_key_value_heads=8,
+              bos_token_id=None, eos_token_id=151643, pad_token_id=151643)
+# Architectures by name, for planning and benchmarking without a checkpoint (random or no
+# weights): the config.json fields of the public models.
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=False),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         rms_norm_eps=1e-5, rope_theta=1e5, tie_word_embeddings=True,
+                         max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+}
+
+
+def shape_config(name: str, **overrides) -> ModelConfig:
+    """ModelConfig of a named architecture (`SHAPES`), e.g. shape_config("qwen3-8b",
+    dtype="bfloat16")."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; expected one of {sorted(SHAPES)}")
+    return ModelConfig(**{**SHAPES[name], **overrides})

@@ -51,11 +51,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rubrax.models import attention as attn_lib
 from rubrax.models.config import ModelConfig
 
 Params = dict[str, Any]
 _DTYPE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives no NaN
 
 
 def jnp_dtype(name: str):
@@ -98,6 +98,22 @@ def _apply_rope(x_BxTxHxD, cos_BxTxD, sin_BxTxD):
     return (x_BxTxHxD * cos.astype(x_BxTxHxD.dtype) + rotated * sin.astype(x_BxTxHxD.dtype))
 
 
+BATCH_AXIS = "data"  # the mesh axis rows are split over (rubrax.rl.step / rubrax.sharding)
+
+
+def constrain_batch(h_BxTxD):
+    """Pins activations to rows split over the "data" axis of the mesh in context
+    (`jax.sharding.use_mesh`, set by the trainers' jitted steps), so that under FSDP XLA
+    gathers the weights, not the batch, and reduce-scatters the weight gradients. A no-op
+    without such a mesh, or when the rows do not divide over it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or BATCH_AXIS not in mesh.axis_names:
+        return h_BxTxD
+    if h_BxTxD.shape[0] % mesh.shape[BATCH_AXIS]:
+        return h_BxTxD
+    return jax.lax.with_sharding_constraint(h_BxTxD, jax.sharding.PartitionSpec(BATCH_AXIS))
+
+
 class RMSNorm(nn.Module):
     eps: float
     dtype: Any
@@ -132,7 +148,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, cos, sin, bias_BxTxS, cache_index, cache, layer):
+    def __call__(self, x_BxTxD, cos, sin, kv_mask_BxS, cache_index, cache, layer):
         c = self.config
         dt, pdt = jnp_dtype(c.dtype), jnp_dtype(c.param_dtype)
         B, T, _ = x_BxTxD.shape
@@ -145,12 +161,10 @@ class Attention(nn.Module):
             q = RMSNorm(c.rms_norm_eps, dt, pdt, name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, dt, pdt, name="k_norm")(k)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        kv = "bskd"  # axes of the fresh k, v
         if cache is not None:
             # The whole [L, B, K, S, Dh] cache is the scan carry, updated in place at
             # (layer, cache_index): a decode step writes B x K x T x Dh values, not the
-            # cache. Head-major slots are the layout the attention dots read, so no
-            # transposed copy of the layer's cache is made per step.
+            # cache. Head-major slots keep the written block contiguous.
             k_all, v_all = cache
             start = (layer, 0, 0, cache_index, 0)
             k_new = k.transpose(0, 2, 1, 3)[None].astype(k_all.dtype)
@@ -160,14 +174,14 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
             cache = (k_all, v_all)
-            kv = "bksd"
         q = q.reshape(B, T, K, H // K, Dh)
-        scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k.astype(dt),
-                            preferred_element_type=jnp.float32) / math.sqrt(Dh)
-        scores = scores + bias_BxTxS[:, None, None, :, :]
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v.astype(dt)).reshape(B, T, H * Dh)
-        out = dense(c.hidden_size, c.attention_out_bias, name="o_proj")(out)
+        S = k.shape[2] if cache is not None else T
+        impl = attn_lib.resolve_impl(c.attention, T=T, S=S, dtype=dt, head_dim=Dh,
+                                     masked=kv_mask_BxS is not None or cache is not None)
+        out = attn_lib.attend(q, k.astype(dt), v.astype(dt), impl=impl, q_offset=cache_index,
+                              kv_mask_BxS=kv_mask_BxS, block=c.attention_block,
+                              head_major=cache is not None)
+        out = dense(c.hidden_size, c.attention_out_bias, name="o_proj")(out.reshape(B, T, H * Dh))
         return out, cache
 
 
@@ -188,15 +202,41 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, cos, sin, bias, cache_index, layer):
+    def __call__(self, carry, cos, sin, kv_mask_BxS, cache_index, layer):
         h, cache = carry
         c = self.config
         dt, pdt = jnp_dtype(c.dtype), jnp_dtype(c.param_dtype)
+        h = constrain_batch(h)
         x = RMSNorm(c.rms_norm_eps, dt, pdt, name="input_layernorm")(h)
-        attn, cache = Attention(c, name="self_attn")(x, cos, sin, bias, cache_index, cache, layer)
+        attn, cache = Attention(c, name="self_attn")(x, cos, sin, kv_mask_BxS, cache_index, cache, layer)
         h = h + attn
         x = RMSNorm(c.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(h)
-        return (h + MLP(c, name="mlp")(x), cache), None
+        return (constrain_batch(h + MLP(c, name="mlp")(x)), cache), None
+
+
+REMAT_POLICIES = ("auto", "none", "full", "dots")
+
+
+def resolve_remat(remat: str, platform: str | None = None) -> str:
+    """The rematerialisation policy "auto" means: "none" on CPU (small models, where the
+    recomputed forward would only cost time), "full" on GPU/TPU (measured with `rubrax
+    plan`: "dots" keeps every matmul output of every layer, ~63 GB per device for the
+    paper's Qwen3-8B recipe, "full" keeps only each layer's input, see README)."""
+    if remat != "auto":
+        return remat
+    return "none" if (platform or jax.default_backend()) == "cpu" else "full"
+
+
+def _layer_class(config: ModelConfig):
+    """DecoderLayer, under jax.checkpoint (nn.remat) for the "full" / "dots" policies:
+    the backward pass recomputes each layer's internals from its saved input (plus, for
+    "dots", its matmul outputs) instead of keeping them from the forward pass."""
+    remat = resolve_remat(config.remat)
+    if remat == "none":
+        return DecoderLayer
+    policy = (jax.checkpoint_policies.nothing_saveable if remat == "full"
+              else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
 
 
 class CausalLM(nn.Module):
@@ -210,7 +250,7 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=pdt,
                                      embedding_init=nn.initializers.normal(0.02))
         self.layers = nn.scan(
-            DecoderLayer,
+            _layer_class(c),
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
@@ -220,12 +260,13 @@ class CausalLM(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = Dense(c.vocab_size, False, dt, pdt)
 
-    def __call__(self, tokens_BxT, positions_BxT, bias_BxTxS, cache_index, cache):
-        """Returns (h_BxTxD after the final norm, updated cache or None)."""
+    def __call__(self, tokens_BxT, positions_BxT, kv_mask_BxS, cache_index, cache):
+        """Returns (h_BxTxD after the final norm, updated cache or None). kv_mask_BxS
+        None: causal self-attention over all T tokens (no padding)."""
         h = self.embed_tokens(tokens_BxT)
         cos, sin = rope_cos_sin(positions_BxT, self.config)
         layer_ids = jnp.arange(self.config.num_hidden_layers)
-        (h, cache), _ = self.layers((h, cache), cos, sin, bias_BxTxS, cache_index, layer_ids)
+        (h, cache), _ = self.layers((h, cache), cos, sin, kv_mask_BxS, cache_index, layer_ids)
         return self.norm(h), cache
 
     def logits(self, h_BxTxD):
@@ -238,8 +279,7 @@ class CausalLM(nn.Module):
 
     def init_all(self, tokens_BxT):
         pos = jnp.zeros(tokens_BxT.shape, jnp.int32)
-        T = tokens_BxT.shape[1]
-        h, _ = self(tokens_BxT, pos, jnp.zeros((tokens_BxT.shape[0], T, T)), 0, None)
+        h, _ = self(tokens_BxT, pos, None, 0, None)
         if not self.config.tie_word_embeddings:
             self.lm_head(h)
         return h
@@ -264,14 +304,6 @@ def default_positions(mask_BxT: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def attention_bias(kv_mask_BxS: jax.Array, T: int, cache_index) -> jax.Array:
-    """Additive bias [B, T, S]: 0 where query slot cache_index+t may see key slot j."""
-    S = kv_mask_BxS.shape[1]
-    q_slot = cache_index + jnp.arange(T)[:, None]
-    allowed = (jnp.arange(S)[None, :] <= q_slot)[None] & (kv_mask_BxS[:, None, :] > 0)
-    return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
-
-
 def _prepare(tokens_BxT, mask_BxT, positions_BxT):
     if mask_BxT is None:
         mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
@@ -280,23 +312,54 @@ def _prepare(tokens_BxT, mask_BxT, positions_BxT):
     return mask_BxT, positions_BxT
 
 
+def self_attention_config(config: ModelConfig, T: int) -> ModelConfig:
+    """config with its attention implementation resolved for full-sequence (no cache)
+    passes of T tokens, so every layer (and `rubrax plan`) uses exactly the same one."""
+    impl = attn_lib.resolve_impl(config.attention, T=T, S=T, dtype=jnp_dtype(config.dtype),
+                                 head_dim=config.head_dim, masked=False)
+    return config if impl == config.attention else config.replace(attention=impl)
+
+
+def _real_first(mask_BxT):
+    """Per-row permutation putting the real tokens first (in order), padding after."""
+    return jnp.argsort(1 - mask_BxT.astype(jnp.int32), axis=-1, stable=True)
+
+
+def _gather_rows(x_BxT, perm_BxT):
+    idx = perm_BxT.reshape(perm_BxT.shape + (1,) * (x_BxT.ndim - 2))
+    return jnp.take_along_axis(x_BxT, idx, axis=1)
+
+
 @functools.partial(jax.jit, static_argnames="config")
 def hidden_states(params: Params, tokens_BxT: jax.Array, *, config: ModelConfig,
                   mask_BxT: jax.Array | None = None,
                   positions_BxT: jax.Array | None = None) -> jax.Array:
     """Final-norm hidden states h_BxTxD (compute dtype), e.g. for a reward head.
 
+    Masks without a [B, T, S] array: the einsum and blockwise kernels take the key
+    padding mask as a [B, T] vector; for the fused kernels (cuDNN, TPU flash), which know
+    only "causal", each row's real tokens are moved first (a stable per-row permutation,
+    positions moving with them), so causal attention in the permuted order is exactly
+    causal attention among the real tokens, and h is permuted back. Padding rows are
+    garbage either way.
+
     Works on both layer layouts: stacked params (a scan over layers) and
     `unstack_layers` params (an unrolled loop; on CPU its backward pass is ~1.3x faster
     for SmolLM2, and decoding needs no per-call split). Same values and gradients.
     """
+    given = mask_BxT is not None
     mask_BxT, positions_BxT = _prepare(tokens_BxT, mask_BxT, positions_BxT)
+    config = self_attention_config(config, tokens_BxT.shape[1])
+    kv_mask = mask_BxT if given else None
+    perm = None
+    if given and config.attention in attn_lib.FUSED:
+        perm = _real_first(mask_BxT)
+        tokens_BxT, positions_BxT, kv_mask = _gather_rows(tokens_BxT, perm), _gather_rows(positions_BxT, perm), None
     if is_unstacked(params):
-        h, _ = forward_with_cache_unrolled(params, tokens_BxT, positions_BxT, mask_BxT, None, 0, config=config)
-        return h
-    bias = attention_bias(mask_BxT, tokens_BxT.shape[1], 0)
-    h, _ = CausalLM(config).apply({"params": params}, tokens_BxT, positions_BxT, bias, 0, None)
-    return h
+        h, _ = forward_with_cache_unrolled(params, tokens_BxT, positions_BxT, kv_mask, None, 0, config=config)
+    else:
+        h, _ = CausalLM(config).apply({"params": params}, tokens_BxT, positions_BxT, kv_mask, 0, None)
+    return h if perm is None else _gather_rows(h, jnp.argsort(perm, axis=-1))
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -328,11 +391,10 @@ def forward_with_cache(params: Params, tokens_BxT: jax.Array, positions_BxT: jax
                        kv_mask_BxS: jax.Array, cache, cache_index, *, config: ModelConfig):
     """Run T new tokens at cache slots [cache_index, cache_index + T).
 
-    kv_mask_BxS marks which cache slots hold real tokens (including the new ones).
+    kv_mask_BxS (None = all slots real) marks which cache slots hold real tokens (including the new ones).
     Returns (h_BxTxD, updated cache). Not jitted itself: it is traced inside the sampler.
     """
-    bias = attention_bias(kv_mask_BxS, tokens_BxT.shape[1], cache_index)
-    return CausalLM(config).apply({"params": params}, tokens_BxT, positions_BxT, bias,
+    return CausalLM(config).apply({"params": params}, tokens_BxT, positions_BxT, kv_mask_BxS,
                                   cache_index, cache)
 
 
@@ -393,12 +455,11 @@ def forward_with_cache_unrolled(params_u: Params, tokens_BxT: jax.Array, positio
     in the trace) instead of a scan. Same values; faster decoding on CPU."""
     c = config
     dt, pdt = jnp_dtype(c.dtype), jnp_dtype(c.param_dtype)
-    bias = attention_bias(kv_mask_BxS, tokens_BxT.shape[1], cache_index)
     h = jnp.take(params_u["embed_tokens"]["embedding"], tokens_BxT, axis=0).astype(dt)
     cos, sin = rope_cos_sin(positions_BxT, c)
     layer = DecoderLayer(c)
     for i, layer_params in enumerate(params_u["layers"]):
-        (h, cache), _ = layer.apply({"params": layer_params}, (h, cache), cos, sin, bias,
+        (h, cache), _ = layer.apply({"params": layer_params}, (h, cache), cos, sin, kv_mask_BxS,
                                     cache_index, i)
     h = RMSNorm(c.rms_norm_eps, dt, pdt).apply({"params": params_u["norm"]}, h)
     return h, cache

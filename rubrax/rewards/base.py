@@ -290,6 +290,12 @@ class WeightedSum(RewardFnBase):
         parts = await asyncio.gather(*(f.acall(prompts, completions, **columns) for f in self.fns))
         return self._combine(parts)
 
+    async def aclose(self) -> None:
+        """Closes every component that holds connections (LLM verifiers)."""
+        for f in self.fns:
+            if hasattr(f, "aclose"):
+                await f.aclose()
+
 
 class _Transform(RewardFnBase):
     """A reward with an elementwise/batchwise transform of its valid scores."""

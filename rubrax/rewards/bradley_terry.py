@@ -35,7 +35,7 @@ from rubrax.models import ModelConfig, hidden_states
 from rubrax.models import init_params as init_lm_params
 from rubrax.rewards.base import RewardBatch, RewardFnBase, _check_lengths, register_reward
 from rubrax.train import checkpoint
-from rubrax.train.trainer import TrainConfig, TrainResult, train
+from rubrax.train.trainer import SupervisedResult, TrainConfig, train
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -175,7 +175,7 @@ def train_reward_model(
     *,
     eval_pairs: Mapping[str, np.ndarray] | None = None,
     **train_kwargs: Any,
-) -> TrainResult:
+) -> SupervisedResult:
     """Trains BT params on token arrays {tokens [N,2,T], mask [N,2,T], margin [N]?}.
 
     `train_kwargs` go to `rubrax.train.trainer.train` (ckpt_dir, metrics_path, stop_at, ...).

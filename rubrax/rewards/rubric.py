@@ -272,6 +272,14 @@ class RubricReward(RewardFnBase):
             return self._loop.run_until_complete(self.acall(prompts, completions, **columns))
         return super().__call__(prompts, completions, **columns)
 
+    async def aclose(self) -> None:
+        """Closes the verifier's connections (an LLM verifier's client) and this reward's own loop."""
+        close = getattr(self.verifier, "aclose", None)
+        if close is not None:
+            await close()
+        if self._loop is not None and not self._loop.is_running():
+            self._loop.close()
+
     async def acall(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> RewardBatch:
         n = _check_lengths(prompts, completions, columns)
         if "prompt_id" not in columns:

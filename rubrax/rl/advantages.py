@@ -19,6 +19,13 @@ for every estimator, never NaN and never r/eps blow-ups. So is a group with fewe
 than two valid samples. Dr. GRPO's other half (no length normalisation) is the
 loss aggregation "dr_grpo" in `rubrax.rl.losses`.
 
+Against TRL (GRPOTrainer, trl 1.16, scale_rewards="group"): TRL divides by the
+Bessel-corrected std plus 1e-4, A = (r - mean) / (std_{ddof=1} + 1e-4), so its GRPO
+advantages are sqrt((G - 1) / G) of ours when std >> 1e-4 (0.968x at G = 16); a group whose
+rewards tie gets A = 0 in both. Invalid samples (valid=False) are left out of their
+group's mean and std here; TRL has no invalid rows. tests/test_trl_parity.py therefore
+feeds both losses the same advantages.
+
 Pure jnp; jit-able; no Python branching on values.
 """
 

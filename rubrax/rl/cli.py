@@ -1,4 +1,5 @@
-"""`rubrax rl train`: GRPO / RLOO / Dr. GRPO from a JSON recipe.
+"""`rubrax rl train`: GRPO / RLOO / Dr. GRPO from a JSON recipe; `rubrax rl export`: a run's
+policy as a Hugging Face folder (rubrax.rl.export).
 
     rubrax rl train --config experiments/configs/grpo_tiny.json --out runs/grpo-tiny
     rubrax rl train --config experiments/configs/grpo_paper.json --out runs/health \\
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +42,12 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("train", help="train a policy with a reward function chosen by name")
     add_arguments(p)
     p.set_defaults(func=run)
+    p = sub.add_parser("export", help="write a run's policy as a Hugging Face folder (transformers / vLLM)")
+    p.add_argument("run", metavar="RUN", help="the run's --out folder (holds checkpoints/)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--out", required=True, help="HF folder to write")
+    p.add_argument("--base", default=None, help="base model folder (default: the one recorded in the checkpoint)")
+    p.set_defaults(func=export)
 
     def usage(_: argparse.Namespace) -> int:
         parser.print_help()
@@ -75,18 +83,34 @@ def run(args: argparse.Namespace) -> int:
 
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
-    from rubrax.rl.recipe import parse_recipe, run_recipe
+    from rubrax.rl.recipe import build_reward, parse_recipe, reward_clients, run_recipe
 
     with open(args.config, encoding="utf-8") as f:
         config = apply_overrides(json.load(f), args.set)
     if args.steps is not None:
         config.setdefault("loop", {})["total_steps"] = args.steps
     recipe = parse_recipe(config, args.config)
-    result = run_recipe(recipe, out_dir=args.out, stop_after=args.stop_after, progress=False if args.no_progress else None)
+    reward = build_reward(recipe.reward)
+    result = run_recipe(recipe, out_dir=args.out, reward_fn=reward, stop_after=args.stop_after,
+                        progress=False if args.no_progress else None)
+    for client in reward_clients(reward):  # every endpoint the run used
+        print(f"rubrax rl train: {client.config.model}: {client.stats.summary()}", file=sys.stderr)
     final: dict[str, Any] = {"step": int(result.state.step)}
     for rec in result.history:
         final.update({k: v for k, v in rec.items() if k in ("reward_mean", "kl", "entropy", "reward_invalid") or k.startswith("eval/")})
     print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from rubrax.rl.export import export_run
+
+    try:
+        out = export_run(args.run, args.out, args.step, base=args.base)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.run} -> {out}")
     return 0
 
 

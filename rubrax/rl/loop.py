@@ -9,8 +9,9 @@ One step k:
     `default_rng([seed, e])`, so the records of step k depend only on k and the seed);
     tokenised once at start-up (chat template by default), left-padded to the fixed
     width `max_prompt_tokens` so every batch has the same shape (one compilation), or,
-    with `prompt_bucket`, to the batch's longest prompt rounded up to that multiple
-    (one compilation per width; short prompts then cost no padded compute);
+    with `trim_prompts`, to the batch's longest prompt rounded up to a multiple of
+    SampleConfig.prompt_bucket (one compilation per width; short prompts then cost no
+    padded compute);
  2. rollouts (rubrax.rl.rollouts): `rubrax.policy.sample` draws G = rl.group_size completions per prompt
     with key fold_in(fold_in(root, k), SAMPLE_STREAM);
  3. rewards (rubrax.rl.reward_runner): the reward function's async form, called concurrently on chunks of
@@ -49,7 +50,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -57,11 +58,11 @@ import numpy as np
 
 from rubrax.hostmem import release_host_memory
 from rubrax.rl.batch import make_batch
-from rubrax.rl.hooks import EvalHook
+from rubrax.rl.hooks import EvalHook, StepHook, StepView, run_eval_hooks, run_step_hooks
 from rubrax.rl.prompts import PromptSet, load_prompts
 from rubrax.rl.resume import RunCheckpoints
 from rubrax.rl.reward_runner import RewardRunner, fed_and_scored_rows, reward_inputs, sum_over_hosts
-from rubrax.rl.rollouts import RolloutSampler
+from rubrax.rl.rollouts import RolloutSampler, Rollouts
 from rubrax.rl.runlog import RunLogger
 from rubrax.rl.state import TrainState
 from rubrax.rl.step import RLConfig, Trainer, model_logits_fn
@@ -70,6 +71,7 @@ from rubrax.sharding import make_mesh
 log = logging.getLogger("rubrax.rl")
 
 OVERLAP_MODES = ("sync", "one_step_off_policy")
+TRIM_MIN_BYTES = 64 << 20  # params from which the host heap is trimmed before each update (CPU)
 
 
 
@@ -81,9 +83,10 @@ class LoopConfig:
     total_steps: RL iterations of the whole run (fixes the LR schedule).
     prompts_per_step: P prompts per iteration (x rl.group_size samples).
     max_prompt_tokens: fixed prompt width; longer prompts are skipped at load time (counted).
-    prompt_bucket: None keeps every batch at max_prompt_tokens wide; an int b trims each
-        batch's prompt block to its longest prompt rounded up to a multiple of b (the
-        update compiles once per distinct width; the samples are the same either way).
+    trim_prompts: False keeps every batch at max_prompt_tokens wide; True trims each
+        batch's prompt block to its longest prompt rounded up to a multiple of the
+        sampler's SampleConfig.prompt_bucket (the one bucket setting: the update compiles
+        once per distinct width; the samples are the same either way).
     stop_after: end this invocation after that many total steps (pre-emptible jobs;
         rerun with the same out_dir to continue). None = run to total_steps.
     reward_chunk_size: rows per reward call (default one group); reward_timeout_s per call.
@@ -92,18 +95,23 @@ class LoopConfig:
     fsdp_axis_size: hybrid sharding (needs fsdp): a 2-D ("data", "fsdp") mesh whose
         "fsdp" axis spans that many consecutive devices (e.g. one node's 8 GPUs): params
         are split within it and replicated across "data". None = one axis over all.
-    layer_layout: "stacked" (layers under a scan), "unstacked" (per-layer buffers, an
-        unrolled loop: on CPU the update's backward is ~1.3x faster and sampling reads each
-        layer in place instead of splitting the weights every step) or "auto" (unstacked on
-        the CPU backend). Only for rubrax.models params (the default logits_fn); the
-        state, checkpoints and result keep that layout (save_pretrained takes either).
+    layer_loop: how the layers run, the vocabulary of SampleConfig.layer_loop: "scan"
+        (stacked [L, ...] params under a scan: one compiled layer body, the accelerator
+        choice), "unrolled" (per-layer buffers, `rubrax.models.unstack_layers`, an unrolled
+        loop: on CPU the update's backward is ~1.3x faster and sampling reads each layer in
+        place instead of splitting the weights every step) or "auto" (unrolled on the CPU
+        backend, scan elsewhere). Only for rubrax.models params (the default logits_fn);
+        the state, checkpoints and result keep that layout (save_pretrained takes either).
     checkpoint_every / eval_every: 0 = only at the end / never (besides the end).
+    export_dir: when training reaches total_steps, also write the policy there as an HF
+        folder (rubrax.rl.export; relative to out_dir; needs a transformers tokenizer;
+        single process: multi-host runs export with `rubrax rl export` afterwards).
     """
 
     total_steps: int
     prompts_per_step: int
     max_prompt_tokens: int = 512
-    prompt_bucket: int | None = None
+    trim_prompts: bool = False
     seed: int = 0
     overlap: str = "sync"
     reward_timeout_s: float | None = 600.0
@@ -117,11 +125,12 @@ class LoopConfig:
     prompt_field: str = "prompt"
     fsdp: bool = False
     fsdp_axis_size: int | None = None
-    layer_layout: str = "auto"
+    layer_loop: str = "auto"
     num_devices: int | None = None
     progress: bool = True
     tensorboard: bool = True
     wandb_project: str | None = None
+    export_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "prompts_per_step", "max_prompt_tokens"):
@@ -134,10 +143,8 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.overlap must be one of {OVERLAP_MODES}, got {self.overlap!r}")
         if self.reward_timeout_s is not None and not self.reward_timeout_s > 0:
             raise ValueError(f"LoopConfig.reward_timeout_s must be > 0 or None, got {self.reward_timeout_s}")
-        if self.prompt_bucket is not None and (not isinstance(self.prompt_bucket, int) or self.prompt_bucket < 1):
-            raise ValueError(f"LoopConfig.prompt_bucket must be a positive int or None, got {self.prompt_bucket!r}")
-        if self.layer_layout not in ("auto", "stacked", "unstacked"):
-            raise ValueError(f"LoopConfig.layer_layout must be 'auto', 'stacked' or 'unstacked', got {self.layer_layout!r}")
+        if self.layer_loop not in ("auto", "scan", "unrolled"):
+            raise ValueError(f"LoopConfig.layer_loop must be 'auto', 'scan' or 'unrolled', got {self.layer_loop!r}")
         if self.reward_chunk_size is not None and self.reward_chunk_size < 1:
             raise ValueError(f"LoopConfig.reward_chunk_size must be >= 1, got {self.reward_chunk_size}")
         if self.fsdp_axis_size is not None and (not self.fsdp or self.fsdp_axis_size < 1):
@@ -161,13 +168,13 @@ class TrainResult:
     trainer: Trainer
 
 
-def _layout(params: Any, layout: str) -> Any:
-    """rubrax.models params in the requested layer layout (see LoopConfig.layer_layout)."""
+def arrange_layers(params: Any, layer_loop: str) -> Any:
+    """rubrax.models params stacked for "scan" or split for "unrolled" (see LoopConfig.layer_loop)."""
     from rubrax.models import llama
 
     if not isinstance(params, dict) or "layers" not in params:
         return params
-    if layout == "unstacked" or (layout == "auto" and jax.default_backend() == "cpu"):
+    if layer_loop == "unrolled" or (layer_loop == "auto" and jax.default_backend() == "cpu"):
         return llama.unstack_layers(params)
     return llama.stack_layers(params)
 
@@ -227,6 +234,7 @@ def train(
     loop: LoopConfig,
     ref_params: Any = None,
     eval_hooks: Sequence[EvalHook] = (),
+    step_hooks: Sequence[StepHook] = (),
     mesh: Any = None,
     logits_fn: Any = None,
     run_config: Mapping[str, Any] | None = None,
@@ -238,26 +246,91 @@ def train(
     sample: rubrax.policy.SampleConfig with n == rl.group_size. optim:
     rubrax.train.optim.OptimConfig (schedule over total_steps * ppo_epochs *
     num_minibatches optimizer updates). eval_hooks: callables (step, params) -> dict of
-    scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>").
-    mesh: a 1-D "data" mesh (default: loop.num_devices devices). logits_fn: a model
-    other than rubrax.models (params, tokens, mask) -> logits.
+    scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>"); a
+    hook whose `stop_requested` attribute is then True ends the run there (with a
+    checkpoint), e.g. `rubrax.rl.monitor.GoldMonitor`'s early stop.
+    step_hooks: callables (rubrax.rl.hooks.StepView) -> dict of scalars, run after every
+    step and logged with its metrics. mesh: a 1-D "data" mesh (default: loop.num_devices
+    devices). logits_fn: a model other than rubrax.models (params, tokens, mask) -> logits.
     run_config: JSON-able description of the run, stored with checkpoints and W&B.
     donate_params: free the buffers of `params` / `ref_params` once train() holds its
     own (sharded) copies, so no second full copy of the weights stays alive for the run;
     the caller must not use them afterwards (the recipe passes True for the weights it
     loaded). Buffers the run itself uses (the reference policy) are kept.
     """
+    _check_settings(rl, sample, loop)
+    data = prompts if isinstance(prompts, PromptSet) else load_prompts(
+        prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
+    )
+    trainer, state, ref = _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh, donate_params)
+    del params, ref_params  # no second full copy of the weights for the run
+    ckpts = RunCheckpoints(loop.out_dir, keep=loop.keep_checkpoints, run_config=run_config)
+    state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
+    end = min(loop.total_steps, loop.stop_after or loop.total_steps)
+    sampler = RolloutSampler(data, tokenizer, model_config, sample, np.asarray(jax.device_get(state.key)),
+                             prompts_per_step=loop.prompts_per_step, max_prompt_tokens=loop.max_prompt_tokens,
+                             prompt_bucket=sample.prompt_bucket if loop.trim_prompts else None, seed=loop.seed)
+    runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=loop.reward_chunk_size or rl.group_size)
+    logger = RunLogger(loop, start, run_config)
+    # CPU only, and only for models whose transients are worth it: a trim costs ~30 ms.
+    trim_host = jax.default_backend() == "cpu" and _tree_bytes(state.params) >= TRIM_MIN_BYTES
+    late = _LateStep(logger, data, step_hooks)
+    try:
+        for step in range(start, end):
+            ro = _timed(late.times, "time/sample_s", lambda: pending if pending is not None else sampler(step, state.params))
+            future, fed, mine = _submit(runner, data, ro, rl.group_size, trainer.mesh)
+            pending = None
+            if loop.overlap == "one_step_off_policy" and step + 1 < loop.total_steps:
+                pending = sampler(step + 1, state.params)  # overlaps with the judges
+            rewards, counts = _timed(late.times, "time/reward_wait_s", future.result)
+            late.flush()
+            scores, valid, counts = _gather_rewards(rewards, counts, len(ro.completions), mine)
+            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.behaviour_logprobs(rl.importance_correction),
+                               scores, valid, group_size=rl.group_size)
+            if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
+                batch = jax.tree.map(lambda x: x[fed], batch)
+            if trim_host:
+                release_host_memory()  # sampling's freed buffers, before the update's peak
+            state, metrics = _timed(late.times, "time/update_dispatch_s", trainer, state, batch, ref)
+            late.hold(step, metrics, counts, ro, scores, valid, rewards.info)
+            done = step + 1
+            if ckpts.ckpt_dir and ((loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end):
+                late.flush()
+                ckpts.save(done, state, pending)
+            if eval_hooks and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.total_steps):
+                late.flush()
+                logger.write(done, run_eval_hooks(eval_hooks, done, state.params))
+                if any(getattr(hook, "stop_requested", False) for hook in eval_hooks):  # e.g. the gold monitor
+                    log.info("an eval hook asked to stop after step %d", done)
+                    if ckpts.ckpt_dir and done != end and not (loop.checkpoint_every and done % loop.checkpoint_every == 0):
+                        ckpts.save(done, state, pending)
+                    break
+        late.flush()
+    finally:
+        runner.close()
+        logger.close()
+    if loop.export_dir and int(state.step) >= loop.total_steps:
+        from rubrax.rl.export import export_trained
+
+        export_trained(state.params, model_config, tokenizer, os.path.join(loop.out_dir or "", loop.export_dir), step=int(state.step))
+    return TrainResult(state=state, history=logger.history, out_dir=loop.out_dir, trainer=trainer)
+
+
+def _check_settings(rl: RLConfig, sample: Any, loop: LoopConfig) -> None:
     if sample.n != rl.group_size:
         raise ValueError(f"SampleConfig.n={sample.n} must equal RLConfig.group_size={rl.group_size}")
     if loop.overlap == "one_step_off_policy" and rl.behaviour_logprobs != "sampler":
         raise ValueError("overlap='one_step_off_policy' needs rl.behaviour_logprobs='sampler' (stale rollouts)")
-    data = prompts if isinstance(prompts, PromptSet) else load_prompts(
-        prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
-    )
+
+
+def _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh,
+           donate_params: bool = False) -> tuple[Trainer, TrainState, Any]:
+    """(trainer, placed state, placed reference) of a fresh run: the state is created on
+    the mesh (Trainer.init_state), and with donate_params the caller's buffers are freed."""
     given = (params, ref_params)
     if logits_fn is None:
-        params = _layout(params, loop.layer_layout)
-        ref_params = None if ref_params is None else _layout(ref_params, loop.layer_layout)
+        params = arrange_layers(params, loop.layer_loop)
+        ref_params = None if ref_params is None else arrange_layers(ref_params, loop.layer_loop)
     # The reference is the caller's params themselves (no copy, unless the layout changed
     # or the placement moves them): the TrainState gets its own copy (Trainer.init_state
     # never aliases), so donation never touches them.
@@ -269,69 +342,59 @@ def train(
     if donate_params and params is given[0] and ref_params is given[1]:
         # (not after a layout change: CPU per-layer views alias the caller's buffers)
         _release(given, keep=(state, ref))
-    del params, ref_params, given  # no second full copy of the weights for the run
+    return trainer, state, ref
 
-    ckpts = RunCheckpoints(loop.out_dir, keep=loop.keep_checkpoints, run_config=run_config)
-    state, start, pending = ckpts.restore(state, with_pending=loop.overlap == "one_step_off_policy", total_steps=loop.total_steps)
-    end = min(loop.total_steps, loop.stop_after or loop.total_steps)
 
-    root_key = np.asarray(jax.device_get(state.key))
-    sampler = RolloutSampler(data, tokenizer, model_config, sample, root_key, prompts_per_step=loop.prompts_per_step,
-                             max_prompt_tokens=loop.max_prompt_tokens, prompt_bucket=loop.prompt_bucket, seed=loop.seed)
-    runner = RewardRunner(reward_fn, timeout_s=loop.reward_timeout_s, chunk_size=loop.reward_chunk_size or rl.group_size)
-    logger = RunLogger(loop, start, run_config)
-    late: tuple[int, Any, dict] | None = None  # (step, device metrics, host metrics) not yet written
+def _tree_bytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
-    def flush():
-        nonlocal late
-        if late is not None:
-            s, dev, host = late
-            logger.write(s, {**jax.device_get(dev), **host})
-            logger.bar.update(1)
-            late = None
 
-    try:
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            ro = pending if pending is not None else sampler(step, state.params)
-            t_sample = time.perf_counter() - t0
-            texts, completions, columns = reward_inputs(data, ro, rl.group_size)
-            fed, mine = fed_and_scored_rows(trainer.mesh, len(completions), rl.group_size)
-            future = runner.submit(texts[mine], completions[mine], {k: v[mine] for k, v in columns.items()})
-            pending = None
-            if loop.overlap == "one_step_off_policy" and step + 1 < loop.total_steps:
-                pending = sampler(step + 1, state.params)  # overlaps with the judges
-            t1 = time.perf_counter()
-            rewards, counts = future.result()
-            t_reward = time.perf_counter() - t1
-            flush()
-            scores, valid = np.zeros(len(completions), np.float32), np.zeros(len(completions), bool)
-            scores[mine], valid[mine] = rewards.scores, rewards.valid  # other hosts' rows: never fed
-            if mine != slice(None):
-                counts = sum_over_hosts(counts)
-            batch = make_batch(ro.prompt_tokens, ro.prompt_mask, ro.tokens, ro.mask, ro.logprobs, scores, valid,
-                               group_size=rl.group_size)
-            if fed != slice(None):  # multi-host: every host holds all rollouts; it feeds its own rows
-                batch = jax.tree.map(lambda x: x[fed], batch)
-            release_host_memory()  # sampling's freed buffers, before the update's peak
-            t2 = time.perf_counter()
-            state, metrics = trainer(state, batch, ref)
-            host = {"time/sample_s": t_sample, "time/reward_wait_s": t_reward, "time/update_dispatch_s": time.perf_counter() - t2,
-                    "reward_timeouts": counts["timeouts"], "reward_exceptions": counts["exceptions"]}
-            late = (step, metrics, host)
-            done = step + 1
-            if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end:
-                if ckpts.ckpt_dir:
-                    flush()
-                    ckpts.save(done, state, pending)
-            if eval_hooks and ((loop.eval_every and done % loop.eval_every == 0) or done == loop.total_steps):
-                flush()
-                scores = {}
-                for hook in eval_hooks:
-                    scores.update({f"eval/{k}": float(v) for k, v in hook(done, state.params).items()})
-                logger.write(done, scores)
-        flush()
-    finally:
-        runner.close()
-        logger.close()
-    return TrainResult(state=state, history=logger.history, out_dir=loop.out_dir, trainer=trainer)
+def _timed(times: dict[str, float], name: str, fn: Callable, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    times[name] = time.perf_counter() - t0
+    return out
+
+
+def _submit(runner: RewardRunner, data: PromptSet, ro: Rollouts, group_size: int, mesh):
+    """Starts scoring the rows this process scores; (future, rows it feeds, rows it scores)."""
+    texts, completions, columns = reward_inputs(data, ro, group_size)
+    fed, mine = fed_and_scored_rows(mesh, len(completions), group_size)
+    return runner.submit(texts[mine], completions[mine], {k: v[mine] for k, v in columns.items()}), fed, mine
+
+
+def _gather_rewards(rewards, counts, rows: int, mine: slice):
+    """[rows] scores and validity (rows other hosts scored: invalid, never fed) and the
+    failure counts summed over hosts."""
+    scores, valid = np.zeros(rows, np.float32), np.zeros(rows, bool)
+    scores[mine], valid[mine] = rewards.scores, rewards.valid
+    if mine != slice(None):
+        counts = sum_over_hosts(counts)
+    return scores, valid, counts
+
+
+class _LateStep:
+    """The step whose metrics are still on the device: they are fetched (and the step
+    hooks run) only when the next step has been dispatched, so the host never waits on
+    the device just to log."""
+
+    def __init__(self, logger: RunLogger, prompts: PromptSet, step_hooks: Sequence[StepHook]):
+        self.logger, self.prompts, self.step_hooks = logger, prompts, tuple(step_hooks)
+        self.times: dict[str, float] = {}
+        self.held: tuple | None = None
+
+    def hold(self, step: int, metrics: Any, counts: Mapping[str, int], ro: Rollouts, scores, valid, infos=()) -> None:
+        host = {**self.times, "reward_timeouts": counts["timeouts"], "reward_exceptions": counts["exceptions"]}
+        self.times = {}
+        self.held = (step, metrics, host, ro, scores, valid, tuple(infos))
+
+    def flush(self) -> None:
+        if self.held is None:
+            return
+        step, dev, host, ro, scores, valid, infos = self.held
+        self.held = None
+        record = {k: (v.item() if hasattr(v, "item") else v) for k, v in {**jax.device_get(dev), **host}.items()}
+        if self.step_hooks:
+            record.update(run_step_hooks(self.step_hooks, StepView(step, self.prompts, ro, scores, valid, record, infos)))
+        self.logger.write(step, record)
+        self.logger.bar.update(1)

@@ -24,9 +24,40 @@ Aggregation of a per-token quantity x_it over the mask m_it of one (mini)batch:
     "sequence"  mean_i [sum_t m x / sum_t m]          (original GRPO: per-sample mean first)
     "dr_grpo"   sum_it m x / (N_seq * T_max)          (Dr. GRPO: no length normalisation)
 
+with T_max the completion budget C (max new tokens: a constant, whatever the prompt width).
 The denominators can be passed in explicitly so that micro-batches of one minibatch
 sum exactly to the minibatch loss (gradient accumulation is then exact).
+
+Off-policy correction (`importance_weights`). The sampler's distribution mu (the policy
+of one step ago in the one-step-off-policy loop, bf16 sampling, top-k / top-p
+truncation) differs from the trainer's pi_old (the current params at the start of the
+update, which anchor the PPO ratio). With log_w_it = log pi_old(y_t | .) - log mu(y_t | .):
+
+    "token_tis"     w_it = min(exp(log_w_it), cap)                       (truncated IS)
+    "sequence_mis"  w_i  = exp(S_i) * [S_i <= log cap],  S_i = sum_t m log_w_it
+                                                         (masked IS: drop the sequence)
+
+and the per-token PPO loss is multiplied by the stop-gradient weight (the KL and entropy
+terms are not: they are expectations under pi itself). A masked sequence keeps its place
+in the loss normalisers, as in TRL's GRPOTrainer (vllm_importance_sampling_mode
+"token_truncate" / "sequence_mask"); verl's rollout correction (Liu, Li et al. 2025,
+"When Speed Kills Stability") defines the same two estimators.
 All functions are pure jnp, float32, mask-aware.
+
+Against TRL (GRPOTrainer._compute_loss, trl 1.16; tests/test_trl_parity.py feeds both the
+same per-token logprobs, masks and advantages): "token" = TRL's bnpo and dapo, "sequence"
+= grpo, "dr_grpo" = dr_grpo (max_completion_length = C), clip_low / clip_high = epsilon_low
+/ epsilon_high, k3 = TRL's KL; loss and gradient agree to float32 rounding. Differences
+that remain, by design:
+ - KL weighting: TRL multiplies the per-token k3 by the (differentiable) importance ratio
+   by default (`use_bias_correction_kl=True`), which changes the KL gradient even on policy
+   (its value there is 1, its derivative is not 0). rubrax does not, unless
+   RLConfig.kl_importance_weighted=True (then it matches TRL's default).
+ - Empty completions: N_seq counts rows with at least one completion token; TRL's grpo and
+   dr_grpo divide by all B rows, so with e empty rows TRL's loss is (B - e) / B of ours.
+ - Invalid samples (valid=False: the judge failed) leave every term and every divisor
+   (N_seq, token count); TRL has no such rows (a failed reward is NaN in its advantages,
+   and the row still counts in its divisors).
 """
 
 from __future__ import annotations
@@ -38,6 +69,7 @@ Array = jnp.ndarray
 
 AGGREGATIONS = ("token", "sequence", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+IMPORTANCE_CORRECTIONS = ("none", "token_tis", "sequence_mis")
 
 
 def token_logprobs(logits_BxTxV: Array, tokens_BxT: Array) -> Array:
@@ -121,3 +153,39 @@ def aggregate(
 def sequence_sum(x_BxT: Array, mask_BxT: Array) -> Array:
     """sum_t m x per sequence (e.g. the sequence-level KL folded into the reward)."""
     return jnp.sum(x_BxT * mask_BxT.astype(jnp.float32), axis=1)
+
+
+def importance_weights(
+    old_logp_BxT: Array, behaviour_logp_BxT: Array, mask_BxT: Array, *, mode: str, cap: float
+) -> tuple[Array, dict[str, Array]]:
+    """Off-policy weights w_BxT of pi_old / mu (see module docstring) and mismatch stats.
+
+    Returns (w_BxT, stats): w is 0 off the mask, 1 everywhere for mode "none"; stats
+    holds sums over the masked tokens / rows, for metrics: "log_ratio_abs" (sum of
+    |log_w|), "log_ratio_abs_max", "truncated" (tokens whose ratio exceeded cap, for
+    token_tis; rows dropped, for sequence_mis) and "rows" (rows with a token).
+    """
+    m_BxT = mask_BxT.astype(jnp.float32)
+    log_w_BxT = (old_logp_BxT.astype(jnp.float32) - behaviour_logp_BxT.astype(jnp.float32)) * m_BxT
+    log_cap = jnp.log(jnp.float32(cap))
+    stats = {
+        "log_ratio_abs": jnp.sum(jnp.abs(log_w_BxT)),
+        "log_ratio_abs_max": jnp.max(jnp.abs(log_w_BxT)),
+        "rows": jnp.sum(m_BxT.sum(axis=1) > 0).astype(jnp.float32),
+    }
+    if mode == "none":
+        w_BxT = m_BxT
+        stats["truncated"] = jnp.float32(0.0)
+    elif mode == "token_tis":
+        # exp of the capped log ratio: never overflows, whatever the mismatch.
+        w_BxT = jnp.exp(jnp.minimum(log_w_BxT, log_cap)) * m_BxT
+        stats["truncated"] = jnp.sum((log_w_BxT > log_cap) * m_BxT)
+    elif mode == "sequence_mis":
+        s_B = log_w_BxT.sum(axis=1)
+        keep_B = s_B <= log_cap
+        w_B = jnp.where(keep_B, jnp.exp(jnp.minimum(s_B, log_cap)), 0.0)
+        w_BxT = w_B[:, None] * m_BxT
+        stats["truncated"] = jnp.sum(~keep_B & (m_BxT.sum(axis=1) > 0)).astype(jnp.float32)
+    else:
+        raise ValueError(f"unknown importance correction {mode!r}; expected one of {IMPORTANCE_CORRECTIONS}")
+    return jax.lax.stop_gradient(w_BxT), jax.tree.map(jax.lax.stop_gradient, stats)

@@ -2,7 +2,8 @@
 
 Records are tokenised once at start-up (chat template by default). The records of step k
 are positions [k*P, (k+1)*P) of a stream of per-epoch permutations (epoch e is
-`default_rng([seed, e])`), so they depend only on k and the seed: a resumed run sees the
+`default_rng([seed, e])`, rubrax.train.trainer.epoch_permutation, the supervised
+trainer's data order too), so they depend only on k and the seed: a resumed run sees the
 same prompts.
 """
 
@@ -15,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
+from rubrax.train.trainer import epoch_permutation
 
 log = logging.getLogger("rubrax.rl")
 
@@ -38,19 +41,8 @@ class PromptSet:
         out = []
         for pos in range(step * per_step, (step + 1) * per_step):
             epoch, i = divmod(pos, n)
-            out.append(_epoch_permutation(n, seed, epoch)[i])
+            out.append(epoch_permutation(seed, epoch, n)[i])
         return np.asarray(out)
-
-
-_PERM_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
-
-
-def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    key = (n, seed, epoch)
-    if key not in _PERM_CACHE:
-        _PERM_CACHE.clear()  # only the current epoch is ever needed again
-        _PERM_CACHE[key] = np.random.default_rng([seed, epoch]).permutation(n)
-    return _PERM_CACHE[key]
 
 
 def _prompt_text(value: Any, source: str, line: int, field: str) -> str:

@@ -5,6 +5,13 @@ A config file has these keys (every section optional except "model"):
     model       "tiny" | "smollm2" | an HF-format folder (config.json + safetensors +
                 tokenizer files), e.g. a local copy of Qwen/Qwen3-8B-Base
     tiny_model  ModelConfig.tiny overrides (vocab and special ids come from the tokenizer)
+    model_settings
+                how the model runs: {"dtype": compute dtype, "param_dtype": master-weight
+                dtype, "remat", "attention", "attention_block"} (ModelConfig fields; e.g.
+                bf16 compute over float32 weights and Adam state on accelerators). Absent
+                = ModelConfig's defaults (float32, "auto"; see rubrax.models.config)
+    model_shape a named architecture (rubrax.models.config.SHAPES, e.g. "qwen3-8b") that
+                `rubrax plan` uses when `model` is not a readable folder yet
     train       prompt records: JSONL path, or a `datasets` name with "dataset": true
                 ("split"); omitted = the toy task's prompts (rubrax.rl.toy, "toy_prompts")
     eval        held-out prompt records (same forms); evaluated with "eval_sample"
@@ -13,6 +20,11 @@ A config file has these keys (every section optional except "model"):
                 kwargs.verifier is {"model": ..., ClientConfig fields, "mode": "all"}
     rl, sample, optim, loop, eval_sample
                 fields of RLConfig, SampleConfig, OptimConfig, LoopConfig, SampleConfig
+    gold        a gold monitor on the held-out prompts (rubrax.rl.monitor.GoldMonitor):
+                {"reward": {"name", "kwargs"}, "sample": SampleConfig fields (default: the
+                training sample with n=4), "patience", "min_delta", "keep_best",
+                "forecast_samples": n > 0 writes the theory's forecast from n base samples
+                per held-out prompt to OUT/forecast.jsonl before training (rubrax.forecast)}
 Keys starting with "_" are comments. Unknown keys are errors naming the file and key.
 """
 
@@ -28,8 +40,9 @@ from typing import Any
 from rubrax.rl.loop import LoopConfig
 from rubrax.rl.step import RLConfig
 
-_TOP_KEYS = ("model", "tiny_model", "train", "dataset", "split", "eval", "toy_prompts", "epochs", "reward", "rl",
-             "sample", "optim", "loop", "eval_sample")
+MODEL_SETTINGS = ("dtype", "param_dtype", "remat", "attention", "attention_block")
+_TOP_KEYS = ("model", "tiny_model", "model_settings", "model_shape", "train", "dataset", "split", "eval", "toy_prompts", "epochs", "reward", "rl",
+             "sample", "optim", "loop", "eval_sample", "gold")
 
 
 def _build(cls, section: Mapping[str, Any], where: str, **defaults):
@@ -57,6 +70,8 @@ class GRPORecipe:
     optim: Any
     loop: Mapping[str, Any]
     tiny_model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    model_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    model_shape: str | None = None
     train: str | None = None
     dataset: bool = False
     split: str = "train"
@@ -65,6 +80,7 @@ class GRPORecipe:
     epochs: float | None = None
     reward: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"name": "target_word"})
     eval_sample: Any = None
+    gold: Mapping[str, Any] | None = None  # {"reward", "sample", "monitor"} (parsed)
     source: str = "<config>"
 
     def loop_config(self, num_prompts: int, **overrides: Any) -> LoopConfig:
@@ -102,9 +118,38 @@ def parse_recipe(config: Mapping[str, Any], source: str = "<config>") -> GRPORec
     reward = dict(config.get("reward", {"name": "target_word"}))
     if "name" not in reward or set(reward) - {"name", "kwargs"} - {k for k in reward if k.startswith("_")}:
         raise ValueError(f"{source}: reward must be {{\"name\": ..., \"kwargs\": {{...}}}}, got {sorted(reward)}")
-    top = {k: config[k] for k in ("tiny_model", "train", "dataset", "split", "eval", "toy_prompts", "epochs") if k in config}
-    return GRPORecipe(model=config["model"], rl=rl, sample=sample, optim=optim, loop=loop, reward=reward,
-                      eval_sample=eval_sample, source=source, **top)
+    settings = {k: v for k, v in config.get("model_settings", {}).items() if not k.startswith("_")}
+    unknown = sorted(set(settings) - set(MODEL_SETTINGS))
+    if unknown:
+        raise ValueError(f"{source}: model_settings: unknown key(s) {unknown}; expected some of {list(MODEL_SETTINGS)}")
+    from rubrax.models.config import SHAPES, ModelConfig
+
+    try:
+        ModelConfig.tiny(**settings)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: model_settings: {err}") from None
+    if config.get("model_shape") is not None and config["model_shape"] not in SHAPES:
+        raise ValueError(f"{source}: model_shape={config['model_shape']!r} is not one of {sorted(SHAPES)}")
+    top = {k: config[k] for k in ("model_shape", "tiny_model", "train", "dataset", "split", "eval", "toy_prompts", "epochs") if k in config}
+    gold = _parse_gold(config["gold"], sample, source) if "gold" in config else None
+    return GRPORecipe(model=config["model"], model_settings=settings, rl=rl, sample=sample, optim=optim, loop=loop, reward=reward,
+                      eval_sample=eval_sample, gold=gold, source=source, **top)
+
+
+def _parse_gold(section: Mapping[str, Any], sample: Any, source: str) -> dict[str, Any]:
+    from rubrax.policy import SampleConfig
+    from rubrax.rl.monitor import GoldMonitorConfig
+
+    section = {k: v for k, v in section.items() if not k.startswith("_")}
+    reward = dict(section.pop("reward", {}))
+    if "name" not in reward or set(reward) - {"name", "kwargs"}:
+        raise ValueError(f"{source}: gold.reward must be {{\"name\": ..., \"kwargs\": {{...}}}}, got {sorted(reward)}")
+    gold_sample = _build(SampleConfig, section.pop("sample", {}), f"{source}: gold.sample", **{**dataclasses.asdict(sample), "n": 4})
+    forecast_samples = section.pop("forecast_samples", 0)
+    if isinstance(forecast_samples, bool) or not isinstance(forecast_samples, int) or forecast_samples < 0:
+        raise ValueError(f"{source}: gold.forecast_samples must be an int >= 0, got {forecast_samples!r}")
+    monitor = _build(GoldMonitorConfig, section, f"{source}: gold")
+    return {"reward": reward, "sample": gold_sample, "monitor": monitor, "forecast_samples": forecast_samples}
 
 
 def load_recipe(path: str | os.PathLike) -> GRPORecipe:
@@ -119,24 +164,59 @@ def load_recipe(path: str | os.PathLike) -> GRPORecipe:
 # --------------------------------------------------------------------------- building
 
 
+def _tiny_config(recipe: GRPORecipe):
+    from rubrax.models import ModelConfig
+    from rubrax.rl.toy import toy_tokenizer
+
+    tok = toy_tokenizer() if recipe.train is None else _words_tokenizer(recipe)
+    config = ModelConfig.tiny(**{**dict(recipe.tiny_model), "vocab_size": tok.vocab_size, "pad_token_id": tok.pad_token_id,
+                                 "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                                 **recipe.model_settings})
+    return config, tok
+
+
+def recipe_model_config(recipe: GRPORecipe):
+    """The run's ModelConfig (model_settings applied) without reading any weights: from
+    the folder's config.json, the bundled SmolLM2 metadata, or `model_shape`."""
+    import json as json_lib
+    from pathlib import Path
+
+    from rubrax.models import checkpoint
+    from rubrax.models.config import shape_config
+
+    if recipe.model == "tiny":
+        return _tiny_config(recipe)[0]
+    settings = dict(recipe.model_settings)
+    dtypes = {k: settings.pop(k) for k in ("dtype", "param_dtype") if k in settings}
+    if recipe.model == "smollm2":
+        return shape_config("smollm2-135m", **dtypes, **settings)
+    config_file = Path(recipe.model) / "config.json"
+    if config_file.exists():
+        config = checkpoint.config_from_hf(json_lib.loads(config_file.read_text()), source=str(config_file), **dtypes)
+        return config.replace(**settings)
+    if recipe.model_shape is not None:
+        return shape_config(recipe.model_shape, **dtypes, **settings)
+    raise ValueError(f"{recipe.source}: model={recipe.model!r} has no config.json; give model_shape "
+                     f"(e.g. \"qwen3-8b\") to plan without the checkpoint")
+
+
 def load_model(recipe: GRPORecipe, seed: int, shardings=None):
-    """(params, model_config, tokenizer) for recipe.model; a checkpoint's weights are read
-    straight into `shardings` (see rubrax.models.load_pretrained)."""
+    """(params, model_config, tokenizer) for recipe.model, model_settings applied; a
+    checkpoint's weights are read straight into `shardings` (see load_pretrained)."""
     import jax
 
     if recipe.model == "tiny":
-        from rubrax.models import ModelConfig, init_params
-        from rubrax.rl.toy import toy_tokenizer
+        from rubrax.models import init_params
 
-        tok = toy_tokenizer() if recipe.train is None else _words_tokenizer(recipe)
-        config = ModelConfig.tiny(**{**dict(recipe.tiny_model), "vocab_size": tok.vocab_size, "pad_token_id": tok.pad_token_id,
-                                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id})
+        config, tok = _tiny_config(recipe)
         return init_params(config, jax.random.PRNGKey(seed)), config, tok
     from rubrax import models
 
     path = models.smollm2_checkpoint() if recipe.model == "smollm2" else recipe.model
-    params, config = models.load_pretrained(path, shardings=shardings)
-    return params, config, models.load_tokenizer(path)
+    settings = dict(recipe.model_settings)
+    dtypes = {k: settings.pop(k) for k in ("dtype", "param_dtype") if k in settings}
+    params, config = models.load_pretrained(path, shardings=shardings, **dtypes)
+    return params, config.replace(**settings), models.load_tokenizer(path)
 
 
 def _words_tokenizer(recipe: GRPORecipe):
@@ -173,8 +253,24 @@ def build_reward(spec: Mapping[str, Any]):
     return get_reward(spec["name"], **kwargs)
 
 
-def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, **loop_overrides: Any):
-    """Loads everything the recipe names and trains; returns loop.TrainResult."""
+def reward_clients(fn: Any) -> list[Any]:
+    """The endpoint clients a reward function holds (an LLM verifier's; components of a
+    weighted sum), for the end-of-run summary of calls, cache hits, tokens and cost."""
+    client = getattr(getattr(fn, "verifier", None), "client", None)
+    found = [client] if client is not None and hasattr(client, "stats") else []
+    for inner in list(getattr(fn, "fns", ())) + [getattr(fn, "inner", None)]:
+        if inner is not None:
+            found += [c for c in reward_clients(inner) if all(c is not f for f in found)]
+    return found
+
+
+def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, reward_fn: Any = None, make_hooks: Any = None, **loop_overrides: Any):
+    """Loads everything the recipe names and trains; returns loop.TrainResult.
+
+    `reward_fn`: the reward already built from recipe.reward (a caller that reads its
+    endpoint counters afterwards); default: built here. The loop closes it at the end.
+    `make_hooks(tokenizer, model_config) -> [EvalHook]`: more eval hooks (they need the
+    tokenizer and model this function loads)."""
     from rubrax.rl.hooks import reward_eval_hook
     from rubrax.rl.loop import loop_mesh, train
     from rubrax.rl.prompts import load_prompts
@@ -193,15 +289,39 @@ def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, **loop_overrides: Any
     chat = bool(recipe.loop.get("chat_template", True))
     prompts = load_prompts(records, tok, max_prompt_tokens=max_prompt, chat_template=chat)
     loop = recipe.loop_config(len(prompts), out_dir=out_dir, **loop_overrides)
-    reward_fn = build_reward(recipe.reward)
+    reward_fn = build_reward(recipe.reward) if reward_fn is None else reward_fn
     hooks = []
     if recipe.eval is not None or recipe.train is None:
         held = toy_prompts(16, seed=seed + 1) if recipe.eval is None else _records(recipe.eval, recipe, "test")
         eval_sample = recipe.eval_sample or dataclasses.replace(recipe.sample, n=1, temperature=0.0)
         hooks.append(reward_eval_hook(load_prompts(held, tok, max_prompt_tokens=max_prompt, chat_template=chat), reward_fn, tok,
                                       model_config, eval_sample, max_prompt_tokens=max_prompt))
+    if recipe.gold is not None:
+        from rubrax.rl.monitor import GoldMonitor
+
+        held = toy_prompts(16, seed=seed + 1) if recipe.eval is None else _records(recipe.eval, recipe, "test")
+        held = load_prompts(held, tok, max_prompt_tokens=max_prompt, chat_template=chat)
+        gold_fn = build_reward(recipe.gold["reward"])
+        if recipe.gold["forecast_samples"] and out_dir and not os.path.exists(os.path.join(out_dir, "forecast.jsonl")):
+            _write_forecast(recipe, held, gold_fn, reward_fn, params, model_config, tok, max_prompt, out_dir)
+        hooks.append(GoldMonitor(held, gold_fn, reward_fn, tok, model_config, recipe.gold["sample"], max_prompt_tokens=max_prompt,
+                                 ref_params=params, out_dir=out_dir, config=recipe.gold["monitor"]))
+    if make_hooks is not None:
+        hooks += list(make_hooks(tok, model_config))
     run_config = {"source": recipe.source, "model": recipe.model, "rl": dataclasses.asdict(recipe.rl),
                   "optim": dataclasses.asdict(recipe.optim), "reward": recipe.reward.get("name")}
     return train(params=params, model_config=model_config, tokenizer=tok, reward_fn=reward_fn, prompts=prompts, rl=recipe.rl,
                  sample=recipe.sample, optim=recipe.optim, loop=loop, eval_hooks=hooks, run_config=run_config, mesh=mesh,
-                 donate_params=True)
+                 donate_params=recipe.gold is None)  # the gold monitor keeps the base params as its reference
+
+
+def _write_forecast(recipe: GRPORecipe, held: Any, gold_fn: Any, reward_fn: Any, params: Any, model_config: Any, tok: Any,
+                    max_prompt: int, out_dir: str) -> None:
+    """The theory's forecast from base samples of the held-out prompts (before training)."""
+    from rubrax import forecast
+
+    cfg = dataclasses.replace(recipe.gold["sample"], n=recipe.gold["forecast_samples"])
+    samples = forecast.sample_base(params, held, tok, model_config, cfg, max_prompt_tokens=max_prompt)
+    rows = forecast.forecast(gold_fn, reward_fn, held.texts, samples, columns=held.columns, label=recipe.reward.get("name", "proxy"))
+    os.makedirs(out_dir, exist_ok=True)
+    forecast.write_forecast(out_dir, rows)

@@ -48,18 +48,31 @@ class Rollouts:
     logprobs: np.ndarray
     mask: np.ndarray
     completions: list[str]
+    sampling_logprobs: np.ndarray | None = None  # log q of the distribution sampled (policy.SampleOutput)
+
+    def behaviour_logprobs(self, importance_correction: str) -> np.ndarray:
+        """What the update's batch carries: the model's logprobs, or, for an importance
+        correction, those of the tempered / truncated distribution actually sampled."""
+        if importance_correction == "none":
+            return self.logprobs
+        if self.sampling_logprobs is None:
+            raise ValueError(f"rollouts of step {self.step} carry no sampling_logprobs (needed by importance_correction)")
+        return self.sampling_logprobs
 
     def to_npz(self, path: str) -> None:
         tmp = path + ".tmp.npz"
+        extra = {} if self.sampling_logprobs is None else {"sampling_logprobs": self.sampling_logprobs}
         np.savez(tmp, step=self.step, indices=self.indices, prompt_tokens=self.prompt_tokens, prompt_mask=self.prompt_mask,
-                 tokens=self.tokens, logprobs=self.logprobs, mask=self.mask, completions=np.asarray(self.completions, dtype=object))
+                 tokens=self.tokens, logprobs=self.logprobs, mask=self.mask, completions=np.asarray(self.completions, dtype=object),
+                 **extra)
         os.replace(tmp, path)  # atomic: a crash never leaves half a file under the real name
 
     @classmethod
     def from_npz(cls, path: str) -> Rollouts:
         with np.load(path, allow_pickle=True) as z:
             return cls(int(z["step"]), z["indices"], z["prompt_tokens"], z["prompt_mask"], z["tokens"], z["logprobs"],
-                       z["mask"], [str(c) for c in z["completions"]])
+                       z["mask"], [str(c) for c in z["completions"]],
+                       z["sampling_logprobs"] if "sampling_logprobs" in z.files else None)
 
 
 def decode_completion(tokenizer: Any, ids: np.ndarray, mask: np.ndarray, stop_ids: Sequence[int]) -> str:
@@ -103,9 +116,10 @@ class RolloutSampler:
         from rubrax import policy
 
         out = jax.device_get(policy.sample(params, ptoks, pmask, key, self.sample_cfg, config=self.model_config))
-        tokens, logprobs, mask = (np.asarray(x) for x in out)
+        tokens, logprobs, mask, qlogp = (np.asarray(x) for x in (out.tokens, out.logprobs, out.mask, out.sampling_logprobs))
         texts = [decode_completion(self.tokenizer, t, m, self.stop_ids) for t, m in zip(tokens, mask)]
-        return Rollouts(step, idx, ptoks, pmask, tokens, logprobs.astype(np.float32), mask.astype(np.int32), texts)
+        return Rollouts(step, idx, ptoks, pmask, tokens, logprobs.astype(np.float32), mask.astype(np.int32), texts,
+                        qlogp.astype(np.float32))
 
 
 class EvalSampler:

@@ -60,11 +60,16 @@ class RLConfig:
     group_size: samples per prompt G (GRPO "rollouts"; paper: 16).
     advantage: "grpo" | "rloo" | "dr_grpo".
     clip_low / clip_high: PPO clip range [1 - clip_low, 1 + clip_high]; clip_high None
-        = clip_low (symmetric); DAPO's clip-higher uses e.g. 0.2 / 0.28.
-    loss_aggregation: "token" | "sequence" | "dr_grpo" (see rubrax.rl.losses).
+        = clip_low (symmetric, also after dataclasses.replace(cfg, clip_low=...)); DAPO's
+        clip-higher uses e.g. 0.2 / 0.28. `upper_clip` is the value in force.
+    loss_aggregation: "token" | "sequence" | "dr_grpo" (see rubrax.rl.losses). Dr. GRPO
+        divides by N_seq x the completion budget C (the batch's completion width T - W,
+        = SampleConfig.max_new_tokens for make_batch batches; T when prompt_width is 0).
     kl_coef: beta of beta * KL(pi || pi_ref) (paper: 0.01); kl_estimator "k1"|"k2"|"k3";
         kl_in_reward: subtract beta * sum_t KL_t from each reward instead of adding the
-        KL term to the loss.
+        KL term to the loss. kl_importance_weighted: multiply the per-token KL by the
+        (differentiable) importance ratio pi/mu, as TRL does by default
+        (`use_bias_correction_kl`); off by default (see rubrax.rl.losses).
     ppo_epochs, num_minibatches, grad_accum: passes over the batch, optimizer updates
         per pass, micro-batches per optimizer update.
     behaviour_logprobs: "sampler" (importance ratio against the logprobs recorded at
@@ -73,7 +78,15 @@ class RLConfig:
         from the model's, e.g. top-k/top-p truncation).
     temperature: logits are divided by it before every log-softmax (TRL's convention).
         `rubrax.policy.sample` records temperature-1 logprobs, so a temperature other
-        than 1 requires behaviour_logprobs="recompute".
+        than 1 requires behaviour_logprobs="recompute" (or an importance correction fed
+        with the sampler's `sampling_logprobs`).
+    importance_correction: "none" | "token_tis" | "sequence_mis" (`rubrax.rl.losses.
+        importance_weights`): the batch's behaviour logprobs are then the sampler's mu
+        (`SampleOutput.sampling_logprobs`: tempered, top-k / top-p truncated), the PPO
+        ratio is taken against the trainer's own logprobs pi_old at the start of the
+        update (one more forward pass), and each token's PPO loss is weighted by the
+        truncated (token) or masked (sequence) ratio pi_old / mu, capped at
+        importance_cap. Needs behaviour_logprobs="sampler" (the batch carries mu).
     """
 
     group_size: int
@@ -85,21 +98,22 @@ class RLConfig:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     kl_in_reward: bool = False
+    kl_importance_weighted: bool = False
     entropy_coef: float = 0.0
     ppo_epochs: int = 1
     num_minibatches: int = 1
     grad_accum: int = 1
     behaviour_logprobs: str = "sampler"
     temperature: float = 1.0
+    importance_correction: str = "none"
+    importance_cap: float = 2.0
 
     def __post_init__(self) -> None:
         adv_lib.get_advantage_fn(self.advantage)
-        if self.clip_high is None:
-            object.__setattr__(self, "clip_high", self.clip_low)
         for name in ("group_size", "ppo_epochs", "num_minibatches", "grad_accum"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"RLConfig.{name} must be a positive int, got {getattr(self, name)!r}")
-        if not (0 < self.clip_low < 1 and self.clip_high > 0):
+        if not (0 < self.clip_low < 1 and self.upper_clip > 0):
             raise ValueError(f"RLConfig: need 0 < clip_low < 1 and clip_high > 0, got {self.clip_low}, {self.clip_high}")
         if self.loss_aggregation not in losses.AGGREGATIONS:
             raise ValueError(f"RLConfig.loss_aggregation must be one of {losses.AGGREGATIONS}, got {self.loss_aggregation!r}")
@@ -111,10 +125,23 @@ class RLConfig:
             raise ValueError(f"RLConfig.behaviour_logprobs must be 'sampler' or 'recompute', got {self.behaviour_logprobs!r}")
         if not self.temperature > 0:
             raise ValueError(f"RLConfig.temperature must be > 0, got {self.temperature}")
-        if self.temperature != 1.0 and self.behaviour_logprobs == "sampler":
+        if self.temperature != 1.0 and self.behaviour_logprobs == "sampler" and self.importance_correction == "none":
             # rubrax.policy.sample records temperature-1 logprobs; a tempered numerator
             # against them would be a biased ratio.
-            raise ValueError("RLConfig.temperature != 1 needs behaviour_logprobs='recompute'")
+            raise ValueError("RLConfig.temperature != 1 needs behaviour_logprobs='recompute' or an importance_correction")
+        if self.importance_correction not in losses.IMPORTANCE_CORRECTIONS:
+            raise ValueError(f"RLConfig.importance_correction must be one of {losses.IMPORTANCE_CORRECTIONS}, got {self.importance_correction!r}")
+        if not self.importance_cap >= 1.0:
+            raise ValueError(f"RLConfig.importance_cap must be >= 1, got {self.importance_cap}")
+        if self.importance_correction != "none" and self.behaviour_logprobs != "sampler":
+            raise ValueError("RLConfig.importance_correction needs behaviour_logprobs='sampler': the batch carries the "
+                             "sampler's logprobs mu, the update recomputes pi_old itself")
+
+    @property
+    def upper_clip(self) -> float:
+        """clip_high, or clip_low when clip_high is None (computed, never written back: the
+        config stays what the caller built)."""
+        return self.clip_low if self.clip_high is None else self.clip_high
 
     @property
     def optimizer_steps_per_update(self) -> int:
@@ -177,8 +204,10 @@ def _micro_loss(params, mb: dict, norms: dict, *, cfg: RLConfig, logits_fn: Logi
                                           start=start)
     m_BxT = mb["loss_mask"]
     pg_BxT, ratio_BxT, clipped_BxT = losses.ppo_clipped_objective(
-        logp_BxT, mb["behaviour_logp"], mb["adv"], clip_low=cfg.clip_low, clip_high=cfg.clip_high
+        logp_BxT, mb["behaviour_logp"], mb["adv"], clip_low=cfg.clip_low, clip_high=cfg.upper_clip
     )
+    if "is_weight" in mb:  # off-policy correction: stop-gradient weight pi_old / mu per token
+        pg_BxT = pg_BxT * mb["is_weight"]
     agg = functools.partial(losses.aggregate, mask_BxT=m_BxT, mode=cfg.loss_aggregation, **norms)
     pg_loss = agg(pg_BxT)
     loss = pg_loss
@@ -187,10 +216,15 @@ def _micro_loss(params, mb: dict, norms: dict, *, cfg: RLConfig, logits_fn: Logi
         "entropy": jnp.sum(ent_BxT * m_BxT),
         "clip_frac": jnp.sum(clipped_BxT * m_BxT),
         "ratio": jnp.sum(ratio_BxT * m_BxT),
+        # |log pi_theta - log mu| at the update's own logprobs (see _summarise)
+        "logp_diff_sum": jnp.sum(jnp.abs(logp_BxT - mb["behaviour_logp"]) * m_BxT),
+        "logp_diff_max": jnp.max(jnp.abs(logp_BxT - mb["behaviour_logp"]) * m_BxT),
     }
     if cfg.kl_coef > 0:
         kl_BxT = losses.kl_estimate(logp_BxT, mb["ref_logp"], cfg.kl_estimator)
         sums["kl"] = jnp.sum(jax.lax.stop_gradient(kl_BxT) * m_BxT)
+        if cfg.kl_importance_weighted:
+            kl_BxT = kl_BxT * ratio_BxT
         if not cfg.kl_in_reward:
             loss = loss + cfg.kl_coef * agg(kl_BxT)
     if cfg.entropy_coef > 0:
@@ -206,13 +240,16 @@ def _constrain(x, mesh: Mesh | None):
     return jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
 
 
-def _minibatch_update(params, opt_state, mb: dict, *, cfg: RLConfig, logits_fn: LogitsFn, tx, mesh, start: int = 1):
+def _minibatch_update(params, opt_state, mb: dict, *, cfg: RLConfig, logits_fn: LogitsFn, tx, mesh, start: int = 1,
+                      completion_budget: int):
     """One optimizer update from one minibatch, accumulated over cfg.grad_accum micro-batches."""
     m_BxT = mb["loss_mask"]
     lengths_B = m_BxT.sum(axis=1)
     norms = {"num_sequences": jnp.sum(lengths_B > 0).astype(jnp.float32), "num_tokens": m_BxT.sum()}
     if cfg.loss_aggregation == "dr_grpo":
-        norms["max_len"] = m_BxT.shape[1]
+        # A constant (the completion budget), not T: with prompt_bucket the prompt width, so T,
+        # changes from batch to batch, which would rescale the step size with it.
+        norms["max_len"] = completion_budget
     micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, -1, *x.shape[1:]), mb)
     grad_fn = jax.grad(functools.partial(_micro_loss, cfg=cfg, logits_fn=logits_fn, start=start), has_aux=True)
 
@@ -226,7 +263,7 @@ def _minibatch_update(params, opt_state, mb: dict, *, cfg: RLConfig, logits_fn: 
     else:
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, sums = jax.lax.scan(accumulate, zeros, micro)
-        sums = jax.tree.map(lambda x: x.sum(axis=0), sums)
+        sums = {k: x.max(axis=0) if k.endswith("_max") else x.sum(axis=0) for k, x in sums.items()}
     sums["grad_norm"] = optax.tree.norm(grads)
     sums["tokens"] = norms["num_tokens"].astype(jnp.float32)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -256,30 +293,64 @@ def update(
             f"batch of {B} rollouts must divide into groups of {cfg.group_size} and "
             f"{cfg.num_minibatches} minibatches x {cfg.grad_accum} micro-batches"
         )
+    if mesh is None:
+        return _update(state, batch, ref_params, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=None)
+    # The mesh in context lets the model pin its activations to the data axis at every
+    # layer boundary (rubrax.models.llama.constrain_batch).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return _update(state, batch, ref_params, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=mesh)
+
+
+def _scored_per_micro_batch(logits_fn, params, batch: RolloutBatch, *, cfg: RLConfig, mesh, start: int):
+    """logp_BxT of a no-gradient pass (behaviour recompute, reference policy), run one
+    micro-batch of rows at a time so it holds no more activations than a training
+    micro-batch. Micro-batch a takes rows a, a + n, a + 2n, ...: with the rows split over
+    the data axis in contiguous blocks, every device keeps its own rows (no reshuffle)."""
+    n = cfg.num_minibatches * cfg.grad_accum
+    if n == 1:
+        return _logp_and_entropy(logits_fn, params, batch.tokens_BxT, batch.mask_BxT, cfg.temperature, start=start)[0]
+    strided = lambda x: jnp.swapaxes(x.reshape(-1, n, *x.shape[1:]), 0, 1)
+
+    def one(xs):
+        tokens, mask = (_constrain(x, mesh) for x in xs)
+        return _logp_and_entropy(logits_fn, params, tokens, mask, cfg.temperature, entropy_grad=False, start=start)[0]
+
+    logp_nxMxT = jax.lax.map(one, (strided(batch.tokens_BxT), strided(batch.mask_BxT)))
+    return jnp.swapaxes(logp_nxMxT, 0, 1).reshape(batch.tokens_BxT.shape)
+
+
+def _update(state, batch, ref_params, *, cfg: RLConfig, logits_fn: LogitsFn, tx, mesh):
     valid_B = batch.valid_B.astype(bool)
     start = max(batch.prompt_width, 1)  # the fused head skips prompt positions (never trained on)
     loss_mask_BxT = batch.loss_mask_BxT.astype(jnp.float32) * valid_B[:, None]
+    scored = functools.partial(_scored_per_micro_batch, logits_fn, batch=batch, cfg=cfg, mesh=mesh, start=start)
+    sampler_BxT = batch.behaviour_logp_BxT.astype(jnp.float32) * loss_mask_BxT
+    metrics: dict[str, jax.Array] = {}
     if cfg.behaviour_logprobs == "sampler":
-        behaviour_BxT = batch.behaviour_logp_BxT.astype(jnp.float32)
+        behaviour_BxT = sampler_BxT
     else:
-        behaviour_BxT, _ = _logp_and_entropy(logits_fn, state.params, batch.tokens_BxT, batch.mask_BxT, cfg.temperature,
-                                             start=start)
-    behaviour_BxT = jax.lax.stop_gradient(behaviour_BxT) * loss_mask_BxT
+        behaviour_BxT = jax.lax.stop_gradient(scored(state.params)) * loss_mask_BxT
+        diff_BxT = jnp.abs(behaviour_BxT - sampler_BxT)
+        metrics["sampler_logp_diff_mean"] = diff_BxT.sum() / jnp.maximum(loss_mask_BxT.sum(), 1.0)
+        metrics["sampler_logp_diff_max"] = diff_BxT.max()
+    is_weight = None
+    if cfg.importance_correction != "none":
+        behaviour_BxT, is_weight, is_metrics = _importance_correction(scored(state.params), behaviour_BxT, loss_mask_BxT, cfg=cfg)
+        metrics.update(is_metrics)
     rewards_B = batch.rewards_B.astype(jnp.float32)
     data = {"tokens": batch.tokens_BxT, "mask": batch.mask_BxT, "loss_mask": loss_mask_BxT, "behaviour_logp": behaviour_BxT}
-    metrics: dict[str, jax.Array] = {}
+    if is_weight is not None:
+        data["is_weight"] = is_weight
     if cfg.kl_coef > 0:
-        ref_logp_BxT, _ = _logp_and_entropy(logits_fn, ref_params, batch.tokens_BxT, batch.mask_BxT, cfg.temperature,
-                                            start=start)
-        data["ref_logp"] = jax.lax.stop_gradient(ref_logp_BxT) * loss_mask_BxT
-        if cfg.kl_in_reward:
-            seq_kl_B = losses.sequence_sum(losses.kl_estimate(behaviour_BxT, data["ref_logp"], cfg.kl_estimator), loss_mask_BxT)
-            rewards_B = rewards_B - cfg.kl_coef * seq_kl_B
-            metrics["reward_kl_penalty"] = _masked_mean(cfg.kl_coef * seq_kl_B, valid_B)
+        data["ref_logp"] = jax.lax.stop_gradient(scored(ref_params)) * loss_mask_BxT
+        rewards_B, ref_metrics = _reference_terms(cfg, rewards_B, valid_B, behaviour_BxT, data["ref_logp"], loss_mask_BxT)
+        metrics.update(ref_metrics)
     data["adv"] = adv_lib.compute_advantages(cfg.advantage, rewards_B, valid_B, group_size=cfg.group_size, eps=cfg.adv_eps)
 
     key = stream_key(state.key, state.step, UPDATE_STREAM)
-    step_mb = functools.partial(_minibatch_update, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=mesh, start=start)
+    budget = batch.tokens_BxT.shape[1] - batch.prompt_width  # C = T - W (static)
+    step_mb = functools.partial(_minibatch_update, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=mesh, start=start,
+                                completion_budget=budget)
 
     def epoch(carry, e):
         minibatches = _shuffle_into_minibatches(data, jax.random.fold_in(key, e), cfg)
@@ -298,16 +369,57 @@ def update(
     return new_state, metrics
 
 
+def _importance_correction(old_logp_BxT, mu_BxT, loss_mask_BxT, *, cfg: RLConfig):
+    """(pi_old logprobs, the PPO anchor; weights pi_old / mu; mismatch metrics) from the
+    trainer's no-gradient pass at the start of the update and the sampler's logprobs mu."""
+    old_BxT = jax.lax.stop_gradient(old_logp_BxT) * loss_mask_BxT
+    w_BxT, stats = losses.importance_weights(old_BxT, mu_BxT, loss_mask_BxT, mode=cfg.importance_correction, cap=cfg.importance_cap)
+    per = jnp.maximum(loss_mask_BxT.sum(), 1.0) if cfg.importance_correction == "token_tis" else jnp.maximum(stats["rows"], 1.0)
+    metrics = {
+        "is_log_ratio_abs_mean": stats["log_ratio_abs"] / jnp.maximum(loss_mask_BxT.sum(), 1.0),
+        "is_log_ratio_abs_max": stats["log_ratio_abs_max"],
+        "is_truncated_frac": stats["truncated"] / per,  # tokens (token_tis) or sequences (sequence_mis)
+    }
+    return old_BxT, w_BxT, metrics
+
+
+def _reference_terms(cfg: RLConfig, rewards_B, valid_B, behaviour_BxT, ref_logp_BxT, loss_mask_BxT):
+    """(rewards, metrics) from the reference logprobs: the KL penalty folded into the
+    rewards (kl_in_reward), and "seq_kl", the per-sequence KL of the rollouts to the
+    reference, k1 = sum_t (log mu(y_t) - log pi_ref(y_t)) over the completion (an unbiased
+    estimate of KL(mu || pi_ref) per response; mu = pi on policy), mean over valid rows."""
+    metrics = {"seq_kl": _masked_mean(losses.sequence_sum(behaviour_BxT - ref_logp_BxT, loss_mask_BxT), valid_B)}
+    if cfg.kl_in_reward:
+        seq_kl_B = losses.sequence_sum(losses.kl_estimate(behaviour_BxT, ref_logp_BxT, cfg.kl_estimator), loss_mask_BxT)
+        rewards_B = rewards_B - cfg.kl_coef * seq_kl_B
+        metrics["reward_kl_penalty"] = _masked_mean(cfg.kl_coef * seq_kl_B, valid_B)
+    return rewards_B, metrics
+
+
 def _masked_mean(x, m):
     m = m.astype(jnp.float32)
     return jnp.sum(x * m) / jnp.maximum(m.sum(), 1.0)
 
 
 def _summarise(sums: dict, cfg: RLConfig, batch: RolloutBatch, valid_B, adv_B, loss_mask_BxT) -> dict:
-    """Metrics of one update: token means over all epochs/minibatches, batch statistics."""
+    """Metrics of one update: token means over all epochs/minibatches, batch statistics.
+
+    sampler_logp_diff_mean / _max (behaviour_logprobs="sampler"): mean and max over
+    completion tokens of |log pi_theta - log mu|, the update's logprobs against the
+    sampler's, at the first optimizer update (params still those the step started from;
+    all rows when num_minibatches = 1). Non-zero from bf16 rounding, kernels that differ
+    between sampler and update, and (one_step_off_policy) the one step of policy lag;
+    with "recompute" they are measured on the whole batch in _update instead.
+    """
+    diff_sum, diff_max = sums.pop("logp_diff_sum"), sums.pop("logp_diff_max")
+    if cfg.behaviour_logprobs == "sampler":
+        first = jnp.maximum(sums["tokens"][0, 0], 1.0)
+        out = {"sampler_logp_diff_mean": diff_sum[0, 0] / first, "sampler_logp_diff_max": diff_max[0, 0]}
+    else:
+        out = {}
     tokens = jnp.maximum(sums.pop("tokens").sum(), 1.0)
     n_updates = cfg.optimizer_steps_per_update
-    out = {k: sums[k].sum() / tokens for k in ("entropy", "clip_frac", "ratio") + (("kl",) if "kl" in sums else ())}
+    out |= {k: sums[k].sum() / tokens for k in ("entropy", "clip_frac", "ratio") + (("kl",) if "kl" in sums else ())}
     out["loss"] = sums["loss"].sum() / n_updates
     out["pg_loss"] = sums["pg_loss"].sum() / n_updates
     out["grad_norm"] = sums["grad_norm"].mean()
@@ -316,13 +428,22 @@ def _summarise(sums: dict, cfg: RLConfig, batch: RolloutBatch, valid_B, adv_B, l
     out["reward_mean"] = mean
     out["reward_std"] = jnp.sqrt(_masked_mean((rewards_B - mean) ** 2, valid_B))
     out["reward_invalid"] = jnp.sum(~valid_B).astype(jnp.int32)
+    out["reward_invalid_frac"] = jnp.mean(~valid_B)
     out["zero_var_frac"] = adv_lib.zero_variance_fraction(rewards_B, valid_B, group_size=cfg.group_size, eps=cfg.adv_eps)
     out["adv_abs_mean"] = _masked_mean(jnp.abs(adv_B), valid_B)
     lengths_B = batch.loss_mask_BxT.astype(jnp.float32).sum(axis=1)
     out["response_len_mean"] = lengths_B.mean()
     out["response_len_max"] = lengths_B.max()
+    out["reward_len_corr"] = _masked_corr(rewards_B, lengths_B, valid_B)  # length bias of the reward
     return out
 
+
+def _masked_corr(x_B, y_B, m_B):
+    """Pearson correlation over the rows of m_B; NaN when either side is constant there."""
+    mx, my = _masked_mean(x_B, m_B), _masked_mean(y_B, m_B)
+    cov = _masked_mean((x_B - mx) * (y_B - my), m_B)
+    var = _masked_mean((x_B - mx) ** 2, m_B) * _masked_mean((y_B - my) ** 2, m_B)
+    return jnp.where(var > 0, cov / jnp.sqrt(jnp.where(var > 0, var, 1.0)), jnp.nan)
 
 
 # --------------------------------------------------------------------------- jit
@@ -348,6 +469,28 @@ def make_update(
     )
 
 
+def reference_dtype(logits_fn: LogitsFn):
+    """The dtype the frozen reference params are kept in: a rubrax model's compute dtype
+    when it differs from its parameter dtype (bf16 compute over float32 master weights:
+    every layer casts its weights to bf16 before use, so a bf16 copy gives bit-identical
+    logprobs at half the memory), else None (kept as given)."""
+    config = getattr(logits_fn, "config", None)
+    if config is None or getattr(config, "dtype", None) == getattr(config, "param_dtype", None):
+        return None
+    return jnp.dtype(config.dtype)
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+    """Floating leaves of tree (arrays or ShapeDtypeStructs) in dtype; others unchanged."""
+    def one(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype)
+    return jax.tree.map(one, tree)
+
+
 class Trainer:
     """A thin shell around the pure step: places state/batches on the mesh, calls the
     jitted update. Holds no training state of its own besides the compiled function.
@@ -355,7 +498,7 @@ class Trainer:
     (as train() does) to build a trainer without materialising any state."""
 
     def __init__(self, cfg: RLConfig, logits_fn: LogitsFn, tx, state: TrainState, ref_params: Any, *, mesh: Mesh | None = None, fsdp: bool = False):
-        self.cfg, self.tx, self.mesh = cfg, tx, mesh or make_mesh()
+        self.cfg, self.tx, self.mesh, self.logits_fn = cfg, tx, mesh or make_mesh(), logits_fn
         self._create = None
         self.state_shardings = state_sharding(state, self.mesh, fsdp=fsdp)
         self.ref_shardings = param_sharding(ref_params, self.mesh, fsdp=fsdp)
@@ -392,7 +535,16 @@ class Trainer:
         return out
 
     def place_ref(self, ref_params: Any) -> Any:
-        return put_global(ref_params, self.ref_shardings)
+        """The reference params on the mesh, in the model's compute dtype when that differs
+        from the storage dtype (see `reference_dtype`)."""
+        if ref_params is None:
+            return None
+        placed = put_global(ref_params, self.ref_shardings)
+        dtype = reference_dtype(self.logits_fn)
+        if dtype is None:
+            return placed
+        cast = jax.jit(lambda t: cast_floating(t, dtype), out_shardings=self.ref_shardings)
+        return cast(placed)
 
     def __call__(self, state: TrainState, batch: RolloutBatch, ref_params: Any):
         return self.update_fn(state, shard_batch(batch, self.mesh), ref_params)

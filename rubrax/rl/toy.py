@@ -5,7 +5,10 @@ words equal to a target word (by default the prompt's own word, read from the
 `target` column; a fixed `target=` overrides it). A random policy over a vocabulary
 of V words scores about 1/V; a policy that learned the task scores 1.
 
-Registered as reward "target_word". Host side only (no jax).
+Registered as reward "target_word". Its over-optimisation twin "half_target_word" pays
+1 - 2 |share of the target word - 1/2|: a gold reward under which the proxy
+"target_word" helps until half the words are the target, then hurts (for testing the
+gold monitor). Host side only (no jax).
 """
 
 from __future__ import annotations
@@ -57,3 +60,14 @@ class TargetWordReward(RewardFnBase):
             words = text.split()
             scores.append(sum(w == target for w in words) / len(words) if words else 0.0)
         return RewardBatch(np.asarray(scores, np.float32), np.ones(len(scores), bool))
+
+
+@register_reward("half_target_word")
+class HalfTargetWordReward(TargetWordReward):
+    """1 - 2 |share of the target word - 1/2|: best when half the words are the target."""
+
+    name = "half_target_word"
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> RewardBatch:
+        share = super().__call__(prompts, completions, **columns)
+        return RewardBatch(1.0 - 2.0 * np.abs(share.scores - 0.5), share.valid)

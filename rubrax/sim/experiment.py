@@ -20,25 +20,31 @@ For each seed s (a replicate of the whole pipeline):
       rubric_4_great_diverse iterative_rtd, 4 rounds, pool of 16 from all great generators,
                              graded by the simulated verifier through RubricReward;
       sft_great              (no proxy) SFT of the base policy on great responses.
- 5. each RL arm: GRPO (rubrax.rl.step) from the base policy for `rl.steps` steps, all
-    prompts x `group_size` rollouts per step, identical settings. Tracked per step,
-    on the step's own rollouts (samples of the current policy, before its update):
+ 5. each RL arm: GRPO through the library's own loop (rubrax.rl.loop.train, with
+    SimConfig's RLConfig / OptimConfig / SampleConfig) from the base policy for
+    `rl_steps` steps, all prompts x `group_size` rollouts per step, identical settings,
+    checkpointed every `checkpoint_every` steps under out_dir/runs/ (a killed run resumes
+    inside the arm). A step hook tracks per step, on the step's own rollouts (samples
+    of the current policy, before its update):
       gold      mean r*(x, y)
       win_rate  mean F0_x(r*(x, y)) with F0_x the base policy's empirical gold CDF on
                 prompt x, ties counted half: P(y beats a base sample) -- exactly the
                 quantity Proposition 1 predicts (rubrax.theory.tilted_from_samples)
       proxy     mean proxy reward
       kl        mean over rollouts of sum_t [log pi(y_t|.) - log pi_base(y_t|.)]
-                (the k1 Monte-Carlo estimate of KL(pi || pi_base) per response)
+                (the k1 Monte-Carlo estimate of KL(pi || pi_base) per response: the
+                update's own "seq_kl", from the reference logprobs it computes anyway)
     plus a final evaluation on `eval_samples_per_prompt` fresh samples after the last
-    update. The SFT arm is evaluated the same way every `eval_every` steps.
+    update. The SFT arm (rubrax.train's trainer, with an eval hook) is evaluated the
+    same way every `eval_every` steps.
  6. Table 2 analogue: agreement of each proxy's preference with the gold preference
     on response pairs from the high-gold and the low-gold half of a mixed pool.
  7. theory link: tilted_from_samples(gold, proxy, beta) on the base samples predicts
     win rate against KL for every proxy.
 
-Outputs are written as each piece finishes (arms/*.jsonl, rubrics, pairs), so a
-crashed run rerun with the same output folder skips what is done.
+Outputs are written as each piece finishes (arms/*.jsonl, rubrics, pairs), and the
+base policy, the BT models and the arms checkpoint under runs/, so a crashed (or killed)
+run rerun with the same output folder skips what is done and resumes what is not.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -106,8 +113,9 @@ class SeedContext:
     tokenizer: WordTokenizer
     model_config: Any
     base_params: Any
-    prompt_tokens_PxL: np.ndarray
-    prompt_mask_PxL: np.ndarray
+    prompts: Any  # rubrax.rl.prompts.PromptSet of the world's prompts (with prompt_id)
+    prompt_tokens_PxW: np.ndarray
+    prompt_mask_PxW: np.ndarray
     base_samples: list[list[str]]  # [prompt][n] base policy samples
     base_gold_PxN: np.ndarray
     base_sorted_PxN: np.ndarray
@@ -149,55 +157,33 @@ def model_config_for(cfg: SimConfig, tokenizer: WordTokenizer):
     )
 
 
-def sample_config(cfg: SimConfig, tokenizer: WordTokenizer, n: int):
-    from rubrax.policy import SampleConfig
-
-    return SampleConfig(
-        max_new_tokens=cfg.rl.max_new_tokens,
-        temperature=cfg.rl.temperature,
-        n=n,
-        stop_token_ids=(tokenizer.eos_token_id,),
-        pad_token_id=tokenizer.pad_token_id,
-        prompt_bucket=8,  # world prompts are 6 tokens; the default bucket (32) would waste 4x
-    )
+def sample_config(cfg: SimConfig, n: int):
+    return dataclasses.replace(cfg.sample, n=n)
 
 
-@dataclasses.dataclass
-class Rollouts:
-    texts: list[str]
-    prompt_index: np.ndarray  # [B]
-    tokens_BxC: np.ndarray
-    mask_BxC: np.ndarray
-    logp_BxC: np.ndarray
-    kl_B: np.ndarray  # sum_t log pi(y_t) - log pi_base(y_t) per response (k1)
-
-
-def sample_policy(ctx: SeedContext, cfg: SimConfig, params: Any, key: Any, n: int) -> Rollouts:
-    """n samples per prompt (prompt-major rows), drawn in chunks of rl.group_size so that
-    every call has the rollout shape: one sampler and one logprob compilation in all."""
+def sample_policy(ctx: SeedContext, cfg: SimConfig, params: Any, key: Any, n: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """n fresh samples per prompt for evaluation: (texts, prompt index, KL to the base
+    policy per sample), rows prompt-major. Drawn in chunks of rl.group_size so that every
+    call has the rollout shape (one sampler compilation with the RL arms)."""
     import jax
 
-    from rubrax.policy import sample
+    from rubrax.rl.rollouts import RolloutSampler
 
     g = cfg.rl.group_size
     if n % g:
         raise ValueError(f"sample_policy: n={n} must be a multiple of rl.group_size={g}")
     P = len(ctx.prompt_ids)
-    scfg = sample_config(cfg, ctx.tokenizer, g)
-    chunks = []
+    sampler = RolloutSampler(ctx.prompts, ctx.tokenizer, ctx.model_config, sample_config(cfg, g), np.asarray(key),
+                             prompts_per_step=P, max_prompt_tokens=ctx.prompt_tokens_PxW.shape[1])
+    texts_PxN: list[list[str]] = [[] for _ in range(P)]
+    kl_PxN: list[list[float]] = [[] for _ in range(P)]
     for c in range(n // g):
-        out = sample(params, ctx.prompt_tokens_PxL, ctx.prompt_mask_PxL, jax.random.fold_in(key, c), scfg, config=ctx.model_config)
-        tokens, mask, logp = (np.asarray(x) for x in (out.tokens, out.mask, out.logprobs))
-        chunks.append((tokens, mask, logp, _kl_to_base(ctx, g, tokens, mask, logp)))
-
-    def merge(k: int) -> np.ndarray:  # [chunks][P*g, ...] -> [P*n, ...], prompt-major
-        x = np.stack([ch[k] for ch in chunks])
-        x = x.reshape(len(chunks), P, g, *x.shape[2:]).swapaxes(0, 1)
-        return x.reshape(P * n, *x.shape[3:])
-
-    tokens = merge(0)
-    texts = [ctx.tokenizer.decode_completion(row) for row in tokens]
-    return Rollouts(texts, np.repeat(np.arange(P), n), tokens, merge(1), merge(2), merge(3))
+        ro = sampler.draw(c, np.arange(P), ctx.prompt_tokens_PxW, ctx.prompt_mask_PxW, jax.random.fold_in(key, c), params)
+        kl_B = _kl_to_base(ctx, g, ro.tokens, ro.mask, ro.logprobs)
+        for i in range(P):
+            texts_PxN[i] += ro.completions[i * g:(i + 1) * g]
+            kl_PxN[i] += list(kl_B[i * g:(i + 1) * g])
+    return [t for row in texts_PxN for t in row], np.repeat(np.arange(P), n), np.array(kl_PxN).reshape(-1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -210,9 +196,10 @@ def _ref_logprob_fn(model_config: Any):
 
 
 def _kl_to_base(ctx: SeedContext, n: int, tokens_BxC: np.ndarray, mask_BxC: np.ndarray, logp_BxC: np.ndarray) -> np.ndarray:
-    """Per-response k1 estimate sum_t (log pi(y_t) - log pi_base(y_t)), from the sampler's logprobs."""
-    prompt = np.repeat(ctx.prompt_tokens_PxL, n, axis=0)
-    pmask = np.repeat(ctx.prompt_mask_PxL, n, axis=0)
+    """Per-response k1 estimate sum_t (log pi(y_t) - log pi_base(y_t)) of evaluation samples
+    (during RL the update reports it, from the reference logprobs it already has)."""
+    prompt = np.repeat(ctx.prompt_tokens_PxW, n, axis=0)
+    pmask = np.repeat(ctx.prompt_mask_PxW, n, axis=0)
     tokens = np.concatenate([prompt, tokens_BxC], axis=1).astype(np.int32)
     mask = np.concatenate([pmask, mask_BxC], axis=1).astype(np.int32)
     ref = np.asarray(_ref_logprob_fn(ctx.model_config)(ctx.base_params, tokens, mask))[:, prompt.shape[1]:]
@@ -229,7 +216,9 @@ def _sft_arrays(tokenizer: WordTokenizer, prompts: Sequence[str], responses: Seq
 # ----------------------------------------------------------------------------- per-seed set-up
 
 
-def build_seed(cfg: SimConfig, seed: int, log: Log) -> SeedContext:
+def build_seed(cfg: SimConfig, seed: int, log: Log, work: Path | None = None) -> SeedContext:
+    """The seed's world, base policy (SFT, checkpointed under `work` when given), base
+    samples and off-policy responses."""
     import jax
 
     from rubrax.models import init_params
@@ -243,7 +232,7 @@ def build_seed(cfg: SimConfig, seed: int, log: Log) -> SeedContext:
     tok = WordTokenizer(world.vocabulary)
     mcfg = model_config_for(cfg, tok)
     gcfg = cfg.generators
-    max_len = 8 + cfg.rl.max_new_tokens
+    max_len = 8 + cfg.sample.max_new_tokens
 
     demos_p, demos_r = [], []
     for p in world.prompts:
@@ -257,29 +246,23 @@ def build_seed(cfg: SimConfig, seed: int, log: Log) -> SeedContext:
         batch_size=cfg.sft.batch_size, num_epochs=10**6, max_steps=cfg.sft.steps, seed=seed, progress=False,
         log_every=max(1, cfg.sft.steps),
     )
-    res = train_sft(params0, mcfg, data, train_cfg, desc=f"base sft s{seed}")
+    ckpt = None if work is None else str(work / f"seed{seed}_base" / "checkpoints")
+    res = train_sft(params0, mcfg, data, train_cfg, desc=f"base sft s{seed}", ckpt_dir=ckpt)
     base_params = res.params
     timings["base_sft_s"] = time.perf_counter() - t0
     log(f"[seed {seed}] base policy: SFT {cfg.sft.steps} steps on {len(demos_r)} demonstrations, "
         f"final loss {res.last_metrics.get('loss', float('nan')):.3f} ({timings['base_sft_s']:.1f}s)")
 
-    prompt_ids = [tok.apply_chat_template([{"role": "user", "content": p.text}]) for p in world.prompts]
-    width = max(len(x) for x in prompt_ids)
-    ptoks = np.full((len(prompt_ids), width), tok.pad_token_id, np.int32)
-    pmask = np.zeros((len(prompt_ids), width), np.int32)
-    for i, ids in enumerate(prompt_ids):  # left padding
-        ptoks[i, width - len(ids):] = ids
-        pmask[i, width - len(ids):] = 1
-
+    prompts, ptoks, pmask = _world_prompts(world, tok, cfg.sample.prompt_bucket)
     ctx = SeedContext(
         seed=seed, world=world, tokenizer=tok, model_config=mcfg, base_params=base_params,
-        prompt_tokens_PxL=ptoks, prompt_mask_PxL=pmask, base_samples=[], base_gold_PxN=np.zeros((0, 0)),
+        prompts=prompts, prompt_tokens_PxW=ptoks, prompt_mask_PxW=pmask, base_samples=[], base_gold_PxN=np.zeros((0, 0)),
         base_sorted_PxN=np.zeros((0, 0)), good=[], great={}, timings=timings,
     )
     t1 = time.perf_counter()
     n = cfg.eval.base_samples_per_prompt
-    ro = sample_policy(ctx, cfg, base_params, jax.random.fold_in(jax.random.PRNGKey(seed), 10**6), n)
-    ctx.base_samples = [ro.texts[i * n:(i + 1) * n] for i in range(len(world.prompts))]
+    texts, _, _ = sample_policy(ctx, cfg, base_params, jax.random.fold_in(jax.random.PRNGKey(seed), 10**6), n)
+    ctx.base_samples = [texts[i * n:(i + 1) * n] for i in range(len(world.prompts))]
     ctx.base_gold_PxN = np.array([[world.gold_reward(p.id, r) for r in rs] for p, rs in zip(world.prompts, ctx.base_samples)])
     ctx.base_sorted_PxN = np.sort(ctx.base_gold_PxN, axis=1)
     k = max(cfg.rubric.pool_size, cfg.sft.great_per_prompt, cfg.bt.pairs_per_prompt // 2 + 2)
@@ -291,6 +274,19 @@ def build_seed(cfg: SimConfig, seed: int, log: Log) -> SeedContext:
     log(f"[seed {seed}] base samples: mean gold {ctx.base_gold_PxN.mean():.3f}, "
         f"P(any excellent requirement met) {met.mean():.4f} ({timings['base_samples_s']:.1f}s)")
     return ctx
+
+
+def _world_prompts(world: World, tok: WordTokenizer, bucket: int):
+    """The world's prompts as an RL PromptSet (chat template, prompt_id column) and their
+    left-padded [P, W] tokens and mask, W = the longest prompt rounded up to `bucket`."""
+    from rubrax.rl.prompts import load_prompts
+    from rubrax.rl.rollouts import left_pad
+
+    records = [{"prompt": p.text, "prompt_id": p.id} for p in world.prompts]
+    prompts = load_prompts(records, tok, max_prompt_tokens=64)
+    longest = max(len(t) for t in prompts.tokens)
+    ptoks, pmask = left_pad(prompts.tokens, -(-longest // bucket) * bucket, tok.pad_token_id)
+    return prompts, ptoks, pmask
 
 
 def great_pool(ctx: SeedContext, i: int, n: int, diverse: bool) -> list[tuple[str, str]]:
@@ -334,7 +330,7 @@ def build_rubrics(ctx: SeedContext, cfg: SimConfig) -> dict[str, dict[str, Any]]
     return asyncio.run(_build_rubrics(ctx, cfg))
 
 
-def train_bt(ctx: SeedContext, cfg: SimConfig, arm: str, log: Log) -> Any:
+def train_bt(ctx: SeedContext, cfg: SimConfig, arm: str, log: Log, work: Path | None = None) -> Any:
     """A BT reward model for `arm` (on-policy / off-policy great / mixed pairs)."""
     import jax
 
@@ -355,7 +351,7 @@ def train_bt(ctx: SeedContext, cfg: SimConfig, arm: str, log: Log) -> Any:
         ps = pairs_lib.off_policy_pairs(ctx.prompt_texts, great, judge, **kw)
     else:
         ps = pairs_lib.mixed_pairs(ctx.prompt_texts, ctx.base_samples, great, judge, **kw)
-    max_len = 8 + cfg.rl.max_new_tokens
+    max_len = 8 + cfg.sample.max_new_tokens
     data = pairs_lib.encode_pairs(ctx.tokenizer, ps.pairs, max_length=max_len, pad_to=max_len)
     params = bt.init_params(ctx.model_config, jax.random.PRNGKey(ctx.seed + 7), backbone=ctx.base_params)
     steps = max(1, cfg.bt.epochs * (len(ps.pairs) // cfg.bt.batch_size))
@@ -363,7 +359,8 @@ def train_bt(ctx: SeedContext, cfg: SimConfig, arm: str, log: Log) -> Any:
         optim=OptimConfig(learning_rate=cfg.bt.lr, schedule="cosine", warmup_ratio=0.1),
         batch_size=cfg.bt.batch_size, num_epochs=cfg.bt.epochs, seed=ctx.seed, progress=False, log_every=steps,
     )
-    res = bt.train_reward_model(params, ctx.model_config, data, train_cfg, desc=f"{arm} s{ctx.seed}")
+    ckpt = None if work is None else str(work / f"seed{ctx.seed}_{arm}_model" / "checkpoints")
+    res = bt.train_reward_model(params, ctx.model_config, data, train_cfg, desc=f"{arm} s{ctx.seed}", ckpt_dir=ckpt)
     reward = bt.BTReward(res.params, ctx.model_config, ctx.tokenizer, max_length=max_len, batch_size=64, length_multiple=max_len)
     ctx.timings[f"{arm}_train_s"] = time.perf_counter() - t0
     log(f"[seed {ctx.seed}] {arm}: {len(ps.pairs)} pairs, {steps} steps, train loss "
@@ -371,7 +368,7 @@ def train_bt(ctx: SeedContext, cfg: SimConfig, arm: str, log: Log) -> Any:
     return reward
 
 
-def build_proxies(ctx: SeedContext, cfg: SimConfig, log: Log) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def build_proxies(ctx: SeedContext, cfg: SimConfig, log: Log, work: Path | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """{arm: reward function} for every RL arm in cfg.arms, and the rubrics per rubric arm."""
     from rubrax.rewards.rubric import RubricReward
 
@@ -381,7 +378,7 @@ def build_proxies(ctx: SeedContext, cfg: SimConfig, log: Log) -> tuple[dict[str,
         proxies["gold"] = GoldReward(ctx.world)
     for arm in BT_ARMS:
         if arm in cfg.arms:
-            proxies[arm] = train_bt(ctx, cfg, arm, log)
+            proxies[arm] = train_bt(ctx, cfg, arm, log, work)
     if any(a in cfg.arms for a in RUBRIC_ARMS):
         t0 = time.perf_counter()
         rubrics = build_rubrics(ctx, cfg)
@@ -402,102 +399,95 @@ def score_proxy(proxy: Any, ctx: SeedContext, prompt_index: np.ndarray, texts: S
 
 # ----------------------------------------------------------------------------- RL and SFT arms
 
-
-class RLRunner:
-    """One compiled GRPO update shared by every arm and seed (same shapes, same settings)."""
-
-    def __init__(self, cfg: SimConfig, model_config: Any, params: Any):
-        import jax
-        import optax
-
-        from rubrax.rl.state import TrainState
-        from rubrax.rl.step import RLConfig, Trainer, model_logits_fn
-        from rubrax.sharding import make_mesh
-
-        self.cfg = cfg
-        self.rl_cfg = RLConfig(group_size=cfg.rl.group_size, kl_coef=cfg.rl.kl_coef, temperature=cfg.rl.temperature)
-        warmup = max(1, int(0.1 * cfg.rl.steps))
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.rl.lr, warmup), optax.constant_schedule(cfg.rl.lr)], [warmup])
-        self.tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-        self.logits_fn = model_logits_fn(model_config)
-        state = TrainState.create(params, self.tx, seed=0)
-        # One device: the experiment's batches are tiny, and sharding them over fake CPU
-        # devices (the test set-up) only adds overhead.
-        self.trainer = Trainer(self.rl_cfg, self.logits_fn, self.tx, state, params, mesh=make_mesh(jax.devices()[:1]))
-        self._TrainState = TrainState
-
-    def new_state(self, params: Any, seed: int):
-        import jax
-        import jax.numpy as jnp
-
-        params = jax.tree.map(jnp.copy, params)  # the update donates its state
-        return self.trainer.place_state(self._TrainState.create(params, self.tx, seed=seed))
+TRACKED = ("gold", "win_rate", "win_rate_se", "proxy", "proxy_invalid", "kl", "length")
 
 
-def _step_row(ctx: SeedContext, arm: str, step: int, ro: Rollouts, gold: np.ndarray, proxy: np.ndarray | None,
-              proxy_valid: np.ndarray | None, kl: np.ndarray) -> dict[str, Any]:
-    win = ctx.win_rate(ro.prompt_index, gold)
+def tracked(ctx: SeedContext, prompt_index: np.ndarray, texts: Sequence[str], proxy: np.ndarray | None,
+            proxy_valid: np.ndarray | None, kl: float) -> dict[str, float]:
+    """The tracked quantities (TRACKED) of samples `texts` of prompts `prompt_index`."""
+    gold = ctx.world.gold_rewards([ctx.prompt_ids[i] for i in prompt_index], texts)
+    win = ctx.win_rate(prompt_index, gold)
     row = {
-        "seed": ctx.seed, "arm": arm, "step": step, "gold": float(gold.mean()), "win_rate": float(win.mean()),
+        "gold": float(gold.mean()), "win_rate": float(win.mean()),
         "win_rate_se": float(win.std(ddof=1) / np.sqrt(len(win))) if len(win) > 1 else 0.0,
-        "kl": float(kl.mean()), "length": float(np.mean([len(t.split()) for t in ro.texts])),
-        "proxy": float("nan"), "proxy_invalid": 0,
+        "proxy": float("nan"), "proxy_invalid": 0, "kl": float(kl), "length": float(np.mean([len(t.split()) for t in texts])),
     }
     if proxy is not None:
         ok = proxy_valid.astype(bool)
-        row["proxy"] = float(proxy[ok].mean()) if ok.any() else float("nan")
+        row["proxy"] = float(np.asarray(proxy, np.float64)[ok].mean()) if ok.any() else float("nan")
         row["proxy_invalid"] = int((~ok).sum())
     return row
 
 
-def run_rl_arm(ctx: SeedContext, cfg: SimConfig, runner: RLRunner, arm: str, proxy: Any, log: Log) -> list[dict[str, Any]]:
-    import jax
+def tracking_hook(ctx: SeedContext, group_size: int):
+    """A step hook of rubrax.rl.loop.train: TRACKED on the step's own rollouts, logged as
+    "sim/<name>"; the KL is the update's seq_kl (k1 to the base policy per response)."""
 
-    from rubrax.rl.batch import make_batch
+    def hook(view) -> dict[str, float]:
+        idx = np.repeat(view.rollouts.indices, group_size)
+        row = tracked(ctx, idx, view.rollouts.completions, view.scores_B, view.valid_B, view.metrics["seq_kl"])
+        return {f"sim/{k}": v for k, v in row.items()}
 
-    g = cfg.rl.group_size
-    state = runner.new_state(ctx.base_params, seed=ctx.seed)
-    ref = runner.trainer.place_ref(ctx.base_params)
-    rows: list[dict[str, Any]] = []
+    return hook
+
+
+def run_rl_arm(ctx: SeedContext, cfg: SimConfig, arm: str, proxy: Any, log: Log, work: Path,
+               eval_hooks: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """GRPO on `proxy` through rubrax.rl.loop.train (resuming from work/seed<s>_<arm>), then
+    the final evaluation; rows: one per step (from the run's metrics.jsonl) + the final one.
+    eval_hooks (e.g. rubrax.rl.monitor.GoldMonitor) run every cfg.eval_every steps."""
+    from rubrax.rl.loop import LoopConfig, train
+    from rubrax.rl.monitor import CriteriaLog  # rubric arms: per-criterion verdicts per step, for `rubrax report`
+
     t0 = time.perf_counter()
-    root = jax.random.PRNGKey(10_000 + ctx.seed)
-    for step in range(cfg.rl.steps):
-        ro = sample_policy(ctx, cfg, state.params, jax.random.fold_in(root, step), g)
-        gold = ctx.world.gold_rewards([ctx.prompt_ids[i] for i in ro.prompt_index], ro.texts)
-        scores, valid = score_proxy(proxy, ctx, ro.prompt_index, ro.texts)
-        rows.append(_step_row(ctx, arm, step, ro, gold, scores, valid, ro.kl_B))
-        batch = make_batch(ctx.prompt_tokens_PxL, ctx.prompt_mask_PxL, ro.tokens_BxC, ro.mask_BxC, ro.logp_BxC, scores, valid, group_size=g)
-        state, _ = runner.trainer(state, batch, ref)
-    rows.append(final_eval(ctx, cfg, arm, state.params, cfg.rl.steps, proxy))
-    for r in rows:
-        r["elapsed_s"] = time.perf_counter() - t0
+    run_dir = work / f"seed{ctx.seed}_{arm}"
+    loop = LoopConfig(
+        total_steps=cfg.rl_steps, prompts_per_step=len(ctx.prompt_ids), max_prompt_tokens=ctx.prompt_tokens_PxW.shape[1],
+        seed=10_000 + ctx.seed, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1, out_dir=str(run_dir),
+        num_devices=1,  # the experiment's batches are tiny: fake CPU devices (tests) only add overhead
+        progress=False, tensorboard=False, eval_every=cfg.eval_every,
+    )
+    res = train(params=ctx.base_params, model_config=ctx.model_config, tokenizer=ctx.tokenizer, reward_fn=proxy,
+                prompts=ctx.prompts, rl=cfg.rl, sample=cfg.sample, optim=cfg.optim, loop=loop, eval_hooks=eval_hooks,
+                step_hooks=[tracking_hook(ctx, cfg.rl.group_size), CriteriaLog(str(run_dir))],
+                run_config={"seed": ctx.seed, "arm": arm})
+    rows = _step_rows(run_dir / "metrics.jsonl", ctx.seed, arm)
+    if [r["step"] for r in rows] != list(range(cfg.rl_steps)):
+        raise RuntimeError(f"{run_dir}/metrics.jsonl has steps {[r['step'] for r in rows]}, expected 0..{cfg.rl_steps - 1}")
+    rows.append(final_eval(ctx, cfg, arm, res.state.params, cfg.rl_steps, proxy))
     log(f"[seed {ctx.seed}] {arm:24s} win rate {rows[0]['win_rate']:.3f} -> {rows[-1]['win_rate']:.3f}  "
         f"gold {rows[0]['gold']:.3f} -> {rows[-1]['gold']:.3f}  proxy {rows[0]['proxy']:.3f} -> {rows[-1]['proxy']:.3f}  "
         f"KL {rows[-1]['kl']:.2f}  ({time.perf_counter() - t0:.1f}s)")
     return rows
 
 
+def _step_rows(metrics_path: Path, seed: int, arm: str) -> list[dict[str, Any]]:
+    """The tracked rows of an RL run, one per step: a step logged twice (re-run after a
+    resume from an earlier checkpoint, with the same values) counts once."""
+    from rubrax.train.metrics import read_metrics
+
+    by_step = {r["step"]: r for r in read_metrics(metrics_path) if "sim/gold" in r}
+    return [{"seed": seed, "arm": arm, "step": s, **{k: by_step[s][f"sim/{k}"] for k in TRACKED}} for s in sorted(by_step)]
+
+
 def final_eval(ctx: SeedContext, cfg: SimConfig, arm: str, params: Any, step: int, proxy: Any | None) -> dict[str, Any]:
     import jax
 
     n = cfg.eval.eval_samples_per_prompt
-    ro = sample_policy(ctx, cfg, params, jax.random.fold_in(jax.random.PRNGKey(20_000 + ctx.seed), step), n)
-    gold = ctx.world.gold_rewards([ctx.prompt_ids[i] for i in ro.prompt_index], ro.texts)
-    scores, valid = score_proxy(proxy, ctx, ro.prompt_index, ro.texts) if proxy is not None else (None, None)
-    row = _step_row(ctx, arm, step, ro, gold, scores, valid, ro.kl_B)
-    row["final"] = True
-    row["samples"] = ro.texts[:: max(1, n // 2)][: 2 * len(ctx.prompt_ids)]
+    texts, idx, kl_B = sample_policy(ctx, cfg, params, jax.random.fold_in(jax.random.PRNGKey(20_000 + ctx.seed), step), n)
+    scores, valid = score_proxy(proxy, ctx, idx, texts) if proxy is not None else (None, None)
+    row = {"seed": ctx.seed, "arm": arm, "step": step, **tracked(ctx, idx, texts, scores, valid, kl_B.mean()), "final": True}
+    row["samples"] = texts[:: max(1, n // 2)][: 2 * len(ctx.prompt_ids)]
     return row
 
 
-def run_sft_arm(ctx: SeedContext, cfg: SimConfig, log: Log) -> list[dict[str, Any]]:
-    """SFT of the base policy on great responses (all great generators), evaluated like RL arms."""
-    import jax
-    import jax.numpy as jnp
-
-    from rubrax.train.optim import OptimConfig, make_optimizer
-    from rubrax.train.sft import sft_loss
-    from rubrax.train.trainer import init_state, make_train_step
+def run_sft_arm(ctx: SeedContext, cfg: SimConfig, log: Log, work: Path) -> list[dict[str, Any]]:
+    """SFT of the base policy on great responses (all great generators) through
+    rubrax.train's trainer (checkpointed under work/), evaluated like the RL arms by an
+    eval hook at step 0, every `eval_every` steps and at the end."""
+    from rubrax.train.optim import OptimConfig
+    from rubrax.train.sft import train_sft
+    from rubrax.train.trainer import TrainConfig
 
     t0 = time.perf_counter()
     names = sorted(ctx.great)
@@ -508,23 +498,22 @@ def run_sft_arm(ctx: SeedContext, cfg: SimConfig, log: Log) -> list[dict[str, An
             for r in ctx.great[name][i][:per]:
                 prompts.append(p.text)
                 responses.append(r)
-    data = _sft_arrays(ctx.tokenizer, prompts, responses, 8 + cfg.rl.max_new_tokens)
+    data = _sft_arrays(ctx.tokenizer, prompts, responses, 8 + cfg.sample.max_new_tokens)
     steps = cfg.sft.great_steps
-    tx = make_optimizer(OptimConfig(learning_rate=cfg.sft.great_lr, schedule="constant", warmup_ratio=0.1), steps)
-    step_fn = make_train_step(functools.partial(sft_loss, config=ctx.model_config), tx)
-    state = init_state(jax.tree.map(jnp.copy, ctx.base_params), tx)
-    rng = np.random.default_rng([ctx.seed, 5])
-    nex, bs = len(responses), cfg.sft.batch_size
-    order = np.concatenate([rng.permutation(nex) for _ in range(steps * bs // nex + 1)])
-    rows = [final_eval(ctx, cfg, "sft_great", state.params, 0, None)]
-    for step in range(steps):
-        idx = order[step * bs:(step + 1) * bs]
-        state, _ = step_fn(state, {k: v[idx][None] for k, v in data.items()})
-        if (step + 1) % cfg.rl.eval_every == 0 or step + 1 == steps:
-            rows.append(final_eval(ctx, cfg, "sft_great", state.params, step + 1, None))
-    for r in rows:
-        r["final"] = r["step"] == steps
-        r["elapsed_s"] = time.perf_counter() - t0
+    train_cfg = TrainConfig(
+        optim=OptimConfig(learning_rate=cfg.sft.great_lr, schedule="constant", warmup_ratio=0.1),
+        batch_size=cfg.sft.batch_size, num_epochs=10**6, max_steps=steps, eval_every=cfg.eval_every,
+        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1, seed=ctx.seed, progress=False, log_every=steps,
+    )
+
+    def hook(step: int, params: Any) -> dict[str, float]:
+        row = final_eval(ctx, cfg, "sft_great", params, step, None)
+        return {k: row[k] for k in TRACKED}
+
+    res = train_sft(ctx.base_params, ctx.model_config, data, train_cfg, eval_hooks=[hook], desc=f"sft_great s{ctx.seed}",
+                    ckpt_dir=str(work / f"seed{ctx.seed}_sft_great" / "checkpoints"))
+    rows = [{"seed": ctx.seed, "arm": "sft_great", "step": h["step"], **{k: h[k] for k in TRACKED}, "final": h["step"] == steps}
+            for h in res.eval_history]
     log(f"[seed {ctx.seed}] {'sft_great':24s} win rate {rows[0]['win_rate']:.3f} -> {rows[-1]['win_rate']:.3f}  "
         f"gold {rows[0]['gold']:.3f} -> {rows[-1]['gold']:.3f}  KL {rows[-1]['kl']:.2f}  ({time.perf_counter() - t0:.1f}s)")
     return rows
@@ -612,52 +601,54 @@ def _rubric_records(rubrics: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def run_experiment(cfg: SimConfig, out_dir: str | os.PathLike, log: Log = print) -> dict[str, Any]:
     """Runs every arm for every seed; writes per-arm JSONL under out_dir/arms (skipping
-    arms already there, so a crashed run resumes) and returns all rows."""
+    arms already there, and resuming an interrupted one from its checkpoints under
+    out_dir/runs) and returns all rows."""
     out = Path(out_dir)
     (out / "arms").mkdir(parents=True, exist_ok=True)
     (out / "rubrics").mkdir(exist_ok=True)
     t_start = time.perf_counter()
-    curves: list[dict[str, Any]] = []
-    agreement: list[dict[str, Any]] = []
-    theory: list[dict[str, Any]] = []
-    base_stats: list[dict[str, Any]] = []
-    runner: RLRunner | None = None
+    results: dict[str, list[dict[str, Any]]] = {"curves": [], "agreement": [], "theory": [], "base": []}
     for seed in cfg.seeds:
         done = {arm: out / "arms" / f"seed{seed}_{arm}.jsonl" for arm in cfg.arms}
         extra = {name: out / "arms" / f"seed{seed}_{name}.jsonl" for name in ("agreement", "theory", "base")}
         if all(p.exists() for p in [*done.values(), *extra.values()]):
             log(f"[seed {seed}] already complete in {out}; reusing")
         else:
-            ctx = build_seed(cfg, seed, log)
-            proxies, rubrics = build_proxies(ctx, cfg, log)
-            for arm, rb in rubrics.items():
-                write_jsonl(out / "rubrics" / f"seed{seed}_{arm}.jsonl", _rubric_records(rb))
-            if not extra["base"].exists():
-                write_jsonl(extra["base"], [{
-                    "seed": seed, "gold_mean": float(ctx.base_gold_PxN.mean()),
-                    "excellent_any": float(np.mean([[ctx.world.gold_breakdown(p.id, r).met["excellent"] > 0 for r in rs] for p, rs in zip(ctx.world.prompts, ctx.base_samples)])),
-                    "advanced_frac": float(np.mean([[ctx.world.gold_breakdown(p.id, r).met["advanced"] for r in rs] for p, rs in zip(ctx.world.prompts, ctx.base_samples)])),
-                    "samples": [rs[:3] for rs in ctx.base_samples], **ctx.timings,
-                }])
-            if not extra["agreement"].exists():
-                write_jsonl(extra["agreement"], agreement_rows(ctx, cfg, {a: p for a, p in proxies.items() if a != "gold"}))
-            if not extra["theory"].exists():
-                write_jsonl(extra["theory"], theory_rows(ctx, cfg, proxies))
-            for arm in cfg.arms:
-                if done[arm].exists():
-                    continue
-                if arm == "sft_great":
-                    rows = run_sft_arm(ctx, cfg, log)
-                else:
-                    if runner is None:
-                        runner = RLRunner(cfg, ctx.model_config, ctx.base_params)
-                    rows = run_rl_arm(ctx, cfg, runner, arm, proxies[arm], log)
-                write_jsonl(done[arm], rows)
+            _run_seed(cfg, seed, out, done, extra, log)
         for arm in cfg.arms:
-            curves += _read_jsonl(done[arm])
-        agreement += _read_jsonl(extra["agreement"])
-        theory += _read_jsonl(extra["theory"])
-        base_stats += _read_jsonl(extra["base"])
+            results["curves"] += _read_jsonl(done[arm])
+        for name in ("agreement", "theory", "base"):
+            results[name] += _read_jsonl(extra[name])
         log(f"[seed {seed}] done, {time.perf_counter() - t_start:.0f}s elapsed")
-    return {"curves": curves, "agreement": agreement, "theory": theory, "base": base_stats,
-            "elapsed_s": time.perf_counter() - t_start}
+    return {**results, "elapsed_s": time.perf_counter() - t_start}
+
+
+def _run_seed(cfg: SimConfig, seed: int, out: Path, done: Mapping[str, Path], extra: Mapping[str, Path], log: Log) -> None:
+    """Everything of one seed that is not on disk yet; its checkpoints are removed at the end."""
+    work = out / "runs"
+    ctx = build_seed(cfg, seed, log, work)
+    proxies, rubrics = build_proxies(ctx, cfg, log, work)
+    for arm, rb in rubrics.items():
+        write_jsonl(out / "rubrics" / f"seed{seed}_{arm}.jsonl", _rubric_records(rb))
+    if not extra["base"].exists():
+        write_jsonl(extra["base"], [_base_record(ctx)])
+    if not extra["agreement"].exists():
+        write_jsonl(extra["agreement"], agreement_rows(ctx, cfg, {a: p for a, p in proxies.items() if a != "gold"}))
+    if not extra["theory"].exists():
+        write_jsonl(extra["theory"], theory_rows(ctx, cfg, proxies))
+    for arm in cfg.arms:
+        if not done[arm].exists():
+            rows = run_sft_arm(ctx, cfg, log, work) if arm == "sft_great" else run_rl_arm(ctx, cfg, arm, proxies[arm], log, work)
+            write_jsonl(done[arm], rows)
+    for ckpt in work.glob(f"seed{seed}_*/checkpoints"):  # the metrics.jsonl files stay
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _base_record(ctx: SeedContext) -> dict[str, Any]:
+    met = [[ctx.world.gold_breakdown(p.id, r).met for r in rs] for p, rs in zip(ctx.world.prompts, ctx.base_samples)]
+    return {
+        "seed": ctx.seed, "gold_mean": float(ctx.base_gold_PxN.mean()),
+        "excellent_any": float(np.mean([[m["excellent"] > 0 for m in ms] for ms in met])),
+        "advanced_frac": float(np.mean([[m["advanced"] for m in ms] for ms in met])),
+        "samples": [rs[:3] for rs in ctx.base_samples], **ctx.timings,
+    }

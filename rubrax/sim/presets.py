@@ -11,11 +11,14 @@ Why the cpu defaults (see also WorldConfig, GeneratorsConfig, ProposerConfig):
   3e-3 cosine: the base policy then meets ~6% of advanced requirements and an
   excellent one in ~0.1-0.4% of samples (the tail is rare).
 * SFT arm: 64 great responses per prompt (all great generators), 40 steps at lr 1e-3,
-  evaluated every `rl.eval_every` steps like the RL arms.
-* RL: all 8 prompts x 8 rollouts per step, 50 steps, lr 1e-3 (10% warmup, then
-  constant, as the paper), KL coefficient 0.01 (the paper's), temperature 1, at most 24
-  new tokens: the same settings for every arm. Measured: lr 3e-3 collapses every arm
-  within ~10 steps; 5e-4 x 40 steps is stable but the rubric arms barely move.
+  evaluated every `eval_every` steps like the RL arms.
+* RL (`rl` RLConfig, `optim` OptimConfig, `sample` SampleConfig: the objects
+  rubrax.rl.loop.train takes): all 8 prompts x 8 rollouts per step, 50 steps, lr 1e-3
+  (10% warmup, then constant, as the paper), KL coefficient 0.01 (the paper's),
+  temperature 1, at most 24 new tokens: the same settings for every arm. Measured: lr
+  3e-3 collapses every arm within ~10 steps; 5e-4 x 40 steps is stable but the rubric
+  arms barely move. Each arm checkpoints every `checkpoint_every` steps, so a killed run
+  resumes inside the arm.
 * BT: 64 labelled pairs per prompt, 3 epochs, lr 1e-3, backbone initialised from the
   base policy (as the paper's BT model starts from an instruction-tuned LM).
 * rubrics: pools of 16 candidates and 4 RTD rounds, as in the paper.
@@ -28,9 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from rubrax.policy import SampleConfig
+from rubrax.rl.step import RLConfig
 from rubrax.sim.agents import ProposerConfig, VerifierConfig
 from rubrax.sim.generators import GeneratorsConfig
 from rubrax.sim.world import WorldConfig
+from rubrax.train.optim import OptimConfig
 
 ARMS: tuple[str, ...] = (
     "gold",
@@ -63,13 +69,6 @@ def _positive(obj: object, *names: str) -> None:
         v = getattr(obj, name)
         if not v > 0:
             raise ValueError(f"{type(obj).__name__}.{name} must be > 0, got {v!r}")
-
-
-def _non_negative(obj: object, *names: str) -> None:
-    for name in names:
-        v = getattr(obj, name)
-        if v < 0:
-            raise ValueError(f"{type(obj).__name__}.{name} must be >= 0, got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -117,21 +116,17 @@ class BTSettings:
         _positive(self, "pairs_per_prompt", "epochs", "batch_size", "lr")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RLSettings:
-    steps: int = 50
-    group_size: int = 8
-    lr: float = 1e-3
-    kl_coef: float = 0.01
-    temperature: float = 1.0
-    max_new_tokens: int = 24
-    eval_every: int = 5
+def default_rl() -> RLConfig:
+    return RLConfig(group_size=8, kl_coef=0.01)
 
-    def __post_init__(self) -> None:
-        _positive(self, "steps", "group_size", "lr", "temperature", "max_new_tokens", "eval_every")
-        _non_negative(self, "kl_coef")
-        if self.group_size < 2:
-            raise ValueError(f"RLSettings.group_size must be >= 2 (GRPO compares samples within a group), got {self.group_size}")
+
+def default_optim() -> OptimConfig:
+    return OptimConfig(learning_rate=1e-3, schedule="constant", warmup_ratio=0.1, max_grad_norm=1.0)
+
+
+def default_sample(group_size: int = 8, max_new_tokens: int = 24) -> SampleConfig:
+    # world prompts are ~8 tokens with the chat template; the default bucket (16) would waste 2x
+    return SampleConfig(max_new_tokens=max_new_tokens, temperature=1.0, n=group_size, prompt_bucket=8)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -171,7 +166,12 @@ class SimConfig:
     model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
     sft: SFTSettings = dataclasses.field(default_factory=SFTSettings)
     bt: BTSettings = dataclasses.field(default_factory=BTSettings)
-    rl: RLSettings = dataclasses.field(default_factory=RLSettings)
+    rl: RLConfig = dataclasses.field(default_factory=default_rl)
+    optim: OptimConfig = dataclasses.field(default_factory=default_optim)
+    sample: SampleConfig = dataclasses.field(default_factory=default_sample)
+    rl_steps: int = 50
+    eval_every: int = 5
+    checkpoint_every: int = 25
     rubric: RubricSettings = dataclasses.field(default_factory=RubricSettings)
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
 
@@ -192,11 +192,7 @@ class SimConfig:
                 f"SimConfig: generators.verbosity has {len(self.generators.verbosity)} entries "
                 f"for world.n_great={self.world.n_great}"
             )
-        if self.rl.max_new_tokens <= self.world.max_len // 2:
-            raise ValueError(
-                f"SimConfig: rl.max_new_tokens={self.rl.max_new_tokens} leaves no room for a full answer "
-                f"(world.max_len={self.world.max_len})"
-            )
+        self._check_rl()
         for name in ("base_samples_per_prompt", "eval_samples_per_prompt"):
             if getattr(self.eval, name) % self.rl.group_size:
                 raise ValueError(
@@ -206,6 +202,21 @@ class SimConfig:
         if "rubric_4_great" in self.arms or "rubric_4_great_diverse" in self.arms:
             if self.world.n_great < 1:
                 raise ValueError("SimConfig: rubric arms on great pairs need world.n_great >= 1")
+
+    def _check_rl(self) -> None:
+        _positive(self, "rl_steps", "eval_every", "checkpoint_every")
+        if self.rl.group_size < 2:
+            raise ValueError(f"SimConfig: rl.group_size must be >= 2 (GRPO compares samples within a group), got {self.rl.group_size}")
+        if self.sample.n != self.rl.group_size:
+            raise ValueError(f"SimConfig: sample.n={self.sample.n} must equal rl.group_size={self.rl.group_size}")
+        if not self.rl.kl_coef > 0:
+            # the arms' KL to the base policy is the update's own (it needs the reference logprobs)
+            raise ValueError(f"SimConfig: rl.kl_coef must be > 0 (the KL to the base policy is tracked), got {self.rl.kl_coef}")
+        if self.sample.max_new_tokens <= self.world.max_len // 2:
+            raise ValueError(
+                f"SimConfig: sample.max_new_tokens={self.sample.max_new_tokens} leaves no room for a full answer "
+                f"(world.max_len={self.world.max_len})"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -224,7 +235,8 @@ def study_preset() -> SimConfig:
         model=ModelSettings(hidden_size=128, intermediate_size=256),
         sft=SFTSettings(steps=600, great_steps=100),
         bt=BTSettings(pairs_per_prompt=128, epochs=4),
-        rl=RLSettings(steps=100, eval_every=10),
+        rl_steps=100,
+        eval_every=10,
         eval=EvalSettings(base_samples_per_prompt=256, eval_samples_per_prompt=32),
     )
 
@@ -238,7 +250,11 @@ def tiny_preset() -> SimConfig:
         model=ModelSettings(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1),
         sft=SFTSettings(demos_per_prompt=64, steps=30, batch_size=16, great_per_prompt=16, great_steps=3),
         bt=BTSettings(pairs_per_prompt=8, epochs=1, batch_size=8),
-        rl=RLSettings(steps=3, group_size=4, eval_every=3, max_new_tokens=20),
+        rl=dataclasses.replace(default_rl(), group_size=4),
+        sample=default_sample(group_size=4, max_new_tokens=20),
+        rl_steps=3,
+        eval_every=3,
+        checkpoint_every=1,
         rubric=RubricSettings(pool_size=8, rounds=2),
         eval=EvalSettings(base_samples_per_prompt=16, eval_samples_per_prompt=4, agreement_pairs_per_prompt=8, theory_betas=8),
     )

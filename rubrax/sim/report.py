@@ -10,7 +10,7 @@
     config.json, seeds.json, commit.txt
 
 Definitions (also printed in report.md):
-* final win rate: on fresh samples after the last update (step = rl.steps);
+* final win rate: on fresh samples after the last update (step = rl_steps);
 * peak win rate: the maximum over steps of the 3-step moving average of the per-step
   win rate (smoothing keeps the max of a noisy curve from being pure noise);
 * spread: standard deviation over seeds (and min..max).
@@ -350,7 +350,8 @@ def write_report(
         md += [f"| {b['seed']} | {b['gold_mean']:.3f} | {100 * b['advanced_frac']:.1f}% | {100 * b['excellent_any']:.2f}% |" for b in base]
         md += [""]
     md += ["## Table 1 analogue: gold win rate against the base policy (%)", "",
-           f"GRPO, {cfg.rl.steps} steps x {cfg.world.n_prompts} prompts x {cfg.rl.group_size} rollouts, lr {cfg.rl.lr}, "
+           f"GRPO (rubrax.rl.loop.train), {cfg.rl_steps} steps x {cfg.world.n_prompts} prompts x {cfg.rl.group_size} rollouts, "
+           f"lr {cfg.optim.learning_rate}, "
            f"KL coef {cfg.rl.kl_coef}, identical for every RL arm. SFT arm: {cfg.sft.great_steps} SFT steps on great responses. "
            "Win rate = P(policy sample's gold > base sample's gold), ties half. mean ± sd over seeds.", "",
            "| arm | final win rate | peak win rate (step) | final gold | final KL | proxy start -> final | final length |",

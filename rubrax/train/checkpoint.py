@@ -18,6 +18,7 @@ metrics. It must not hold arrays.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -156,3 +157,28 @@ def _abstract(x: Any) -> Any:
         arr = np.asarray(x)
         return jax.ShapeDtypeStruct(arr.shape, arr.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     return x
+
+
+def restore_item(ckpt_dir: str | os.PathLike, name: str, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
+    """One top-level entry of a saved state (e.g. "params"), as numpy arrays, without a
+    target: shapes and dtypes come from the checkpoint's own metadata, so no optimizer or
+    model has to be rebuilt first (export, evaluation). Returns (tree, extra, step)."""
+    extra = restore_extra(ckpt_dir, step)
+    if step is None:
+        step = latest_step(ckpt_dir)
+    path = os.path.join(os.path.abspath(os.fspath(ckpt_dir)), str(int(step)), _STATE)
+    ckptr = ocp.PyTreeCheckpointer()
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # the step-level metadata file is not in the item folder, as orbax warns: expected
+    try:
+        meta = ckptr.metadata(path)
+    finally:
+        absl.setLevel(level)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", getattr(meta, "item_metadata", meta))
+    if not isinstance(tree, dict) or name not in tree:
+        raise KeyError(f"{path}: the saved state has no entry {name!r}; entries: {sorted(tree) if isinstance(tree, dict) else tree}")
+    item = {name: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree[name])}
+    args = {name: jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree[name])}
+    out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+    return out[name], extra, int(step)

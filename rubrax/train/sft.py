@@ -21,7 +21,7 @@ import numpy as np
 
 from rubrax.models import ModelConfig
 from rubrax.policy import logprobs
-from rubrax.train.trainer import TrainConfig, TrainResult, train
+from rubrax.train.trainer import SupervisedResult, TrainConfig, train
 
 
 def sft_token_nll(params: Any, batch: Mapping[str, jax.Array], *, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -53,7 +53,7 @@ def train_sft(
     *,
     eval_data: Mapping[str, np.ndarray] | None = None,
     **train_kwargs: Any,
-) -> TrainResult:
+) -> SupervisedResult:
     """Fine-tunes LM `params` on arrays {tokens [N,T], mask [N,T], loss_mask [N,T]}.
 
     `train_kwargs` go to `rubrax.train.trainer.train` (ckpt_dir, metrics_path,

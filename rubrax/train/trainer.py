@@ -1,7 +1,7 @@
 """The supervised trainer shared by SFT and the Bradley-Terry reward model.
 
 Functional core, imperative shell:
-- device: `TrainState(params, opt_state, step)` and one pure step
+- device: `SupervisedState(params, opt_state, step)` and one pure step
   `step(state, batch) -> (state, metrics)`, jitted once per run with the state donated.
   A batch arrives as [A, M, ...] (A = gradient-accumulation micro-batches of M
   examples); gradients are averaged over the A micro-batches with `lax.scan`, then
@@ -31,7 +31,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -121,16 +121,19 @@ class TrainConfig:
 
 
 @struct.dataclass
-class TrainState:
+class SupervisedState:
+    """The supervised trainer's state (RL has its own, rubrax.rl.state.TrainState, which
+    also holds the run's root key)."""
+
     params: Any
     opt_state: Any
     step: jax.Array  # int32 scalar: optimizer updates done
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainResult:
+class SupervisedResult:
     params: Any
-    state: TrainState
+    state: SupervisedState
     eval_history: tuple[dict[str, float], ...]  # one dict per evaluation, with "step"
     last_metrics: dict[str, float]  # train metrics of the last step
 
@@ -143,8 +146,8 @@ def make_train_step(
     tx: optax.GradientTransformation,
     trainable_mask: Any | None = None,
     lr_schedule: optax.Schedule | None = None,
-    state_shardings: TrainState | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    state_shardings: SupervisedState | None = None,
+) -> Callable[[SupervisedState, Batch], tuple[SupervisedState, dict[str, jax.Array]]]:
     """The pure update step, jitted with the state donated. Batch leaves are [A, M, ...].
     `state_shardings` pins the new state to the old one's shardings (FSDP: the params stay
     split, so XLA reduce-scatters the gradients instead of gathering the state).
@@ -155,7 +158,7 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch_AxM: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(state: SupervisedState, batch_AxM: Batch) -> tuple[SupervisedState, dict[str, jax.Array]]:
         def micro(grads_acc, batch_M):
             (loss, metrics), grads = grad_fn(state.params, batch_M)
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
@@ -173,7 +176,7 @@ def make_train_step(
         metrics["grad_norm"] = optax.tree.norm(grads)
         if lr_schedule is not None:
             metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-        return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+        return SupervisedState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     if state_shardings is None:
         return jax.jit(step, donate_argnums=0)
@@ -181,8 +184,8 @@ def make_train_step(
     return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
 
 
-def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+def init_state(params: Any, tx: optax.GradientTransformation) -> SupervisedState:
+    return SupervisedState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
 
 
 def _fresh_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
@@ -294,13 +297,17 @@ def train(
     tensorboard_dir: str | os.PathLike | None = None,
     stop_at: int | None = None,
     desc: str = "train",
-) -> TrainResult:
+    eval_hooks: Sequence[Callable[[int, Any], Mapping[str, float]]] = (),
+) -> SupervisedResult:
     """Trains `params` on in-memory arrays; resumes from `ckpt_dir` when it has a checkpoint.
 
     `train_data` is a dict of arrays with a common leading size N (examples).
     `trainable_mask` is a PyTree of bools like `params` (None = train everything).
     `stop_at` stops after that many updates (a pre-emption): the schedule still spans
     the full run and a later call with the same `ckpt_dir` continues it exactly.
+    `eval_hooks`: host callables (step, params) -> {name: scalar}, run at every evaluation
+    (with or without eval_fn); their values join that evaluation's record (and are
+    checkpointed with the eval history, so a resumed run keeps the earlier ones).
     """
     n = _num_examples(train_data)
     total = cfg.total_steps(n)
@@ -313,7 +320,7 @@ def train(
     if ckpt_dir is not None and checkpoint.latest_step(ckpt_dir) is not None:
         restored, extra = checkpoint.restore(ckpt_dir, _state_dict(state))
         _check_resumable(extra, cfg, total, ckpt_dir)
-        state = TrainState(**restored)
+        state = SupervisedState(**restored)
         history = list(extra.get("eval_history", []))
     start = int(state.step)
     step_fn = make_train_step(loss_fn, tx, trainable_mask, schedule, state_shardings=sharder.state_shardings)
@@ -331,9 +338,12 @@ def train(
         bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
 
     def run_eval(step: int) -> None:
-        if eval_jit is None or eval_data is None:
+        has_data = eval_jit is not None and eval_data is not None
+        if not has_data and not eval_hooks:
             return
-        result = evaluate(state.params, eval_jit, eval_data, eval_bs)
+        result = evaluate(state.params, eval_jit, eval_data, eval_bs) if has_data else {}
+        for hook in eval_hooks:
+            result.update({k: float(v) for k, v in hook(step, state.params).items()})
         history.append({"step": step, **result})
         if writer:
             writer.write(step, {f"eval/{k}": v for k, v in result.items()})
@@ -381,7 +391,7 @@ def train(
         bar.close()
         if writer:
             writer.close()
-    return TrainResult(params=state.params, state=state, eval_history=tuple(history), last_metrics=last)
+    return SupervisedResult(params=state.params, state=state, eval_history=tuple(history), last_metrics=last)
 
 
 # Settings that may change between a run and its resumption without changing the result.
@@ -402,7 +412,7 @@ def _check_resumable(extra: Mapping[str, Any], cfg: TrainConfig, total: int, ckp
         )
 
 
-def _state_dict(state: TrainState) -> dict[str, Any]:
+def _state_dict(state: SupervisedState) -> dict[str, Any]:
     return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
 
 
