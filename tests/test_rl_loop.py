@@ -250,9 +250,9 @@ def test_loop_with_hybrid_fsdp_equals_one_device_and_frees_the_donated_params():
     the same run as one device. With donate_params=True the caller's (unsharded) params
     are freed once the run holds its sharded copies (no second full copy for the run)."""
     rl = RLConfig(group_size=G, kl_coef=0.05)
-    one = run(2, rl=rl, layer_layout="stacked")
+    one = run(2, rl=rl, layer_loop="scan")
     params = init_params(CONFIG, jax.random.PRNGKey(0))
-    loop = LoopConfig(total_steps=2, prompts_per_step=4, max_prompt_tokens=8, progress=False, layer_layout="stacked",
+    loop = LoopConfig(total_steps=2, prompts_per_step=4, max_prompt_tokens=8, progress=False, layer_loop="scan",
                       fsdp=True, fsdp_axis_size=4)
     hybrid = train(params=params, model_config=CONFIG, tokenizer=TOK, reward_fn=TargetWordReward(target="yes"),
                    prompts=toy_prompts(64), rl=rl, sample=SAMPLE, optim=OPTIM, loop=loop, donate_params=True)
