@@ -188,7 +188,7 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> SupervisedState
     return SupervisedState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
 
 
-def _fresh_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+def _fresh_state(params: Any, tx: optax.GradientTransformation) -> SupervisedState:
     # Copies, so the step can donate its state while the caller's params stay usable.
     return init_state(jax.tree.map(jnp.copy, params), tx)
 
@@ -248,7 +248,7 @@ class _Sharder:
                 raise ValueError(f"micro batch size {cfg.micro_batch_size} is not divisible by {n} devices")
             self.mesh = sharding.make_mesh(fsdp_axis_size=cfg.fsdp_axis_size)
 
-    def init_state(self, params: Any, tx: optax.GradientTransformation) -> TrainState:
+    def init_state(self, params: Any, tx: optax.GradientTransformation) -> SupervisedState:
         """The initial state, created directly with its shardings (jit out_shardings): the
         optimizer moments are born sharded, the shapes come from jax.eval_shape."""
         if self.mesh is None:
