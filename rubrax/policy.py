@@ -31,6 +31,7 @@ import numpy as np
 
 from rubrax.models import llama
 from rubrax.models.config import ModelConfig
+from rubrax.sharding import params_mesh, row_axes
 
 
 def lm_head_fn(params, config: ModelConfig):
@@ -39,9 +40,17 @@ def lm_head_fn(params, config: ModelConfig):
     return lambda h_NxD: llama.lm_logits(params, h_NxD[None], config=config)[0]
 
 
-def default_chunk_tokens(vocab_size: int) -> int:
-    """Positions per LM-head chunk so that one chunk's float32 logits are ~8 MiB."""
-    return max(8, min(1024, (8 << 20) // (4 * vocab_size)))
+def default_chunk_tokens(vocab_size: int, platform: str | None = None) -> int:
+    """Positions per LM-head chunk, by platform (default: jax's default backend).
+
+    CPU: one chunk's float32 logits are ~8 MiB, so they stay in cache (measured ~2x faster
+    than the unfused head for a 49k vocabulary). GPU/TPU: ~256 MiB of logits (441
+    positions for Qwen's 152k vocabulary, up to 4096): each chunk re-reads the whole
+    [D, V] head, so small chunks make a long sequence thousands of sequential,
+    bandwidth-bound matmuls, while 256 MiB is still small next to the device's memory."""
+    platform = platform or jax.default_backend()
+    budget, most = ((8 << 20), 1024) if platform == "cpu" else ((256 << 20), 4096)
+    return max(8, min(most, budget // (4 * vocab_size)))
 
 
 def head_logprobs_and_entropy(head_fn, h_BxTxD: jax.Array, tokens_BxT: jax.Array, *,
@@ -148,6 +157,10 @@ class SampleConfig:
     at every token, so this is ~1.3x faster, for a longer compilation), or "auto"
     (unrolled on the CPU backend, scan elsewhere).
     Params already split by `rubrax.models.unstack_layers` always run unrolled.
+
+    prefix_sharing: with n > 1, prefill each prompt once and copy its KV cache (and its
+    first-token logits) to its n rows, instead of prefilling n identical rows (same
+    samples, tested; n times less prefill work).
     """
 
     max_new_tokens: int
@@ -161,6 +174,7 @@ class SampleConfig:
     batch_bucket: int = 1
     max_length: int | None = None
     layer_loop: str = "auto"
+    prefix_sharing: bool = True
 
     def __post_init__(self):
         if isinstance(self.stop_token_ids, list):
@@ -298,26 +312,46 @@ def _choose(logits_VxR, key, step, cfg: SampleConfig):
     return tok_R, chosen_R - jax.nn.logsumexp(filtered, axis=-1)
 
 
+def _prefill(step_fn, params, tokens_XxP, mask_XxP, prompt_of_row_R, *, N: int,
+             config: ModelConfig, rows):
+    """Prefill X prompt rows into a KV cache of P + N slots; with prompt_of_row_R, copy
+    each prompt's cache, kv mask and first-token logits to the rows that continue it.
+    Returns (cache, logits_VxR, kv_mask_RxS, next_pos_R)."""
+    X, P = tokens_XxP.shape
+    mask_XxP = mask_XxP.astype(jnp.int32)
+    kv_mask_XxS = jnp.concatenate([mask_XxP, jnp.ones((X, N), jnp.int32)], axis=1)
+    cache = rows(llama.init_cache(config, X, P + N), batch_axis=1)
+    h, cache = step_fn(params, tokens_XxP, llama.default_positions(mask_XxP), kv_mask_XxS,
+                       cache, 0, config=config)
+    logits_VxX = _head_logits_VxR(params, h[:, -1], config)
+    if prompt_of_row_R is None:
+        return cache, logits_VxX, kv_mask_XxS, jnp.sum(mask_XxP, axis=-1)
+    take = lambda x, axis: jnp.take(x, prompt_of_row_R, axis=axis)
+    cache = rows(jax.tree.map(lambda c: take(c, 1), cache), batch_axis=1)
+    logits_VxR = rows(take(logits_VxX, 1), batch_axis=1)
+    return cache, logits_VxR, rows(take(kv_mask_XxS, 0)), rows(take(jnp.sum(mask_XxP, axis=-1), 0))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "config", "mesh"))
-def _sample_rows(params, tokens_RxP, mask_RxP, key, *, cfg: SampleConfig,
+def _sample_rows(params, tokens_XxP, mask_XxP, key, prompt_of_row_R=None, *, cfg: SampleConfig,
                  config: ModelConfig, mesh=None) -> SampleOutput:
-    """The jitted sampler on already repeated, bucketed, left-padded rows (split over
-    `mesh`'s first axis when given: every per-row array, the KV cache included)."""
-    R, P = tokens_RxP.shape
+    """The jitted sampler on bucketed, left-padded prompt rows X (split over all of
+    `mesh`'s axes when given: every per-row array, the KV cache included).
+
+    prompt_of_row_R None: X = R, one prefill per row. Else (prefix sharing) X prompts
+    are prefilled once each and row r continues prompt prompt_of_row_R[r]: its KV cache,
+    mask and first logits are gathered from that prompt's, once per call."""
+    P = tokens_XxP.shape[1]
     rows = functools.partial(_constrain_rows, mesh=mesh)
     N = cfg.max_new_tokens
     stop_ids = jnp.asarray(_stop_ids(cfg, config) or (-1,), jnp.int32)
     pad_id = _pad_id(cfg, config)
-    mask_RxP = mask_RxP.astype(jnp.int32)
-    kv_mask_RxS = jnp.concatenate([mask_RxP, jnp.ones((R, N), jnp.int32)], axis=1)
-    cache = rows(llama.init_cache(config, R, P + N), batch_axis=1)
     # Per-layer params (a tuple, from llama.unstack_layers) run as an unrolled loop.
     step_fn = (llama.forward_with_cache_unrolled if isinstance(params["layers"], tuple)
                else llama.forward_with_cache)
-    h, cache = step_fn(params, tokens_RxP, llama.default_positions(mask_RxP), kv_mask_RxS,
-                       cache, 0, config=config)
-    logits_VxR = _head_logits_VxR(params, h[:, -1], config)
-    next_pos_R = jnp.sum(mask_RxP, axis=-1)
+    cache, logits_VxR, kv_mask_RxS, next_pos_R = _prefill(
+        step_fn, params, tokens_XxP, mask_XxP, prompt_of_row_R, N=N, config=config, rows=rows)
+    R = kv_mask_RxS.shape[0]
 
     def emit(state, logits_VxR):
         i, cache, out_tok, out_logp, out_qlogp, done = state
@@ -354,28 +388,16 @@ def _sample_rows(params, tokens_RxP, mask_RxP, key, *, cfg: SampleConfig,
     return SampleOutput(rows(state[2]), rows(state[3]), rows(out_mask.astype(jnp.int32)), rows(state[4]))
 
 
-def params_mesh(params):
-    """The mesh that `params` are placed on (NamedSharding over more than one device), or
-    None."""
-    from jax.sharding import NamedSharding
-
-    leaf = jax.tree.leaves(params)[0]
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-        return sharding.mesh
-    return None
-
-
 def _constrain_rows(x, *, mesh, batch_axis: int = 0):
-    """Pins the row (batch) axis of every array in x to the mesh's first axis (no-op
-    without a mesh)."""
+    """Pins the row (batch) axis of every array in x to all of the mesh's axes (no-op
+    without a mesh): on a 2-D ("data", "fsdp") mesh every device decodes its own rows."""
     if mesh is None:
         return x
     from jax.sharding import NamedSharding, PartitionSpec
 
     def one(a):
         spec = [None] * a.ndim
-        spec[batch_axis] = mesh.axis_names[0]
+        spec[batch_axis] = row_axes(mesh)
         return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec(*spec)))
 
     return jax.tree.map(one, x)
@@ -384,10 +406,10 @@ def _constrain_rows(x, *, mesh, batch_axis: int = 0):
 _split_layers = jax.jit(llama.unstack_layers)  # one dispatch, one fresh buffer per layer leaf
 
 
-def _unrolled(cfg: SampleConfig) -> bool:
-    if cfg.layer_loop == "auto":
+def _unrolled(layer_loop: str) -> bool:
+    if layer_loop == "auto":
         return jax.default_backend() == "cpu"
-    return cfg.layer_loop == "unrolled"
+    return layer_loop == "unrolled"
 
 
 def _stop_ids(cfg: SampleConfig, config: ModelConfig) -> tuple[int, ...]:
@@ -408,20 +430,24 @@ def sample(params, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, cfg: Samp
            config: ModelConfig, mesh=None) -> SampleOutput:
     """Sample cfg.n completions of cfg.max_new_tokens tokens per left-padded prompt.
 
-    Host-side wrapper around one jitted sampler: repeats each prompt n times (prompt-major
-    rows), strips all-padding columns, pads the prompt length and row count up to their
-    buckets (one compilation per bucket), prefills a preallocated KV cache of
-    P + max_new_tokens slots, then decodes in a `lax.while_loop` that exits as soon as every
-    row has emitted a stop token. Returns a SampleOutput of shape (B * n) x max_new_tokens.
+    Host-side wrapper around one jitted sampler: strips all-padding columns, pads the
+    prompt length and row count up to their buckets (one compilation per bucket), prefills
+    each prompt once into a preallocated KV cache of P + max_new_tokens slots and copies it
+    to the prompt's n rows (prompt-major; SampleConfig.prefix_sharing), then decodes in a
+    `lax.while_loop` that exits as soon as every row has emitted a stop token. Returns a
+    SampleOutput of shape (B * n) x max_new_tokens.
 
-    `params` may be the usual stacked params or `rubrax.models.unstack_layers(params)`:
-    per-layer buffers decoded by an unrolled layer loop, faster on CPU (decoding is bound by
-    memory traffic, and a scan over stacked weights copies each layer's slice); see
-    SampleConfig.layer_loop. Both give the same samples (tested).
+    The weights are prepared once per call by `decode_params`: FSDP-sharded params are
+    gathered into one replicated copy in the compute dtype (so no decode step runs a
+    collective), and on CPU the layers are split into per-layer buffers decoded by an
+    unrolled layer loop (decoding is bound by memory traffic, and a scan over stacked
+    weights copies each layer's slice; see SampleConfig.layer_loop). `params` may also be
+    `rubrax.models.unstack_layers(params)` or `decode_params`' output. All give the same
+    samples (tested).
 
-    Data parallel: with `mesh` (a `jax.sharding.Mesh`; its first axis is used, e.g.
-    `rubrax.sharding.make_mesh()`), the rows are padded to a multiple of the axis size and
-    split over it: each device decodes its own rows with its own KV cache, and `params`
+    Data parallel: with `mesh` (a `jax.sharding.Mesh`, e.g. `rubrax.sharding.make_mesh()`,
+    1-D or 2-D), the rows are padded to a multiple of the device count and split over all
+    of its axes: each device decodes its own rows with its own KV cache, and `params`
     must already live on that mesh (replicated, or FSDP-sharded, as the RL trainer places
     them). mesh=None takes the mesh of `params` when they are placed on a mesh of more
     than one device (so the RL loop and eval hooks sample data-parallel with the
@@ -432,6 +458,42 @@ def sample(params, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, cfg: Samp
     Raises ValueError if the longest prompt plus max_new_tokens exceeds cfg.max_length (or
     config.max_position_embeddings), or if prompts are not left-padded.
     """
+    tokens, mask = _fit_prompts(prompt_tokens_BxP, prompt_mask_BxP, cfg, config)
+    if mesh is None:
+        mesh = params_mesh(params)
+    R = tokens.shape[0] * cfg.n
+    split = 1 if mesh is None else mesh.size
+    R_pad = _round_up(R, cfg.batch_bucket * split // np.gcd(cfg.batch_bucket, split))
+    prompt_of_row = None
+    if cfg.prefix_sharing and cfg.n > 1:
+        # X prompt rows: a function of R_pad alone (no compilation per prompt count),
+        # divisible by the mesh so the prefill is split too. Filler rows continue prompt 0.
+        X = _round_up(-(-R_pad // cfg.n), split)
+        prompt_of_row = np.zeros(R_pad, np.int32)
+        prompt_of_row[:R] = np.arange(R) // cfg.n
+    else:
+        X, tokens, mask = R_pad, np.repeat(tokens, cfg.n, axis=0), np.repeat(mask, cfg.n, axis=0)
+    tokens, mask = _fill_rows(tokens, X), _fill_rows(mask, X)
+    params = decode_params(params, config=config, mesh=mesh, layer_loop=cfg.layer_loop)
+    rows = [x for x in (tokens, mask, prompt_of_row) if x is not None]
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        split_rows = NamedSharding(mesh, PartitionSpec(row_axes(mesh)))
+        rows = [jax.device_put(x, split_rows) for x in rows]
+        key = jax.device_put(key, NamedSharding(mesh, PartitionSpec()))
+    rows = [jnp.asarray(x) for x in rows]
+    out = _sample_rows(params, rows[0], rows[1], key, *rows[2:], cfg=cfg, config=config, mesh=mesh)
+    if jax.process_count() > 1 and not out.tokens.is_fully_addressable:
+        # Multi-host: every process gets all rows (as numpy), like a single host would.
+        from jax.experimental import multihost_utils
+
+        out = SampleOutput(*multihost_utils.process_allgather(tuple(out), tiled=True))
+    return jax.tree.map(lambda x: x[:R], out)
+
+
+def _fit_prompts(prompt_tokens_BxP, prompt_mask_BxP, cfg: SampleConfig, config: ModelConfig):
+    """Validated prompts, left-fitted to their bucketed width P (numpy int32)."""
     tokens = np.asarray(prompt_tokens_BxP, np.int32)
     mask = np.asarray(prompt_mask_BxP, np.int32)
     if tokens.ndim != 2 or tokens.shape != mask.shape:
@@ -449,34 +511,51 @@ def sample(params, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, cfg: Samp
             f"cache limit of {limit} tokens (SampleConfig.max_length or "
             f"max_position_embeddings); shorten the prompt or lower max_new_tokens")
     P = min(_round_up(longest, cfg.prompt_bucket), max(limit - cfg.max_new_tokens, longest))
-    tokens, mask = _left_fit(tokens, mask, P, _pad_id(cfg, config))
-    tokens, mask = np.repeat(tokens, cfg.n, axis=0), np.repeat(mask, cfg.n, axis=0)
-    R = tokens.shape[0]
+    return _left_fit(tokens, mask, P, _pad_id(cfg, config))
+
+
+def _fill_rows(x_BxP: np.ndarray, rows: int) -> np.ndarray:
+    """Pad to `rows` rows with copies of row 0 (their outputs are dropped)."""
+    return np.concatenate([x_BxP, np.repeat(x_BxP[:1], rows - x_BxP.shape[0], 0)])
+
+
+def decode_params(params, *, config: ModelConfig, mesh=None, layer_loop: str = "auto"):
+    """The weights `sample` decodes with: one gathered, compute-dtype copy per call.
+
+    FSDP-sharded params (on `mesh`) are all-gathered once into replicated buffers, and float
+    leaves are cast to config.dtype once (bf16 compute from float32 masters reads half the
+    bytes per token), so the decode loop runs no per-token collectives or casts; on CPU
+    (layer_loop "auto"/"unrolled") the layers are also split into per-layer buffers.
+    Params that need none of this are returned as they are (single-device float32 CPU
+    params even unstacked without a copy), so calling it ahead of several `sample` calls
+    (e.g. an eval sweep) keeps one copy alive instead of making one per call."""
+    unstack = _unrolled(layer_loop) and not llama.is_unstacked(params)
+    dt = jnp.dtype(llama.jnp_dtype(config.dtype))
+    leaves = jax.tree.leaves(params)
+    cast = any(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt for x in leaves)
+    gather = mesh is not None and any(
+        isinstance(x, jax.Array) and not x.sharding.is_fully_replicated for x in leaves)
+    if not (cast or gather):
+        return _split_for_decoding(params) if unstack else params
+    return _gather_cast_fn(dt.name, unstack, _replicated(mesh))(params)
+
+
+def _replicated(mesh):
     if mesh is None:
-        mesh = params_mesh(params)
-    multiple = cfg.batch_bucket
-    if mesh is not None:
-        multiple = multiple * mesh.shape[mesh.axis_names[0]] // np.gcd(multiple, mesh.shape[mesh.axis_names[0]])
-    R_pad = _round_up(R, multiple)
-    if R_pad > R:  # filler rows copy row 0; their outputs are dropped
-        tokens = np.concatenate([tokens, np.repeat(tokens[:1], R_pad - R, 0)])
-        mask = np.concatenate([mask, np.repeat(mask[:1], R_pad - R, 0)])
-    if not isinstance(params["layers"], tuple) and _unrolled(cfg):
-        params = _split_for_decoding(params)
-    if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
+        return None
+    from jax.sharding import NamedSharding, PartitionSpec
 
-        split = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-        tokens, mask = jax.device_put(tokens, split), jax.device_put(mask, split)
-        key = jax.device_put(key, NamedSharding(mesh, PartitionSpec()))
-    out = _sample_rows(params, jnp.asarray(tokens), jnp.asarray(mask), key, cfg=cfg,
-                       config=config, mesh=mesh)
-    if jax.process_count() > 1 and not out.tokens.is_fully_addressable:
-        # Multi-host: every process gets all rows (as numpy), like a single host would.
-        from jax.experimental import multihost_utils
+    return NamedSharding(mesh, PartitionSpec())
 
-        out = SampleOutput(*multihost_utils.process_allgather(tuple(out), tiled=True))
-    return jax.tree.map(lambda x: x[:R], out)
+
+@functools.lru_cache(maxsize=16)
+def _gather_cast_fn(dtype: str, unstack: bool, sharding):
+    def fn(params):
+        cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        params = jax.tree.map(cast, params)
+        return llama.unstack_layers(params) if unstack else params
+
+    return jax.jit(fn, out_shardings=sharding)
 
 
 def _split_for_decoding(params):

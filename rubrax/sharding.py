@@ -1,12 +1,21 @@
-"""Mesh and sharding helpers shared by the RL update (rubrax.rl.step) and the supervised
-trainer (rubrax.train.trainer).
+"""Mesh and sharding helpers shared by the RL update (rubrax.rl.step), the supervised
+trainer (rubrax.train.trainer) and the sampler (rubrax.policy).
 
-A 1-D `jax.sharding.Mesh` named "data" spans the devices (all hosts' when
+The default mesh is 1-D, one axis "data" over the devices (all hosts' when
 `jax.distributed` is initialised): batches are split along their row axis, params are
 replicated or (FSDP) each leaf is split along its largest axis divisible by the device
-count, optimizer moments land where their parameter does. Multi-host: every process
-holds the same host values of the state and builds only its own shards (`put_global`);
-each process feeds its own rows of a batch (`local_rows`, `shard_batch`).
+count, optimizer moments land where their parameter does.
+
+Hybrid sharding: `make_mesh(fsdp_axis_size=F)` makes a 2-D ("data", "fsdp") mesh of
+(N / F) x F devices, each "fsdp" row a block of consecutive devices (one node's, since
+jax.devices() lists them process by process). FSDP then splits parameters over "fsdp"
+only (gathers stay inside a node, on its fast links) and replicates them across "data"
+(only gradients cross nodes); batches are split over both axes, every device its own
+rows. The single-axis default is F = N.
+
+Multi-host: every process holds the same host values of the state and builds only its
+own shards (`put_global`); each process feeds its own rows of a batch (`local_rows`,
+`shard_batch`).
 """
 
 from __future__ import annotations
@@ -19,25 +28,56 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
 
 
-def make_mesh(devices: Any = None) -> Mesh:
-    """A 1-D mesh with axis "data" over `devices` (default: all, on all hosts)."""
+def make_mesh(devices: Any = None, *, fsdp_axis_size: int | None = None) -> Mesh:
+    """A 1-D mesh with axis "data" over `devices` (default: all, on all hosts), or with
+    fsdp_axis_size F a 2-D ("data", "fsdp") mesh of shape (N / F, F)."""
     devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    if fsdp_axis_size is None:
+        return Mesh(np.asarray(devices), (DATA_AXIS,))
+    if fsdp_axis_size < 1 or len(devices) % fsdp_axis_size:
+        raise ValueError(f"fsdp_axis_size={fsdp_axis_size} must divide the {len(devices)} devices")
+    grid = np.asarray(devices).reshape(len(devices) // fsdp_axis_size, fsdp_axis_size)
+    return Mesh(grid, (DATA_AXIS, FSDP_AXIS))
+
+
+def params_mesh(params: Any) -> Mesh | None:
+    """The mesh that `params` are placed on (NamedSharding over more than one device), or
+    None."""
+    leaf = jax.tree.leaves(params)[0]
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        return sharding.mesh
+    return None
+
+
+def row_axes(mesh: Mesh) -> str | tuple[str, ...]:
+    """The mesh axes a batch's row axis is split over: all of them."""
+    return mesh.axis_names[0] if len(mesh.axis_names) == 1 else tuple(mesh.axis_names)
+
+
+def fsdp_axis(mesh: Mesh) -> str:
+    """The axis FSDP splits parameters over: "fsdp" on a 2-D mesh, else "data"."""
+    return FSDP_AXIS if FSDP_AXIS in mesh.axis_names else mesh.axis_names[0]
 
 
 def param_sharding(params: Any, mesh: Mesh, *, fsdp: bool = False) -> Any:
-    """Replicated params, or (fsdp) each leaf split along its largest axis divisible by the mesh."""
+    """Replicated params, or (fsdp) each leaf split over `fsdp_axis(mesh)` along its
+    largest dimension divisible by that axis' size (replicated over the other axis).
+    Works on arrays and on jax.ShapeDtypeStructs alike."""
+    axis = fsdp_axis(mesh)
+    size = mesh.shape[axis]
 
     def one(x):
-        if not fsdp or mesh.size == 1:
+        if not fsdp or size == 1:
             return NamedSharding(mesh, P())
         dims = sorted(range(x.ndim), key=lambda d: -x.shape[d])
         for d in dims:
-            if x.shape[d] % mesh.size == 0:
+            if x.shape[d] % size == 0:
                 spec = [None] * x.ndim
-                spec[d] = DATA_AXIS
+                spec[d] = axis
                 return NamedSharding(mesh, P(*spec))
         return NamedSharding(mesh, P())
 
@@ -57,7 +97,7 @@ def state_sharding(state: Any, mesh: Mesh, *, fsdp: bool = False) -> Any:
 
 def batch_sharding(mesh: Mesh, *, axis: int = 0) -> NamedSharding:
     """Arrays split along `axis` (the row axis; 1 for [A, M, ...] accumulation batches)."""
-    return NamedSharding(mesh, P(*([None] * axis), DATA_AXIS))
+    return NamedSharding(mesh, P(*([None] * axis), row_axes(mesh)))
 
 
 def local_rows(mesh: Mesh, rows: int) -> slice:

@@ -1,6 +1,8 @@
 """Policy log-probabilities and the KV-cached sampler on tiny random models."""
 
 import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -296,22 +298,130 @@ def test_unstacked_layers_sample_the_same_as_stacked(params):
     np.testing.assert_array_equal(unstacked.mask, stacked.mask)
 
 
-@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
-def test_sampling_split_over_eight_devices_equals_one_device(params, layer_loop):
+@pytest.mark.parametrize("layer_loop,fsdp,axis", [("scan", False, None), ("unrolled", False, None), ("scan", True, None),
+                                                  ("unrolled", True, None), ("scan", True, 4)])
+def test_sampling_split_over_eight_devices_equals_one_device(params, layer_loop, fsdp, axis):
     """Rows split over an 8-device mesh (5 prompts x n=3 = 15 rows, padded to 16) give the
-    same tokens and logprobs as one device, and the outputs really are split."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    same tokens and logprobs as one device, with replicated, FSDP-sharded or hybrid
+    (2 x 4 ("data", "fsdp") mesh) params, and the outputs really are split."""
+    from rubrax.sharding import make_mesh, param_sharding
 
     assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    mesh = make_mesh(fsdp_axis_size=axis)
     tokens, mask = left_padded([[1, 2, 3], [4], [5, 6], [7, 8, 9, 10], [11]], 4)
     cfg = SampleConfig(max_new_tokens=6, n=3, temperature=1.0, stop_token_ids=(), layer_loop=layer_loop)
     one = sample(params, tokens, mask, jax.random.key(7), cfg, config=CONFIG)
-    on_mesh = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-    eight = sample(on_mesh, tokens, mask, jax.random.key(7), cfg, config=CONFIG, mesh=mesh)
+    on_mesh = jax.device_put(params, param_sharding(params, mesh, fsdp=fsdp))
+    assert fsdp == (not jax.tree.leaves(on_mesh)[0].sharding.is_fully_replicated)
+    eight = sample(on_mesh, tokens, mask, jax.random.key(7), cfg, config=CONFIG)  # mesh from params
     np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(eight.tokens))
     np.testing.assert_array_equal(np.asarray(one.mask), np.asarray(eight.mask))
     np.testing.assert_allclose(np.asarray(one.logprobs), np.asarray(eight.logprobs), atol=1e-5)
     full = _sample_rows(on_mesh, jax.device_put(jnp.ones((16, 4), jnp.int32)), jax.device_put(jnp.ones((16, 4), jnp.int32)),
                         jax.random.key(7), cfg=cfg, config=CONFIG, mesh=mesh)
     assert len(full.tokens.sharding.device_set) == 8 and not full.tokens.sharding.is_fully_replicated
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_prefix_sharing_samples_the_same_as_one_prefill_per_row(params, devices):
+    """Each prompt prefilled once and its KV cache copied to its n rows gives the same
+    tokens and logprobs as prefilling every row (uneven prompt lengths, n=4, filler rows,
+    one device and FSDP over 8)."""
+    from jax.sharding import Mesh
+
+    from rubrax.sharding import param_sharding
+
+    tokens, mask = left_padded([[5, 6, 7], [9, 10, 11, 12, 13], [3]], 5)
+    cfg = SampleConfig(max_new_tokens=7, temperature=1.0, n=4, stop_token_ids=(), batch_bucket=5)
+    if devices > 1:
+        mesh = Mesh(np.asarray(jax.devices()), ("data",))
+        params = jax.device_put(params, param_sharding(params, mesh, fsdp=True))
+    shared = sample(params, tokens, mask, jax.random.key(11), cfg, config=CONFIG)
+    per_row = sample(params, tokens, mask, jax.random.key(11),
+                     dataclasses.replace(cfg, prefix_sharing=False), config=CONFIG)
+    assert shared.tokens.shape == (12, 7)
+    np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(per_row.tokens))
+    np.testing.assert_array_equal(np.asarray(shared.mask), np.asarray(per_row.mask))
+    np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(per_row.logprobs), atol=1e-5)
+    assert len(set(map(tuple, np.asarray(shared.tokens[:4]).tolist()))) > 1  # n distinct draws
+
+
+def _hlo_computations(text: str) -> dict[str, list[str]]:
+    out, name = {}, None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            name = head.group(1)
+            out[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name:
+            out[name].append(line)
+    return out
+
+
+def _all_gathers_inside_loops(text: str) -> int:
+    """all-gather ops in the bodies of the compiled program's while loops (the decode loop
+    and the layer scans), following every computation they call."""
+    comps = _hlo_computations(text)
+    callees = {n: set(re.findall(r"(?:body|condition|calls|to_apply)=%?([\w.\-]+)", "\n".join(b)))
+               for n, b in comps.items()}
+    todo = [m for b in comps.values() for line in b if " while(" in line
+            for m in re.findall(r"body=%?([\w.\-]+)", line)]
+    assert todo, "no while loop found in the sampler's HLO"
+    seen = set()
+    while todo:
+        n = todo.pop()
+        if n not in seen and n in comps:
+            seen.add(n)
+            todo += callees[n]
+    return sum(bool(re.search(r"all-gather(-start)?\(", line)) for n in seen for line in comps[n])
+
+
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_decode_loop_runs_no_per_token_weight_gather_under_fsdp(params, layer_loop):
+    """sample() on FSDP-sharded params decodes with `decode_params`' one gathered copy:
+    the compiled decode loop holds no all-gather (with the sharded params passed straight
+    in it holds one per weight, which is what this check would catch)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from rubrax.policy import decode_params
+    from rubrax.sharding import param_sharding
+
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    fsdp = jax.device_put(params, param_sharding(params, mesh, fsdp=True))
+    gathered = decode_params(fsdp, config=CONFIG, mesh=mesh, layer_loop=layer_loop)
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(gathered))
+    rows = jax.device_put(jnp.ones((16, 4), jnp.int32), NamedSharding(mesh, PartitionSpec("data")))
+    cfg = SampleConfig(max_new_tokens=6, stop_token_ids=(), layer_loop=layer_loop)
+    hlo = lambda p: _sample_rows.lower(p, rows, rows, jax.random.key(0), cfg=cfg, config=CONFIG,
+                                       mesh=mesh).compile().as_text()
+    assert _all_gathers_inside_loops(hlo(fsdp)) >= len(jax.tree.leaves(params["layers"]))
+    assert _all_gathers_inside_loops(hlo(gathered)) == 0
+
+
+def test_decode_params_casts_once_to_the_compute_dtype(params):
+    """bf16 compute from float32 masters: decode_params makes one bf16 copy, which samples
+    exactly like params stored in bf16; float32 single-device params pass through."""
+    bf16 = CONFIG.replace(dtype="bfloat16")
+    from rubrax.policy import decode_params
+
+    cast = decode_params(params, config=bf16, layer_loop="scan")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(cast))
+    assert decode_params(params, config=CONFIG, layer_loop="scan") is params
+    tokens, mask = left_padded([[5, 6, 7], [9, 10]], 3)
+    cfg = SampleConfig(max_new_tokens=6, n=2, stop_token_ids=())
+    from_f32 = sample(params, tokens, mask, jax.random.key(2), cfg, config=bf16)
+    stored = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    from_bf16 = sample(stored, tokens, mask, jax.random.key(2), cfg, config=bf16.replace(param_dtype="bfloat16"))
+    np.testing.assert_array_equal(np.asarray(from_f32.tokens), np.asarray(from_bf16.tokens))
+    np.testing.assert_array_equal(np.asarray(from_f32.logprobs), np.asarray(from_bf16.logprobs))
+
+
+def test_lm_head_chunks_are_chosen_per_platform():
+    from rubrax.policy import default_chunk_tokens
+
+    assert default_chunk_tokens(151936, "cpu") == 13  # ~8 MiB of float32 logits
+    assert default_chunk_tokens(151936, "gpu") == default_chunk_tokens(151936, "tpu") == 441  # ~256 MiB
+    assert default_chunk_tokens(49152, "gpu") == 1365 and default_chunk_tokens(256, "gpu") == 4096
+    assert default_chunk_tokens(151936) == 13  # this test process runs on CPU

@@ -242,3 +242,24 @@ def test_scan_and_unrolled_layer_loops_train_alike():
     b = run(2, rl=rl, layer_loop="unrolled")
     assert not is_unstacked(a.state.params) and is_unstacked(b.state.params)
     assert_same_run(a, b, params_b=stack_layers(b.state.params))
+
+
+def test_loop_with_hybrid_fsdp_equals_one_device_and_frees_the_donated_params():
+    """LoopConfig(fsdp=True, fsdp_axis_size=4): a 2 x 4 ("data", "fsdp") mesh, params and
+    Adam moments split over the 4-device axis, sampling and the update over all 8 devices;
+    the same run as one device. With donate_params=True the caller's (unsharded) params
+    are freed once the run holds its sharded copies (no second full copy for the run)."""
+    rl = RLConfig(group_size=G, kl_coef=0.05)
+    one = run(2, rl=rl, layer_loop="scan")
+    params = init_params(CONFIG, jax.random.PRNGKey(0))
+    loop = LoopConfig(total_steps=2, prompts_per_step=4, max_prompt_tokens=8, progress=False, layer_loop="scan",
+                      fsdp=True, fsdp_axis_size=4)
+    hybrid = train(params=params, model_config=CONFIG, tokenizer=TOK, reward_fn=TargetWordReward(target="yes"),
+                   prompts=toy_prompts(64), rl=rl, sample=SAMPLE, optim=OPTIM, loop=loop, donate_params=True)
+    assert dict(hybrid.trainer.mesh.shape) == {"data": 2, "fsdp": 4}
+    kernel = hybrid.state.params["layers"]["mlp"]["up_proj"]["kernel"]  # [L, D, F]
+    assert kernel.sharding.spec[2] == "fsdp" and kernel.addressable_shards[0].data.shape[2] == kernel.shape[2] // 4
+    assert all(x.is_deleted() for x in jax.tree.leaves(params))
+    assert_same_run(one, hybrid)
+    with pytest.raises(ValueError, match="fsdp_axis_size"):
+        LoopConfig(total_steps=1, prompts_per_step=1, fsdp_axis_size=4)

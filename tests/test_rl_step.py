@@ -18,7 +18,9 @@ import pytest
 from rubrax.rl.state import TrainState
 from rubrax.rl.batch import RolloutBatch
 from rubrax.rl.step import RLConfig, Trainer, update
-from rubrax.sharding import make_mesh
+from jax.sharding import PartitionSpec
+
+from rubrax.sharding import batch_sharding, make_mesh
 
 V, T, G, P = 8, 6, 4, 4  # vocab, sequence length, group size, prompts
 B = G * P
@@ -163,13 +165,13 @@ def test_invalid_samples_do_not_move_the_params():
 
 
 @functools.lru_cache(maxsize=None)  # the 1-device baseline is shared by several tests
-def _run(cfg, n_devices, *, fsdp=False, steps=2):
+def _run(cfg, n_devices, *, fsdp=False, steps=2, fsdp_axis_size=None):
     tx = optax.adam(1e-2)
-    mesh = make_mesh(jax.devices()[:n_devices])
-    state = TrainState.create(make_params(), tx, seed=3)
+    mesh = make_mesh(jax.devices()[:n_devices], fsdp_axis_size=fsdp_axis_size)
     ref = make_params(1)
-    trainer = Trainer(cfg, bigram_logits, tx, state, ref, mesh=mesh, fsdp=fsdp)
-    state, ref = trainer.place_state(state), trainer.place_ref(ref)
+    abstract = jax.eval_shape(lambda p: TrainState.create(p, tx, seed=3), make_params())
+    trainer = Trainer(cfg, bigram_logits, tx, abstract, ref, mesh=mesh, fsdp=fsdp)
+    state, ref = trainer.init_state(make_params(), seed=3), trainer.place_ref(ref)
     history = []
     for s in range(steps):
         state, metrics = trainer(state, make_rollouts(seed=s), ref)
@@ -187,17 +189,45 @@ def test_grad_accumulation_is_exact():
     np.testing.assert_allclose(h4[-1]["loss"], h1[-1]["loss"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_one_device_equals_eight(fsdp):
+@pytest.mark.parametrize("mode", ["replicated", "fsdp", "hybrid_2x4"])
+def test_one_device_equals_eight(mode):
+    """Data parallel, FSDP over all 8 devices, and hybrid sharding on a 2 x 4 ("data",
+    "fsdp") mesh (params split over the 4-device axis, replicated over the other, rows over
+    all 8) all equal one device."""
     assert len(jax.devices()) >= 8, "conftest must provide 8 CPU devices"
     s1, h1, _ = _run(PPO_CFG, 1)
-    s8, h8, trainer = _run(PPO_CFG, 8, fsdp=fsdp)
+    s8, h8, trainer = _run(PPO_CFG, 8, fsdp=mode != "replicated", fsdp_axis_size=4 if mode == "hybrid_2x4" else None)
     np.testing.assert_allclose(s8.params["w"], s1.params["w"], rtol=1e-5, atol=1e-6)
     for k in h1[-1]:
         np.testing.assert_allclose(h8[-1][k], h1[-1][k], rtol=1e-5, atol=1e-6, err_msg=k)
     assert int(s8.step) == int(s1.step) == 2
-    if fsdp:  # the param really is split over the 8 devices
-        assert trainer.state_shardings.params["w"].spec == jax.sharding.PartitionSpec("data", None)
+    spec = trainer.state_shardings.params["w"].spec
+    assert spec == {"replicated": PartitionSpec(), "fsdp": PartitionSpec("data", None), "hybrid_2x4": PartitionSpec("fsdp", None)}[mode]
+    if mode == "hybrid_2x4":
+        assert dict(trainer.mesh.shape) == {"data": 2, "fsdp": 4}
+        assert trainer.state_shardings.params["w"].shard_shape((V, V)) == (V // 4, V)
+        # rows split over all 8 devices, each its own
+        assert len(set(map(str, batch_sharding(trainer.mesh).devices_indices_map((B,)).values()))) == 8
+
+
+def test_init_state_is_born_sharded_and_leaves_the_callers_params_alone():
+    """Trainer.init_state creates params and Adam moments directly with the FSDP
+    shardings (from an abstract state; no unsharded state ever built), equal to
+    TrainState.create; the update's donation never touches the caller's params."""
+    tx = optax.adam(1e-2)
+    params = make_params()
+    abstract = jax.eval_shape(lambda p: TrainState.create(p, tx, seed=3), params)
+    trainer = Trainer(PPO_CFG, bigram_logits, tx, abstract, params, mesh=make_mesh(), fsdp=True)
+    state = trainer.init_state(params, seed=3)
+    want = TrainState.create(params, tx, seed=3)
+    for x, ref, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(want), jax.tree.leaves(trainer.state_shardings)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(ref))
+        assert x.sharding == sharding
+    mu = state.opt_state[0].mu["w"]
+    assert all(s.data.shape == (V // 8, V) for s in mu.addressable_shards)
+    before = np.asarray(params["w"])
+    state, _ = trainer(state, make_rollouts(), trainer.place_ref(params))
+    np.testing.assert_array_equal(np.asarray(params["w"]), before)
 
 
 def test_step_compiles_exactly_once():

@@ -129,3 +129,59 @@ def test_load_pretrained_streams_tensors_peak_host_memory(converted):
     base, peak, size = map(float, out.split())
     assert size > 500  # SmolLM2-135M in float32
     assert peak - base < 1.4 * size, (base, peak, size)
+
+
+_SHARDED_LOAD = """
+import os, sys
+pid, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=2, process_id=pid)
+jnp.zeros(1).block_until_ready()
+def hwm():
+    status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+    return int(status["VmHWM"].split()[0]) / 2**10
+base = hwm()
+from jax.sharding import Mesh
+from rubrax.models import load_pretrained
+from rubrax.sharding import param_sharding
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+params, _ = load_pretrained(path, shardings=lambda p: param_sharding(p, mesh, fsdp=True))
+size = sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20
+local = sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards) / 2**20
+first = float(np.asarray(params["embed_tokens"]["embedding"].addressable_shards[0].data)[0, 0])
+print(base, hwm(), size, local, first)
+"""
+
+
+def test_sharded_load_on_two_processes_holds_half_the_model_per_host(converted):
+    """Two processes (4 CPU devices each) load SmolLM2 FSDP-sharded over all 8 devices:
+    each reads only its own shards, so its peak RSS grows by about half the model (never
+    the whole model, as an unsharded load must), and its shards hold the right values."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-c", _SHARDED_LOAD, str(pid), port, str(converted[0])],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for pid in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    embed = np.asarray(converted[1]["embed_tokens"]["embedding"])
+    firsts = []
+    for out, _ in outs:
+        base, peak, size, local, first = map(float, out.split())
+        assert size > 500  # SmolLM2-135M in float32
+        assert abs(local - size / 2) < 0.02 * size, (local, size)
+        assert peak - base < 0.75 * size, (base, peak, size)
+        firsts.append(first)
+    rows = embed.shape[0] // 8  # process 1's first device holds rows [4 * rows, 5 * rows)
+    assert firsts == [embed[0, 0], embed[4 * rows, 0]]

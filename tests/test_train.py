@@ -273,14 +273,30 @@ def test_resume_after_k_steps_is_bit_exact(tmp_path):
     train(toy_loss, toy_params(), data, dataclasses.replace(cfg, log_every=5), ckpt_dir=tmp_path / "ck", **kw)
 
 
-def test_data_parallel_over_8_devices_matches_one_device():
+def _wide_loss(params, batch):
+    pred = batch["x"] @ params["w"] + params["b"]
+    return jnp.mean((pred - batch["x"][:, :8]) ** 2), {}
+
+
+@pytest.mark.parametrize("mode,shard", [(dict(data_parallel=True), None), (dict(fsdp=True), (2, 8)),
+                                        (dict(fsdp=True, fsdp_axis_size=4), (4, 8))])
+def test_data_parallel_over_8_devices_matches_one_device(mode, shard):
+    """Data parallel, FSDP (params and Adam moments split over the 8 devices) and hybrid
+    FSDP on a 2 x 4 ("data", "fsdp") mesh (split over 4, replicated over 2) all train
+    like one device."""
     if jax.device_count() < 8:
         pytest.fail("tests/conftest.py should provide 8 CPU devices")
-    data = toy_data(64)
+    data = {"x": np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)}
+    params = {"w": jnp.zeros((16, 8), jnp.float32), "b": jnp.zeros((8,), jnp.float32)}
     cfg = toy_cfg(num_epochs=1)
-    one = train(toy_loss, toy_params(), data, cfg)
-    many = train(toy_loss, toy_params(), data, dataclasses.replace(cfg, data_parallel=True))
-    assert len(many.params["w"].sharding.device_set) == 8
+    one = train(_wide_loss, params, data, cfg)
+    many = train(_wide_loss, params, data, dataclasses.replace(cfg, **mode))
+    w, mu = many.params["w"], many.state.opt_state[1][0].mu["w"]
+    assert len(w.sharding.device_set) == 8
+    for x in (w, mu):
+        shapes = {s.data.shape for s in x.addressable_shards}
+        assert shapes == {(16, 8) if shard is None else shard}, shapes
+    assert np.abs(np.asarray(one.params["w"])).sum() > 0
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one.params, many.params)
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from rubrax.cli import main as rubrax_main
@@ -53,6 +54,21 @@ def test_cli_reward_model_tiny_then_rerun_resumes(tmp_path, capsys):
     assert rubrax_main(args) == 0  # finished run: resumes at its last step, trains nothing
     assert capsys.readouterr().out.strip().splitlines()[-1] == last
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == n_lines
+
+
+def test_cli_fsdp_trains_like_one_device(tmp_path, capsys):
+    """`--fsdp` (8 fake devices) ends with the same held-out metrics as the default run."""
+    recs = [{"prompt": f"a b {w}", "response": f"{w} c"} for w in "d e f g h".split() * 4]
+    _write(tmp_path / "sft.jsonl", recs)
+    base = ["train", "sft", "--train", str(tmp_path / "sft.jsonl"), "--max-length", "16", "--batch-size", "8",
+            "--epochs", "1", "--no-progress"]
+    lines = []
+    for extra in ([], ["--fsdp"]):
+        assert rubrax_main(base + ["--out", str(tmp_path / f"run{len(extra)}")] + extra) == 0
+        lines.append(dict(kv.split("=") for kv in capsys.readouterr().out.strip().splitlines()[-1].split()))
+    assert lines[0].keys() == lines[1].keys() and int(lines[0]["step"]) == 2
+    for k in lines[0]:
+        np.testing.assert_allclose(float(lines[1][k]), float(lines[0][k]), rtol=1e-4, err_msg=k)
 
 
 def test_cli_bad_record_names_line(tmp_path):

@@ -8,15 +8,19 @@ by `save_pretrained` loads in transformers (PyTorch) and vLLM.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from safetensors.flax import save_file
 
 from rubrax.hostmem import release_host_memory
@@ -203,61 +207,209 @@ def load_hf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {name: lazy[name] for name in lazy}
 
 
-class LazyTensors(Mapping):
-    """The tensors of a (sharded) safetensors folder, read one at a time on access.
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
-    `load_pretrained` builds the params from this, so the host never holds the whole
-    checkpoint as numpy arrays next to the params (peak host memory ~ params + one
-    stacked layer tensor, instead of ~3x the checkpoint)."""
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the tensor's data in `file`
+
+
+def _read_header(file: Path) -> dict[str, _Entry]:
+    """The tensor table of one safetensors file (8-byte little-endian header size, JSON
+    header, then the raw little-endian data)."""
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+        begin, end = info["data_offsets"]
+        entry = _Entry(file, np.dtype(_ST_DTYPES[info["dtype"]]), tuple(info["shape"]), 8 + size + begin)
+        if end - begin != entry.dtype.itemsize * math.prod(entry.shape):
+            raise ValueError(f"{file}: tensor {name!r}: data_offsets {info['data_offsets']} do not "
+                             f"match shape {entry.shape} x {info['dtype']}")
+        entries[name] = entry
+    return entries
+
+
+class LazyTensors(Mapping):
+    """The tensors of a (sharded) safetensors folder, read on access.
+
+    Headers are parsed once; `read(name, index)` reads from disk only the rows of the
+    tensor's first axis that `index` selects (one `readinto` of a contiguous byte range,
+    no memory map, so the page cache never counts as this process's memory), then slices
+    the other axes. `load_pretrained` builds each device shard from such reads, so neither
+    the whole checkpoint nor (when sharded along the first HF axis) a whole tensor is ever
+    on the host at once."""
 
     def __init__(self, path: str | os.PathLike):
-        self._where: dict[str, Path] = {}
+        self._entries: dict[str, _Entry] = {}
         for file in _safetensor_files(Path(path)):
-            with safe_open(file, framework="flax") as f:
-                for name in f.keys():
-                    self._where[name] = file
+            self._entries.update(_read_header(file))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+    def read(self, name: str, index: tuple = ()) -> np.ndarray:
+        """tensor[index] for a tuple of slices (numpy, in the file's dtype)."""
+        e = self._entries[name]
+        if not e.shape:
+            return self._read_rows(e, name, 0, 1).reshape(())
+        index = tuple(index) + (slice(None),) * (len(e.shape) - len(index))
+        lo, hi, step = index[0].indices(e.shape[0])
+        rows = self._read_rows(e, name, lo, max(hi, lo))
+        return rows[(slice(None, None, step),) + index[1:]]
+
+    @staticmethod
+    def _read_rows(e: _Entry, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of the tensor's first axis: one contiguous byte range."""
+        buf = np.empty((hi - lo,) + e.shape[1:], e.dtype)
+        view = memoryview(buf.reshape(-1).view(np.uint8))
+        with open(e.file, "rb", buffering=0) as f:
+            f.seek(e.offset + lo * e.dtype.itemsize * math.prod(e.shape[1:]))
+            done = 0
+            while done < view.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"{e.file}: tensor {name!r} is truncated")
+                done += n
+        return buf
 
     def __getitem__(self, name: str) -> np.ndarray:
-        with safe_open(self._where[name], framework="flax") as f:
-            return np.asarray(f.get_tensor(name))
+        return self.read(name)
 
     def __iter__(self):
-        return iter(self._where)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._where
+        return name in self._entries
+
+
+def _tensor_shape(tensors: Mapping, name: str) -> tuple[int, ...]:
+    if isinstance(tensors, LazyTensors):
+        return tensors.shape(name)
+    return tuple(np.shape(tensors[name]))
+
+
+def _read_slice(tensors: Mapping, name: str, index: tuple) -> np.ndarray:
+    if isinstance(tensors, LazyTensors):
+        return tensors.read(name, index)
+    return np.asarray(tensors[name])[index]
+
+
+def _leaf_plan(config: ModelConfig):
+    """(rubrax path, HF name(s), transposed?) for every param leaf; a list of L names for
+    a stacked [L, ...] layer leaf."""
+    yield ("embed_tokens", "embedding"), "model.embed_tokens.weight", False
+    yield ("norm", "scale"), "model.norm.weight", False
+    if not config.tie_word_embeddings:
+        yield ("lm_head", "kernel"), "lm_head.weight", True
+    for path, hf in _layer_entries(config):
+        names = [f"model.layers.{i}.{hf}" for i in range(config.num_hidden_layers)]
+        yield ("layers",) + path, names, path[-1] == "kernel"
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """The params PyTree as jax.ShapeDtypeStructs (param dtype), without allocating it."""
+    from rubrax.models.llama import init_params
+
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def _resolve_shardings(shardings, abstract):
+    """None -> every leaf on the default device; one Sharding -> all leaves; a callable
+    -> called with the abstract params; else a PyTree of Shardings like the params."""
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
+        shardings = shardings(abstract)
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda _: shardings, abstract)
+    return shardings
+
+
+def _leaf_callback(tensors, names, transposed: bool, dtype):
+    """index of the rubrax leaf -> that block as numpy in `dtype`, read slice by slice
+    (per layer for stacked leaves); repeated indices (replicated shards) read once."""
+    stacked = isinstance(names, list)
+    memo: dict = {}
+
+    def one(name, index):
+        if transposed:  # rubrax [in, out] is HF [out, in]
+            return _read_slice(tensors, name, tuple(index[::-1])).T.astype(dtype)
+        return _read_slice(tensors, name, tuple(index)).astype(dtype, copy=False)
+
+    def block(index):
+        if not stacked:
+            return np.ascontiguousarray(one(names, index))
+        layers = range(len(names))[index[0]]
+        parts = [one(names[i], index[1:]) for i in layers]
+        out = np.empty((len(parts),) + parts[0].shape, dtype)
+        for j, part in enumerate(parts):
+            out[j] = part
+        return out
+
+    def callback(index):
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in memo:
+            memo[key] = block(index)
+        return memo[key]
+
+    return callback
+
+
+def _check_shapes(tensors, config: ModelConfig, abstract, source: str) -> None:
+    for path, names, transposed in _leaf_plan(config):
+        want = _get(abstract, path).shape
+        want = want[1:] if isinstance(names, list) else want
+        want = tuple(want[::-1]) if transposed else tuple(want)
+        for name in names if isinstance(names, list) else [names]:
+            got = _tensor_shape(tensors, name)
+            if got != want:
+                raise ValueError(f"{source}: tensor {name!r} has shape {list(got)}, expected "
+                                 f"{list(want)} for this config.json")
 
 
 def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig, *,
-                           source: str = "checkpoint") -> dict:
-    """Map HF tensor names to the rubrax params PyTree (transposing kernels, stacking layers).
+                           source: str = "checkpoint", shardings=None) -> dict:
+    """Map HF tensor names to the rubrax params PyTree (transposing kernels, stacking
+    layers, converting to config.param_dtype).
 
-    Missing tensors raise KeyError listing (up to 10 of) their names."""
+    Every leaf is built by `jax.make_array_from_callback`: each device shard is read from
+    `tensors` on its own (for a `LazyTensors`, only its bytes), so a sharded leaf never
+    exists whole on one device or on the host. `shardings` (see `load_pretrained`) places
+    the leaves; None puts them on the default device. Missing tensors raise KeyError listing
+    (up to 10 of) their names; a tensor of the wrong shape raises ValueError naming it."""
     missing = [n for n in expected_tensors(config) if n not in tensors]
     if missing:
         more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
         raise KeyError(f"{source}: missing tensors {missing[:10]}{more}")
-    pdt = jnp.dtype(config.param_dtype)
+    abstract = param_shapes(config)
+    _check_shapes(tensors, config, abstract, source)
+    placement = _resolve_shardings(shardings, abstract)
+    pdt = np.dtype(jnp.dtype(config.param_dtype))
     params: dict = {}
-    params["embed_tokens"] = {"embedding": jnp.asarray(tensors["model.embed_tokens.weight"], pdt)}
-    params["norm"] = {"scale": jnp.asarray(tensors["model.norm.weight"], pdt)}
-    if not config.tie_word_embeddings:
-        params["lm_head"] = {"kernel": jnp.asarray(tensors["lm_head.weight"].T, pdt)}
-    for path, hf in _layer_entries(config):
-        # One parameter at a time, written straight into its stacked buffer, so only one
-        # stacked host tensor exists besides the params (tensors may be a LazyTensors).
-        stacked = None
-        for i in range(config.num_hidden_layers):
-            value = np.asarray(tensors[f"model.layers.{i}.{hf}"])
-            if path[-1] == "kernel":
-                value = value.T  # HF [out, in] -> [in, out]
-            if stacked is None:
-                stacked = np.empty((config.num_hidden_layers,) + value.shape, value.dtype)
-            stacked[i] = value
-        _set(params.setdefault("layers", {}), path, jnp.asarray(stacked, pdt))
+    for path, names, transposed in _leaf_plan(config):
+        shape = _get(abstract, path).shape
+        callback = _leaf_callback(tensors, names, transposed, pdt)
+        _set(params, path, jax.make_array_from_callback(shape, _get(placement, path), callback,
+                                                        dtype=pdt))
+        del callback  # its memo holds the host blocks of replicated shards
     return params
 
 
@@ -282,16 +434,28 @@ def params_to_hf_tensors(params: Mapping, config: ModelConfig) -> dict[str, np.n
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
-                    param_dtype: str = "float32") -> tuple[dict, ModelConfig]:
-    """Read config.json and (sharded) safetensors from an HF folder -> (params, config)."""
+                    param_dtype: str = "float32", shardings=None) -> tuple[dict, ModelConfig]:
+    """Read config.json and (sharded) safetensors from an HF folder -> (params, config).
+
+    dtype / param_dtype: compute and stored dtypes (e.g. param_dtype="bfloat16" converts
+    each slice as it is read). shardings places the params as they load, each device shard
+    read from the files straight into its device (never a full tensor on one device, never
+    the whole model on the host; multi-host: each process reads only its own shards):
+      None                 every leaf on the default device (the whole model there);
+      a Sharding           every leaf, e.g. NamedSharding(mesh, PartitionSpec()) (replicated);
+      a callable           called with the abstract params (jax.ShapeDtypeStruct PyTree),
+                           e.g. `lambda p: rubrax.sharding.param_sharding(p, mesh, fsdp=True)`;
+      a PyTree of Shardings shaped like the params.
+    """
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found")
     config = config_from_hf(json.loads(config_file.read_text()), source=str(config_file),
                             dtype=dtype, param_dtype=param_dtype)
-    params = params_from_hf_tensors(LazyTensors(path), config, source=str(path))
-    release_host_memory()  # the file tensors and stacking copies are garbage now
+    params = params_from_hf_tensors(LazyTensors(path), config, source=str(path),
+                                    shardings=shardings)
+    release_host_memory()  # the per-leaf read buffers are garbage now
     return params, config
 
 

@@ -172,11 +172,18 @@ def save_reward_model(path: str | os.PathLike, params: Mapping[str, Any], config
     checkpoint.save(path, 0, params, extra, overwrite=True)
 
 
-def load_reward_model(path: str | os.PathLike) -> tuple[dict[str, Any], ModelConfig, str | None]:
-    """(params, model config, tokenizer path or None) written by `save_reward_model`."""
+def load_reward_model(path: str | os.PathLike, *, mesh: Any = None,
+                      fsdp: bool = False) -> tuple[dict[str, Any], ModelConfig, str | None]:
+    """(params, model config, tokenizer path or None) written by `save_reward_model`;
+    with `mesh`, restored straight into `rubrax.sharding.param_sharding(mesh, fsdp)`."""
     extra = checkpoint.restore_extra(path, step=0)
     config = _config_from_dict(extra["model_config"])
     target = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    if mesh is not None:
+        from rubrax.sharding import param_sharding
+
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              target, param_sharding(target, mesh, fsdp=fsdp))
     params, _ = checkpoint.restore(path, target, step=0)
     return params, config, extra.get("tokenizer_path")
 
@@ -204,6 +211,11 @@ class BTReward(RewardFnBase):
     in batches of `batch_size` (short batches are padded), so few shapes are compiled.
     Scores are always valid; info records whether the sequence was truncated.
     Build with `BTReward(params, config, tokenizer)` or `BTReward.from_path(path, tokenizer)`.
+
+    Sharded: params placed on a mesh (replicated or FSDP, e.g. the trainer's result) are
+    scored where they are, each batch split over the mesh's devices (batch_size rounded
+    up to a multiple of the device count); `mesh` (+ `fsdp`) with `path` restores the
+    params straight into those shardings.
     """
 
     name = "bradley_terry"
@@ -218,9 +230,13 @@ class BTReward(RewardFnBase):
         max_length: int = 1024,
         batch_size: int = 16,
         length_multiple: int = 64,
+        mesh: Any = None,
+        fsdp: bool = False,
     ):
+        from rubrax.sharding import params_mesh
+
         if path is not None:
-            params, config, tok_path = load_reward_model(path)
+            params, config, tok_path = load_reward_model(path, mesh=mesh, fsdp=fsdp)
             if tokenizer is None and tok_path:
                 from rubrax.models import load_tokenizer  # type: ignore[attr-defined]
 
@@ -228,6 +244,9 @@ class BTReward(RewardFnBase):
         if params is None or config is None or tokenizer is None:
             raise ValueError("BTReward needs params, config and tokenizer (or a path saved with a tokenizer path)")
         self.params, self.config, self.tokenizer = params, config, tokenizer
+        self.mesh = params_mesh(params)
+        if self.mesh is not None:
+            batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
         self.max_length, self.batch_size, self.length_multiple = max_length, batch_size, length_multiple
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> RewardBatch:
@@ -247,6 +266,10 @@ class BTReward(RewardFnBase):
             for i, (ids, _, _) in enumerate(chunk):
                 tokens[i, : len(ids)], mask[i, : len(ids)] = ids, 1
             mask[len(chunk) :, 0] = 1  # padding rows: one dummy token, scores discarded
+            if self.mesh is not None:
+                from rubrax.sharding import batch_sharding
+
+                tokens, mask = jax.device_put((tokens, mask), batch_sharding(self.mesh))
             r = np.asarray(_score_jit(self.params, tokens, mask, config=self.config))
             scores[start : start + len(chunk)] = r[: len(chunk)]
         info = tuple({"truncated": bool(trunc)} for _, _, trunc in encoded)

@@ -92,6 +92,10 @@ class LoopConfig:
         rerun with the same out_dir to continue). None = run to total_steps.
     reward_chunk_size: rows per reward call (default one group); reward_timeout_s per call.
     num_devices: the first that many devices form the data mesh (None = all, all hosts).
+    fsdp: shard params and optimizer state (FSDP) instead of replicating them.
+    fsdp_axis_size: hybrid sharding (needs fsdp): a 2-D ("data", "fsdp") mesh whose
+        "fsdp" axis spans that many consecutive devices (e.g. one node's 8 GPUs): params
+        are split within it and replicated across "data". None = one axis over all.
     layer_loop: how the layers run, the vocabulary of SampleConfig.layer_loop: "scan"
         (stacked [L, ...] params under a scan: one compiled layer body, the accelerator
         choice), "unrolled" (per-layer buffers, `rubrax.models.unstack_layers`, an unrolled
@@ -127,6 +131,7 @@ class LoopConfig:
     chat_template: bool = True
     prompt_field: str = "prompt"
     fsdp: bool = False
+    fsdp_axis_size: int | None = None
     layer_loop: str = "auto"
     num_devices: int | None = None
     progress: bool = True
@@ -154,6 +159,9 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.overlap must be one of {OVERLAP_MODES}, got {self.overlap!r}")
         if self.layer_loop not in ("auto", "scan", "unrolled"):
             raise ValueError(f"LoopConfig.layer_loop must be 'auto', 'scan' or 'unrolled', got {self.layer_loop!r}")
+        check_int("LoopConfig.fsdp_axis_size", self.fsdp_axis_size, low=1, optional=True)
+        if self.fsdp_axis_size is not None and not self.fsdp:
+            raise ValueError(f"LoopConfig.fsdp_axis_size={self.fsdp_axis_size!r} needs fsdp=True")
         if (self.checkpoint_every or self.stop_after) and not self.out_dir:
             raise ValueError("LoopConfig: checkpoints (checkpoint_every / stop_after) need out_dir")
         if self.restart and self.allow_changed:
@@ -182,6 +190,23 @@ def arrange_layers(params: Any, layer_loop: str) -> Any:
     return llama.stack_layers(params)
 
 
+def loop_mesh(loop: LoopConfig):
+    """The mesh of a run: loop.num_devices devices (None = all), 1-D or, with
+    loop.fsdp_axis_size, the 2-D ("data", "fsdp") hybrid mesh."""
+    return make_mesh(jax.devices()[: loop.num_devices] if loop.num_devices else None, fsdp_axis_size=loop.fsdp_axis_size)
+
+
+def _release(tree: Any, *, keep: Any) -> None:
+    """Delete the device buffers of `tree`'s arrays, except arrays sharing a buffer with
+    `keep` (a device_put onto the same device may alias instead of copying)."""
+    buffers = lambda x: {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+    kept = set().union(*[buffers(x) for x in jax.tree.leaves(keep) if isinstance(x, jax.Array)])
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array) and not x.is_deleted() and not buffers(x) & kept:
+            x.delete()
+    release_host_memory()
+
+
 _TRAINERS: dict[tuple, Trainer] = {}
 
 
@@ -201,7 +226,7 @@ def _cached_trainer(rl, optim, loop, model_config, logits_fn, mesh, params, ref)
         if len(_TRAINERS) >= 8:
             _TRAINERS.pop(next(iter(_TRAINERS)))
         tx = make_optimizer(optim, total)
-        probe = TrainState.create(params, tx, seed=0)
+        probe = jax.eval_shape(lambda p: TrainState.create(p, tx, seed=0), params)  # shapes only
         trainer = Trainer(rl, logits_fn or model_logits_fn(model_config), tx, probe, ref, mesh=mesh, fsdp=loop.fsdp)
         _TRAINERS[key] = trainer
     return _TRAINERS[key]
@@ -224,6 +249,7 @@ def train(
     mesh: Any = None,
     logits_fn: Any = None,
     run_config: Mapping[str, Any] | None = None,
+    donate_params: bool = False,
 ) -> TrainResult:
     """Runs (or resumes) GRPO-family RL; see the module docstring for one step.
 
@@ -238,6 +264,10 @@ def train(
     step and logged with its metrics. mesh: a 1-D "data" mesh (default: loop.num_devices
     devices). logits_fn: a model other than rubrax.models (params, tokens, mask) -> logits.
     run_config: JSON-able description of the run, stored with checkpoints and W&B.
+    donate_params: free the buffers of `params` / `ref_params` once train() holds its
+    own (sharded) copies, so no second full copy of the weights stays alive for the run;
+    the caller must not use them afterwards (the recipe passes True for the weights it
+    loaded). Buffers the run itself uses (the reference policy) are kept.
     """
     _check_settings(rl, sample, loop)
     inputs = run_inputs(rl=rl, optim=optim, sample=sample, loop=loop, model_config=model_config, reward_fn=reward_fn,
@@ -246,7 +276,8 @@ def train(
     data = prompts if isinstance(prompts, PromptSet) else load_prompts(
         prompts, tokenizer, max_prompt_tokens=loop.max_prompt_tokens, chat_template=loop.chat_template, prompt_field=loop.prompt_field
     )
-    trainer, state, ref = _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh)
+    trainer, state, ref = _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh, donate_params)
+    del params, ref_params  # no second full copy of the weights for the run
     ckpts = RunCheckpoints(loop.out_dir, keep=loop.keep_checkpoints, run_config=run_config)
     lock, state, start, pending, logger = _open_and_restore(loop, inputs, ckpts, state, run_config)
     end = min(loop.total_steps, loop.stop_after or loop.total_steps)
@@ -361,20 +392,26 @@ def _check_settings(rl: RLConfig, sample: Any, loop: LoopConfig) -> None:
     rl.check_batch(loop.prompts_per_step * rl.group_size)  # before anything is sampled
 
 
-def _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh) -> tuple[Trainer, TrainState, Any]:
-    """(trainer, placed state, placed reference) of a fresh run."""
+def _place(params, ref_params, rl, optim, loop, model_config, logits_fn, mesh,
+           donate_params: bool = False) -> tuple[Trainer, TrainState, Any]:
+    """(trainer, placed state, placed reference) of a fresh run: the state is created on
+    the mesh (Trainer.init_state), and with donate_params the caller's buffers are freed."""
+    given = (params, ref_params)
     if logits_fn is None:
         params = arrange_layers(params, loop.layer_loop)
         ref_params = None if ref_params is None else arrange_layers(ref_params, loop.layer_loop)
-    # The reference is the caller's params themselves (no copy, unless the layout changed):
-    # the TrainState gets its own copy (Trainer.place_state never aliases), so donation
-    # never touches them.
+    # The reference is the caller's params themselves (no copy, unless the layout changed
+    # or the placement moves them): the TrainState gets its own copy (Trainer.init_state
+    # never aliases), so donation never touches them.
     ref = (params if ref_params is None else ref_params) if rl.kl_coef > 0 else None
     if mesh is None:
-        mesh = make_mesh(jax.devices()[: loop.num_devices] if loop.num_devices else None)
+        mesh = loop_mesh(loop)
     trainer = _cached_trainer(rl, optim, loop, model_config, logits_fn, mesh, params, ref)
-    state = TrainState.create(params, trainer.tx, seed=loop.seed)
-    return trainer, trainer.place_state(state), trainer.place_ref(ref)
+    state, ref = trainer.init_state(params, seed=loop.seed), trainer.place_ref(ref)
+    if donate_params and params is given[0] and ref_params is given[1]:
+        # (not after a layout change: CPU per-layer views alias the caller's buffers)
+        _release(given, keep=(state, ref))
+    return trainer, state, ref
 
 
 def _worth_trimming(params: Any) -> bool:

@@ -239,8 +239,9 @@ def recipe_model_config(recipe: GRPORecipe):
                      f"(e.g. \"qwen3-8b\") to plan without the checkpoint")
 
 
-def load_model(recipe: GRPORecipe, seed: int):
-    """(params, model_config, tokenizer) for recipe.model, model_settings applied."""
+def load_model(recipe: GRPORecipe, seed: int, shardings=None):
+    """(params, model_config, tokenizer) for recipe.model, model_settings applied; a
+    checkpoint's weights are read straight into `shardings` (see load_pretrained)."""
     import jax
 
     if recipe.model == "tiny":
@@ -253,7 +254,7 @@ def load_model(recipe: GRPORecipe, seed: int):
     path = models.smollm2_checkpoint() if recipe.model == "smollm2" else recipe.model
     settings = dict(recipe.model_settings)
     dtypes = {k: settings.pop(k) for k in ("dtype", "param_dtype") if k in settings}
-    params, config = models.load_pretrained(path, **dtypes)
+    params, config = models.load_pretrained(path, shardings=shardings, **dtypes)
     return params, config.replace(**settings), models.load_tokenizer(path)
 
 
@@ -370,11 +371,17 @@ def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, reward_fn: Any = None
     `make_hooks(tokenizer, model_config) -> [EvalHook]`: more eval hooks (they need the
     tokenizer and model this function loads)."""
     from rubrax.rl.hooks import reward_eval_hook
-    from rubrax.rl.loop import train
+    from rubrax.rl.loop import loop_mesh, train
     from rubrax.rl.prompts import load_prompts
+    from rubrax.sharding import param_sharding
 
     seed = int(recipe.loop.get("seed", 0))
-    params, model_config, tok = load_model(recipe, seed)
+    # The mesh only needs the device settings, known before the prompt count: the weights
+    # load straight into the run's (FSDP) shardings, and train() frees nothing it needs.
+    mesh_loop = recipe.loop_config(1, out_dir=out_dir, **loop_overrides)
+    mesh = loop_mesh(mesh_loop)
+    params, model_config, tok = load_model(
+        recipe, seed, shardings=lambda abstract: param_sharding(abstract, mesh, fsdp=mesh_loop.fsdp))
     records = toy_prompts(recipe.toy_prompts, seed=seed) if recipe.train is None else _records(recipe.train, recipe)
     max_prompt = int(recipe.loop.get("max_prompt_tokens", LoopConfig.max_prompt_tokens))
     chat = bool(recipe.loop.get("chat_template", True))
@@ -404,7 +411,8 @@ def run_recipe(recipe: GRPORecipe, *, out_dir: str | None, reward_fn: Any = None
                   "reward": recipe.reward["name"] if isinstance(recipe.reward, Mapping)  # names only: kwargs may hold secrets
                   else [{k: r[k] for k in ("name", "weight", "label")} for r in recipe.reward]}
     return train(params=params, model_config=model_config, tokenizer=tok, reward_fn=reward_fn, prompts=prompts, rl=recipe.rl,
-                 sample=recipe.sample, optim=recipe.optim, loop=loop, eval_hooks=hooks, run_config=run_config)
+                 sample=recipe.sample, optim=recipe.optim, loop=loop, eval_hooks=hooks, run_config=run_config, mesh=mesh,
+                 donate_params=recipe.gold is None)  # the gold monitor keeps the base params as its reference
 
 
 def _write_forecast(recipe: GRPORecipe, held: Any, gold_fn: Any, reward_fn: Any, params: Any, model_config: Any, tok: Any,

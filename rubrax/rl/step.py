@@ -48,7 +48,7 @@ from rubrax.rl import advantages as adv_lib
 from rubrax.rl import losses
 from rubrax.rl.batch import RolloutBatch
 from rubrax.rl.state import UPDATE_STREAM, TrainState, stream_key
-from rubrax.sharding import DATA_AXIS, batch_sharding, make_mesh, param_sharding, put_global, shard_batch, state_sharding
+from rubrax.sharding import batch_sharding, make_mesh, param_sharding, put_global, shard_batch, state_sharding
 
 LogitsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -245,7 +245,7 @@ def _constrain(x, mesh: Mesh | None):
     """Keeps a micro-batch sharded over the data axis (when its size allows)."""
     if mesh is None or x.shape[0] % mesh.size:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA_AXIS)))
+    return jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
 
 
 def _minibatch_update(params, opt_state, mb: dict, *, cfg: RLConfig, logits_fn: LogitsFn, tx, mesh, start: int = 1,
@@ -501,13 +501,33 @@ def cast_floating(tree: Any, dtype) -> Any:
 
 class Trainer:
     """A thin shell around the pure step: places state/batches on the mesh, calls the
-    jitted update. Holds no training state of its own besides the compiled function."""
+    jitted update. Holds no training state of its own besides the compiled function.
+    Only the shapes of `state` and `ref_params` are read: pass their `jax.eval_shape`
+    (as train() does) to build a trainer without materialising any state."""
 
     def __init__(self, cfg: RLConfig, logits_fn: LogitsFn, tx, state: TrainState, ref_params: Any, *, mesh: Mesh | None = None, fsdp: bool = False):
         self.cfg, self.tx, self.mesh, self.logits_fn = cfg, tx, mesh or make_mesh(), logits_fn
+        self._create = None
         self.state_shardings = state_sharding(state, self.mesh, fsdp=fsdp)
         self.ref_shardings = param_sharding(ref_params, self.mesh, fsdp=fsdp)
         self.update_fn = make_update(cfg, logits_fn, tx, mesh=self.mesh, state_shardings=self.state_shardings, ref_shardings=self.ref_shardings)
+
+    def init_state(self, params: Any, *, seed: int) -> TrainState:
+        """TrainState.create(params) made directly on the mesh: one jitted function whose
+        outputs are pinned to the state's shardings, so the optimizer moments are born
+        sharded (never a full unsharded copy of them on one device) and the params are
+        copied into buffers of the state's own (the update donates them; the caller's
+        arrays, maybe the reference policy too, stay intact). Params already placed with
+        these shardings (e.g. loaded with them) move nowhere before the copy."""
+        if self._create is None:  # compiled once per Trainer (the seed is an argument)
+            self._create = jax.jit(lambda p, key: TrainState.create(jax.tree.map(jnp.copy, p), self.tx, key=key),
+                                   out_shardings=self.state_shardings)
+        placed = put_global(params, self.state_shardings.params)
+        key = put_global(jax.random.PRNGKey(seed), self.state_shardings.key)
+        out = self._create(placed, key)
+        del placed
+        release_host_memory()
+        return out
 
     def place_state(self, state: TrainState) -> TrainState:
         """Copies the state onto the mesh, into buffers of its own: the update donates the

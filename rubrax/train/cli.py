@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--schedule", choices=("cosine", "constant", "linear"), default=None)
     p.add_argument("--warmup-ratio", type=arg_type("float", low=0, high=1, open_high=True), default=None)
     p.add_argument("--seed", type=arg_type("int", low=0), default=None)
+    p.add_argument("--fsdp", action="store_true", help="shard params and optimizer state over all devices (FSDP)")
+    p.add_argument("--fsdp-axis-size", type=pos_int, default=None,
+                   help="with --fsdp: hybrid sharding, params split within groups of this many devices (one node)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to --out/tb")
     if task == "reward-model":
@@ -89,6 +92,8 @@ def train_config(task: str, args: argparse.Namespace):
             ("grad_accum_steps", args.grad_accum),
             ("max_steps", args.max_steps),
             ("seed", args.seed),
+            ("fsdp", args.fsdp or None),
+            ("fsdp_axis_size", args.fsdp_axis_size),
         )
         if v is not None
     }
@@ -113,8 +118,9 @@ def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [items[i] for i in order[n_eval:]], [items[i] for i in order[:n_eval]]
 
 
-def load_model(model: str, texts: Sequence[str], seed: int):
-    """(params, config, tokenizer, tokenizer path or None) for --model."""
+def load_model(model: str, texts: Sequence[str], seed: int, cfg: Any = None):
+    """(params, config, tokenizer, tokenizer path or None) for --model; with cfg.fsdp a
+    checkpoint's weights are read straight into their FSDP shards."""
     import jax
 
     if model == "tiny":
@@ -130,7 +136,13 @@ def load_model(model: str, texts: Sequence[str], seed: int):
     from rubrax import models
 
     path = models.smollm2_checkpoint() if model == "smollm2" else model
-    params, config = models.load_pretrained(path)
+    shardings = None
+    if cfg is not None and cfg.fsdp and jax.device_count() > 1:
+        from rubrax import sharding
+
+        mesh = sharding.make_mesh(fsdp_axis_size=cfg.fsdp_axis_size)
+        shardings = lambda abstract: sharding.param_sharding(abstract, mesh, fsdp=True)
+    params, config = models.load_pretrained(path, shardings=shardings)
     return params, config, models.load_tokenizer(path), os.fspath(path)
 
 
@@ -184,7 +196,7 @@ def _run_locked(task: str, args: argparse.Namespace, cfg: Any) -> int:
     else:
         train_items, eval_items = _split(train_items, args.eval_fraction, cfg.seed)
     texts = [getattr(x, f) for x in train_items + eval_items for f in ("prompt", "chosen", "rejected", "response") if hasattr(x, f)]
-    params, config, tok, tok_path = load_model(args.model, texts, cfg.seed)
+    params, config, tok, tok_path = load_model(args.model, texts, cfg.seed, cfg)
     common = dict(
         ckpt_dir=os.path.join(os.path.abspath(args.out), "checkpoints"),
         metrics_path=os.path.join(args.out, "metrics.jsonl"),

@@ -59,7 +59,10 @@ class TrainConfig:
     Total updates S = min(num_epochs * floor(N / batch_size), max_steps); the schedule is
     laid out over S. `eval_every=0` evaluates at the end of each epoch (and at the end).
     `checkpoint_every=0` checkpoints at the end only (when a checkpoint folder is given).
-    `data_parallel` shards each micro-batch over all local devices (params replicated).
+    `data_parallel` shards each micro-batch over all devices (params replicated);
+    `fsdp` does too and also shards params and optimizer state (FSDP, as the RL trainer:
+    rubrax.sharding.param_sharding), `fsdp_axis_size` F making that the 2-D hybrid
+    ("data", "fsdp") mesh with params split over F devices only.
     `eval_at_start` also evaluates the initial params (step 0) of a fresh run.
     """
 
@@ -76,6 +79,8 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     data_parallel: bool = False
+    fsdp: bool = False
+    fsdp_axis_size: int | None = None
     eval_at_start: bool = True
 
     def __post_init__(self) -> None:
@@ -93,6 +98,9 @@ class TrainConfig:
             raise ValueError(
                 f"batch_size={self.batch_size} must be a multiple of grad_accum_steps={self.grad_accum_steps}"
             )
+        check_int("TrainConfig.fsdp_axis_size", self.fsdp_axis_size, low=1, optional=True)
+        if self.fsdp_axis_size is not None and not self.fsdp:
+            raise ValueError(f"fsdp_axis_size={self.fsdp_axis_size!r} needs fsdp=True")
 
     @property
     def micro_batch_size(self) -> int:
@@ -135,8 +143,11 @@ def make_train_step(
     tx: optax.GradientTransformation,
     trainable_mask: Any | None = None,
     lr_schedule: optax.Schedule | None = None,
+    state_shardings: SupervisedState | None = None,
 ) -> Callable[[SupervisedState, Batch], tuple[SupervisedState, dict[str, jax.Array]]]:
     """The pure update step, jitted with the state donated. Batch leaves are [A, M, ...].
+    `state_shardings` pins the new state to the old one's shardings (FSDP: the params stay
+    split, so XLA reduce-scatters the gradients instead of gathering the state).
 
     Metrics: the loss_fn metrics averaged over micro-batches, the gradient norm (after
     masking, before clipping) and, given `lr_schedule`, the learning rate of this update.
@@ -164,11 +175,19 @@ def make_train_step(
             metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
         return SupervisedState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    replicated = jax.sharding.NamedSharding(state_shardings.step.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
 
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> SupervisedState:
     return SupervisedState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def _fresh_state(params: Any, tx: optax.GradientTransformation) -> SupervisedState:
+    # Copies, so the step can donate its state while the caller's params stay usable.
+    return init_state(jax.tree.map(jnp.copy, params), tx)
 
 
 # --------------------------------------------------------------------------- host side
@@ -215,26 +234,32 @@ def _eval_batches(data: Mapping[str, np.ndarray], batch_size: int):
 
 
 class _Sharder:
-    """Places batches (and replicates params) over the 1-D data mesh of rubrax.sharding,
-    or does nothing (data_parallel off, or one device)."""
+    """Places the state and batches on the mesh of rubrax.sharding (data parallel, FSDP
+    or hybrid, per TrainConfig), or does nothing (neither on, or one device)."""
 
-    def __init__(self, enabled: bool, micro_batch_size: int):
-        self.mesh = None
-        if enabled and jax.device_count() > 1:
+    def __init__(self, cfg: TrainConfig):
+        self.mesh, self.fsdp, self.state_shardings = None, cfg.fsdp, None
+        if (cfg.data_parallel or cfg.fsdp) and jax.device_count() > 1:
             n = jax.device_count()
-            if micro_batch_size % n:
-                raise ValueError(f"micro batch size {micro_batch_size} is not divisible by {n} devices")
-            self.mesh = sharding.make_mesh()
+            if cfg.micro_batch_size % n:
+                raise ValueError(f"micro batch size {cfg.micro_batch_size} is not divisible by {n} devices")
+            self.mesh = sharding.make_mesh(fsdp_axis_size=cfg.fsdp_axis_size)
+
+    def init_state(self, params: Any, tx: optax.GradientTransformation) -> SupervisedState:
+        """The initial state, created directly with its shardings (jit out_shardings): the
+        optimizer moments are born sharded, the shapes come from jax.eval_shape."""
+        if self.mesh is None:
+            return jax.jit(_fresh_state, static_argnums=1)(params, tx)
+        abstract = jax.eval_shape(functools.partial(init_state, tx=tx), params)
+        self.state_shardings = sharding.state_sharding(abstract, self.mesh, fsdp=self.fsdp)
+        placed = sharding.put_global(params, self.state_shardings.params)
+        create = jax.jit(functools.partial(_fresh_state, tx=tx), out_shardings=self.state_shardings)
+        return create(placed)
 
     def batch(self, batch: dict[str, np.ndarray], axis: int) -> Any:
         if self.mesh is None:
             return batch
         return jax.device_put(batch, sharding.batch_sharding(self.mesh, axis=axis))
-
-    def replicate(self, tree: Any) -> Any:
-        if self.mesh is None:
-            return tree
-        return sharding.put_global(tree, sharding.param_sharding(tree, self.mesh))
 
 
 def evaluate(params: Any, eval_fn: EvalFn, data: Mapping[str, np.ndarray], batch_size: int) -> dict[str, float]:
@@ -286,10 +311,8 @@ def train(
     stop = total if stop_at is None else min(stop_at, total)
     tx = make_optimizer(cfg.optim, total, trainable_mask)
     schedule = make_schedule(cfg.optim, total)
-    sharder = _Sharder(cfg.data_parallel, cfg.micro_batch_size)
-    # Jitted: one compile instead of one per leaf, and the outputs are fresh buffers, so
-    # the step can donate its state while the caller's params stay usable.
-    state = jax.jit(init_state, static_argnums=1)(sharder.replicate(params), tx)
+    sharder = _Sharder(cfg)
+    state = sharder.init_state(params, tx)
     history: list[dict[str, float]] = []
     if ckpt_dir is not None and checkpoint.latest_step(ckpt_dir) is not None:
         restored, extra = checkpoint.restore(ckpt_dir, _state_dict(state))
@@ -297,7 +320,7 @@ def train(
         state = SupervisedState(**restored)
         history = list(extra.get("eval_history", []))
     start = int(state.step)
-    step_fn = make_train_step(loss_fn, tx, trainable_mask, schedule)
+    step_fn = make_train_step(loss_fn, tx, trainable_mask, schedule, state_shardings=sharder.state_shardings)
     eval_jit = jax.jit(eval_fn) if eval_fn is not None else None
     eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
     per_epoch = cfg.steps_per_epoch(n)
