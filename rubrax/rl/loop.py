@@ -253,21 +253,15 @@ def train(
 ) -> TrainResult:
     """Runs (or resumes) GRPO-family RL; see the module docstring for one step.
 
-    params: initial policy params (also the reference policy unless ref_params given).
-    sample: rubrax.policy.SampleConfig with n == rl.group_size. optim:
-    rubrax.train.optim.OptimConfig (schedule over total_steps * ppo_epochs *
-    num_minibatches optimizer updates). eval_hooks: callables (step, params) -> dict of
-    scalars, run every loop.eval_every steps and at the end (logged as "eval/<name>"); a
-    hook whose `stop_requested` attribute is then True ends the run there (with a
-    checkpoint), e.g. `rubrax.rl.monitor.GoldMonitor`'s early stop.
-    step_hooks: callables (rubrax.rl.hooks.StepView) -> dict of scalars, run after every
-    step and logged with its metrics. mesh: a 1-D "data" mesh (default: loop.num_devices
-    devices). logits_fn: a model other than rubrax.models (params, tokens, mask) -> logits.
-    run_config: JSON-able description of the run, stored with checkpoints and W&B.
-    donate_params: free the buffers of `params` / `ref_params` once train() holds its
-    own (sharded) copies, so no second full copy of the weights stays alive for the run;
-    the caller must not use them afterwards (the recipe passes True for the weights it
-    loaded). Buffers the run itself uses (the reference policy) are kept.
+    params: initial policy (also the reference unless ref_params given). sample: a
+    SampleConfig with n == rl.group_size; optim: an OptimConfig (its schedule counts
+    optimizer updates). eval_hooks: (step, params) -> scalars, every loop.eval_every steps
+    and at the end ("eval/<name>"); a hook whose `stop_requested` is then True ends the run
+    there, with a checkpoint (GoldMonitor's early stop). step_hooks: (StepView) -> scalars,
+    logged with each step. mesh: default loop_mesh(loop). logits_fn: a model other than
+    rubrax.models. run_config: JSON description stored with checkpoints. donate_params: free
+    the caller's params / ref_params buffers once the run holds its own (sharded) copies;
+    the caller must not use them afterwards.
     """
     _check_settings(rl, sample, loop)
     inputs = run_inputs(rl=rl, optim=optim, sample=sample, loop=loop, model_config=model_config, reward_fn=reward_fn,

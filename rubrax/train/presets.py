@@ -13,39 +13,18 @@ from __future__ import annotations
 from rubrax.train.optim import OptimConfig
 from rubrax.train.trainer import TrainConfig
 
+def _config(lr: float, batch_size: int, epochs: int, log_every: int, checkpoint_every: int) -> TrainConfig:
+    return TrainConfig(
+        optim=OptimConfig(learning_rate=lr, schedule="cosine", warmup_ratio=0.1, max_grad_norm=1.0),
+        batch_size=batch_size, num_epochs=epochs, log_every=log_every, checkpoint_every=checkpoint_every,
+    )
+
+
+_TINY = _config(3e-3, batch_size=16, epochs=3, log_every=5, checkpoint_every=50)
+
 PRESETS: dict[str, dict[str, TrainConfig]] = {
-    "reward-model": {
-        "paper": TrainConfig(
-            optim=OptimConfig(learning_rate=1e-5, schedule="cosine", warmup_ratio=0.1, max_grad_norm=1.0),
-            batch_size=64,
-            num_epochs=10,
-            log_every=10,
-            checkpoint_every=500,
-        ),
-        "tiny": TrainConfig(
-            optim=OptimConfig(learning_rate=3e-3, schedule="cosine", warmup_ratio=0.1, max_grad_norm=1.0),
-            batch_size=16,
-            num_epochs=3,
-            log_every=5,
-            checkpoint_every=50,
-        ),
-    },
-    "sft": {
-        "paper": TrainConfig(
-            optim=OptimConfig(learning_rate=1e-5, schedule="cosine", warmup_ratio=0.1, max_grad_norm=1.0),
-            batch_size=64,
-            num_epochs=2,
-            log_every=10,
-            checkpoint_every=500,
-        ),
-        "tiny": TrainConfig(
-            optim=OptimConfig(learning_rate=3e-3, schedule="cosine", warmup_ratio=0.1, max_grad_norm=1.0),
-            batch_size=16,
-            num_epochs=3,
-            log_every=5,
-            checkpoint_every=50,
-        ),
-    },
+    "reward-model": {"paper": _config(1e-5, batch_size=64, epochs=10, log_every=10, checkpoint_every=500), "tiny": _TINY},
+    "sft": {"paper": _config(1e-5, batch_size=64, epochs=2, log_every=10, checkpoint_every=500), "tiny": _TINY},
 }
 
 
