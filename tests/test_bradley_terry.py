@@ -194,8 +194,8 @@ def test_fsdp_training_and_sharded_scoring_equal_one_device(params, tmp_path):
 
     data = encode_pairs(TOK, synthetic_pairs(16, 5), max_length=16, pad_to=16)
     cfg = TrainConfig(optim=OptimConfig(learning_rate=1e-2, warmup_ratio=0.0), batch_size=8, progress=False)
-    one = bt.train_reward_model(params, CFG, data, cfg, bt.BTConfig())
-    fsdp = bt.train_reward_model(params, CFG, data, dataclasses.replace(cfg, fsdp=True), bt.BTConfig())
+    one = train_reward_model(params, CFG, data, cfg, bt.BTConfig())
+    fsdp = train_reward_model(params, CFG, data, dataclasses.replace(cfg, fsdp=True), bt.BTConfig())
     embed = fsdp.params["backbone"]["embed_tokens"]["embedding"]
     assert not embed.sharding.is_fully_replicated and len(embed.sharding.device_set) == 8
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(fsdp.params)):

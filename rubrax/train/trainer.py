@@ -310,91 +310,104 @@ def train(
     total = cfg.total_steps(n)
     stop = total if stop_at is None else min(stop_at, total)
     tx = make_optimizer(cfg.optim, total, trainable_mask)
-    schedule = make_schedule(cfg.optim, total)
     sharder = _Sharder(cfg)
-    state = sharder.init_state(params, tx)
-    history: list[dict[str, float]] = []
-    if ckpt_dir is not None and checkpoint.latest_step(ckpt_dir) is not None:
-        restored, extra = checkpoint.restore(ckpt_dir, _state_dict(state))
-        _check_resumable(extra, cfg, total, ckpt_dir)
-        state = SupervisedState(**restored)
-        history = list(extra.get("eval_history", []))
+    state, history = _restore(ckpt_dir, sharder.init_state(params, tx), cfg, total)
     start = int(state.step)
-    step_fn = make_train_step(loss_fn, tx, trainable_mask, schedule, state_shardings=sharder.state_shardings)
-    eval_jit = jax.jit(eval_fn) if eval_fn is not None else None
-    eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
-    per_epoch = cfg.steps_per_epoch(n)
-    if metrics_path:
-        _resume_metrics(metrics_path, start, complete=start >= total)
-    purge = start + 1 if tensorboard_dir and os.path.isdir(tensorboard_dir) else None
-    writer = MetricsWriter(metrics_path, tensorboard_dir, purge_step=purge) if metrics_path else None
-    last: dict[str, float] = {}
-
-    def log(step: int, metrics: dict[str, Any]) -> None:
-        nonlocal last
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if writer:
-            writer.write(step, {f"train/{k}": v for k, v in last.items()})
-        bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
-
-    def run_eval(step: int) -> None:
-        has_data = eval_jit is not None and eval_data is not None
-        if not has_data and not eval_hooks:
-            return
-        result = evaluate(state.params, eval_jit, eval_data, eval_bs) if has_data else {}
-        for hook in eval_hooks:
-            result.update({k: float(v) for k, v in hook(step, state.params).items()})
-        history.append({"step": step, **result})
-        if writer:
-            writer.write(step, {f"eval/{k}": v for k, v in result.items()})
-
-    def save(step: int) -> None:
-        if ckpt_dir is None or step in checkpoint.all_steps(ckpt_dir):
-            return
-        extra = {"step": step, "total_steps": total, "eval_history": history, "config": _config_dict(cfg)}
-        checkpoint.save(ckpt_dir, step, _state_dict(state), extra, max_to_keep=cfg.keep_checkpoints)
-
+    step_fn = make_train_step(loss_fn, tx, trainable_mask, make_schedule(cfg.optim, total),
+                              state_shardings=sharder.state_shardings)
+    writer = _open_metrics(metrics_path, tensorboard_dir, start, total)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
-    pending: tuple[int, Any] | None = None
+    run = _RunLog(cfg, total, writer, bar, history, ckpt_dir, eval_fn, eval_data, eval_hooks)
+    per_epoch = cfg.steps_per_epoch(n)
     t0 = time.perf_counter()
     try:
         if cfg.eval_at_start and start == 0 and stop > 0:
-            run_eval(0)
+            run.evaluate(0, state.params)
         for s in range(start, stop):
             batch = sharder.batch(_train_batch(train_data, cfg, s, n), axis=1)
             state, metrics = step_fn(state, batch)
-            # Fetch the previous step's metrics only now, so the device stays busy.
-            if pending is not None:
-                log(*pending)
-                pending = None
+            run.flush()  # the previous step's metrics only now, so the device stays busy
             done = s + 1
             if done % cfg.log_every == 0 or done == stop:
-                pending = (done, metrics)
+                run.pending = (done, metrics)
             bar.update(1)
-            epoch_end = done % per_epoch == 0
-            if (cfg.eval_every and done % cfg.eval_every == 0) or (not cfg.eval_every and epoch_end):
-                run_eval(done)
+            if (cfg.eval_every and done % cfg.eval_every == 0) or (not cfg.eval_every and done % per_epoch == 0):
+                run.evaluate(done, state.params)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                if pending is not None:  # the step's metrics belong before its checkpoint (exact resume)
-                    log(*pending)
-                    pending = None
-                save(done)
-        if pending is not None:
-            log(*pending)
+                run.flush()  # the step's metrics belong before its checkpoint (exact resume)
+                run.save(done, state)
+        run.flush()
         if stop == total and start < total and (not history or history[-1]["step"] != total):
-            run_eval(total)
+            run.evaluate(total, state.params)
         if start < stop:
-            save(stop)
-        if writer and start < stop:
-            elapsed = time.perf_counter() - t0
-            writer.write(stop, {"time/steps_per_s": (stop - start) / elapsed})
+            run.save(stop, state)
+            if writer:
+                writer.write(stop, {"time/steps_per_s": (stop - start) / (time.perf_counter() - t0)})
     finally:
         bar.close()
         if writer:
             writer.close()
-    return SupervisedResult(params=state.params, state=state, eval_history=tuple(history), last_metrics=last)
+    return SupervisedResult(params=state.params, state=state, eval_history=tuple(history), last_metrics=run.last)
+
+
+def _restore(ckpt_dir, state: SupervisedState, cfg: TrainConfig, total: int) -> tuple[SupervisedState, list[dict[str, float]]]:
+    """(state, eval history) of the latest checkpoint in ckpt_dir, or the fresh state."""
+    if ckpt_dir is None or checkpoint.latest_step(ckpt_dir) is None:
+        return state, []
+    restored, extra = checkpoint.restore(ckpt_dir, _state_dict(state))
+    _check_resumable(extra, cfg, total, ckpt_dir)
+    return SupervisedState(**restored), list(extra.get("eval_history", []))
+
+
+def _open_metrics(metrics_path, tensorboard_dir, start: int, total: int) -> MetricsWriter | None:
+    """The metrics writer of a run starting at `start`, its files cut back to that step."""
+    if not metrics_path:
+        return None
+    _resume_metrics(metrics_path, start, complete=start >= total)
+    purge = start + 1 if tensorboard_dir and os.path.isdir(tensorboard_dir) else None
+    return MetricsWriter(metrics_path, tensorboard_dir, purge_step=purge)
+
+
+class _RunLog:
+    """The host side of one supervised run: train metrics one step late, evaluations
+    (eval_fn and eval hooks, kept in `history`) and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, total: int, writer, bar, history: list, ckpt_dir, eval_fn, eval_data, eval_hooks):
+        self.cfg, self.total, self.writer, self.bar, self.history = cfg, total, writer, bar, history
+        self.ckpt_dir, self.eval_data, self.eval_hooks = ckpt_dir, eval_data, eval_hooks
+        self.eval_jit = jax.jit(eval_fn) if eval_fn is not None else None
+        self.eval_bs = cfg.eval_batch_size or cfg.micro_batch_size
+        self.last: dict[str, float] = {}
+        self.pending: tuple[int, Any] | None = None
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        self.last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if self.writer:
+            self.writer.write(step, {f"train/{k}": v for k, v in self.last.items()})
+        self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", refresh=False)
+
+    def evaluate(self, step: int, params: Any) -> None:
+        has_data = self.eval_jit is not None and self.eval_data is not None
+        if not has_data and not self.eval_hooks:
+            return
+        result = evaluate(params, self.eval_jit, self.eval_data, self.eval_bs) if has_data else {}
+        for hook in self.eval_hooks:
+            result.update({k: float(v) for k, v in hook(step, params).items()})
+        self.history.append({"step": step, **result})
+        if self.writer:
+            self.writer.write(step, {f"eval/{k}": v for k, v in result.items()})
+
+    def save(self, step: int, state: SupervisedState) -> None:
+        if self.ckpt_dir is None or step in checkpoint.all_steps(self.ckpt_dir):
+            return
+        extra = {"step": step, "total_steps": self.total, "eval_history": self.history, "config": _config_dict(self.cfg)}
+        checkpoint.save(self.ckpt_dir, step, _state_dict(state), extra, max_to_keep=self.cfg.keep_checkpoints)
 
 
 def _resume_metrics(path: str | os.PathLike, start: int, *, complete: bool) -> None:
