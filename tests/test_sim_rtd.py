@@ -74,7 +74,7 @@ def test_presets_parse_and_bad_config_fails_before_training():
         cfg = get_preset(name)
         assert set(cfg.arms) <= set(ARMS) and cfg.seeds
     assert get_preset("cpu").arms == ARMS
-    with pytest.raises(ValueError, match="rl_steps must be > 0"):
+    with pytest.raises(ValueError, match="rl_steps must be >= 1"):
         SimConfig(rl_steps=0)
     with pytest.raises(ValueError, match="kl_coef"):
         SimConfig(rl=RLConfig(group_size=8, kl_coef=-0.1))

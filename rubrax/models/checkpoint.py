@@ -358,10 +358,12 @@ def _leaf_callback(tensors, names, transposed: bool, dtype):
         if not stacked:
             return np.ascontiguousarray(one(names, index))
         layers = range(len(names))[index[0]]
-        parts = [one(names[i], index[1:]) for i in layers]
-        out = np.empty((len(parts),) + parts[0].shape, dtype)
-        for j, part in enumerate(parts):
-            out[j] = part
+        first = one(names[layers[0]], index[1:])
+        out = np.empty((len(layers),) + first.shape, dtype)
+        out[0] = first
+        del first
+        for j, i in enumerate(layers[1:], 1):  # one layer's slice alive at a time, not all of them
+            out[j] = one(names[i], index[1:])
         return out
 
     def callback(index):

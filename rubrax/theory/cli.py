@@ -60,9 +60,11 @@ def _tilted(args: argparse.Namespace) -> int:
     import jax
 
     # float64: the KL range then reaches ~700 (float32 stops near 85, where beta underflows).
-    jax.config.update("jax_enable_x64", True)
+    # A context, not jax.config.update: main() also runs in-process (tests, notebooks), and a
+    # global switch would leak float64 into everything that runs after it.
     try:
-        return _tilted_impl(args)
+        with jax.enable_x64(True):
+            return _tilted_impl(args)
     except ValueError as err:  # a KL or c out of range: say so, no traceback
         print(f"rubrax theory tilted: {err}", file=sys.stderr)
         return 2
