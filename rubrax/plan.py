@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -272,6 +273,55 @@ def plan_sampler(config, sample, *, prompts: int, width: int, mesh, fsdp: bool, 
                     model_flops=model_flops(config, tokens=R * S, T=S, backward=False) / mesh.size)
 
 
+def plan_supervised_step(task: str, config, cfg, bt_cfg, *, max_length: int, mesh, platform: str) -> ProgramPlan:
+    """One supervised update (`rubrax.train.trainer.make_train_step` of SFT's `sft_loss` or
+    BT's `pair_loss`) for cfg.batch_size sequences (pairs) of max_length tokens as
+    cfg.grad_accum_steps micro-batches, compiled from abstract shapes on `mesh`."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from rubrax.rewards import bradley_terry as bt
+    from rubrax.sharding import batch_sharding, state_sharding
+    from rubrax.train.optim import make_optimizer, make_schedule
+    from rubrax.train.trainer import init_state, make_train_step
+
+    total = max(cfg.max_steps or 1, 1)
+    if task == "sft":
+        from rubrax.models import init_params
+        from rubrax.train.sft import sft_loss
+
+        params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+        loss, mask = functools.partial(sft_loss, config=config), None
+        row = (max_length,)
+        names = ("tokens", "mask", "loss_mask")
+    else:
+        params = jax.eval_shape(lambda: bt.init_params(config, jax.random.PRNGKey(0)))
+        loss = functools.partial(bt.pair_loss, config=config, bt=bt_cfg)
+        mask = bt.trainable_mask(params, freeze_backbone=bt_cfg.freeze_backbone)
+        row = (2, max_length)
+        names = ("tokens", "mask")
+    tx = make_optimizer(cfg.optim, total, mask)
+    state = jax.eval_shape(functools.partial(init_state, tx=tx), params)
+    sharded = mesh.size > 1
+    s_shard = state_sharding(state, mesh, fsdp=cfg.fsdp) if sharded else None
+    step = make_train_step(loss, tx, mask, make_schedule(cfg.optim, total), state_shardings=s_shard)
+    A, M = cfg.grad_accum_steps, cfg.micro_batch_size
+    rows = batch_sharding(mesh, axis=1) if sharded else None
+    batch = {k: jax.ShapeDtypeStruct((A, M, *row), jnp.int32, sharding=rows) for k in names}
+    abstract_state = _abstract(state, s_shard) if sharded else state
+    t0 = time.perf_counter()
+    compiled = _compile(step.lower(abstract_state, batch), platform)
+    # the backbone's forward + backward (BT: both sequences of every pair, no LM head)
+    flops = model_flops(config, tokens=cfg.batch_size * math.prod(row), T=max_length, backward=True)
+    if task != "sft":
+        flops -= 6.0 * cfg.batch_size * math.prod(row) * config.hidden_size * config.vocab_size
+    return _program("train", compiled, params=_shard_bytes(getattr(abstract_state, "params")),
+                    optimizer=_shard_bytes(abstract_state.opt_state), tokens=cfg.batch_size * math.prod(row),
+                    compile_s=time.perf_counter() - t0, model_flops=flops / mesh.size)
+
+
 # --------------------------------------------------------------------------- recipes
 
 
@@ -299,7 +349,9 @@ def _plan_devices(devices: int | None):
 def plan_recipe(config: str | os.PathLike | dict, *, devices: int | None = None,
                 device_memory_gb: float | None = None, platform: str | None = None,
                 source: str | None = None) -> Plan:
-    """Plans an RL recipe (a config file path or its parsed dict; see module docstring)."""
+    """Plans a recipe (a config file path or its parsed dict): an RL recipe
+    (rubrax.rl.recipe), or a supervised one ({"task": "sft" | "reward-model", ...}, see
+    `parse_supervised`)."""
     from rubrax.rl.recipe import load_recipe, parse_recipe
 
     if isinstance(config, (str, os.PathLike)):
@@ -311,9 +363,12 @@ def plan_recipe(config: str | os.PathLike | dict, *, devices: int | None = None,
     if pool is None:
         return _plan_in_subprocess(config, devices=devices, device_memory_gb=device_memory_gb,
                                    platform=platform, source=source)
+    fake = devices is not None and pool[0].platform == "cpu"
+    if isinstance(config, dict) and config.get("task") is not None:
+        return _plan_supervised(parse_supervised(config, source), pool, device_memory_gb=device_memory_gb,
+                                platform=platform, fake=fake)
     recipe = parse_recipe(config, source)
-    return _plan_parsed(recipe, pool, device_memory_gb=device_memory_gb, platform=platform,
-                        fake=devices is not None and pool[0].platform == "cpu")
+    return _plan_parsed(recipe, pool, device_memory_gb=device_memory_gb, platform=platform, fake=fake)
 
 
 def _plan_parsed(recipe, pool, *, device_memory_gb, platform, fake: bool) -> Plan:
@@ -339,6 +394,92 @@ def _plan_parsed(recipe, pool, *, device_memory_gb, platform, fake: bool) -> Pla
                            fsdp=loop.fsdp, platform=here)
     return Plan(recipe.source, mesh.size, here, target, _device_memory(pool, device_memory_gb), settings,
                 (update, sampler))
+
+
+SUPERVISED_TASKS = ("sft", "reward-model")
+_SUPERVISED_KEYS = ("task", "model", "model_shape", "model_settings", "preset", "train", "optim", "bt", "max_length")
+
+
+@dataclasses.dataclass(frozen=True)
+class SupervisedRecipe:
+    """What `rubrax train sft|reward-model` runs, as far as memory goes."""
+
+    task: str
+    model: str
+    model_shape: str | None
+    model_settings: dict
+    train: Any  # rubrax.train.trainer.TrainConfig
+    bt: Any  # rubrax.rewards.bradley_terry.BTConfig
+    max_length: int
+    source: str
+
+
+def parse_supervised(config: dict, source: str) -> SupervisedRecipe:
+    """A supervised plan config: {"task": "sft" | "reward-model", "model": "smollm2" | an HF
+    folder | "tiny", "model_shape" (when the folder is not there yet), "model_settings"
+    (as in RL recipes), "preset": "paper" | "tiny" (rubrax.train.presets; default
+    "paper"), "train": TrainConfig fields (batch_size, grad_accum_steps, fsdp,
+    fsdp_axis_size, ...), "optim": OptimConfig fields, "bt": BTConfig fields,
+    "max_length": tokens per sequence (default 512, as the CLI)}. `rubrax train` builds
+    the same dict from its flags for its fit check. Errors name the file and key."""
+    from rubrax.rewards.bradley_terry import BTConfig
+    from rubrax.rl.recipe import _build, parse_model_settings
+    from rubrax.train.optim import OptimConfig
+    from rubrax.train.presets import PRESETS, preset
+    from rubrax.train.trainer import TrainConfig
+    from rubrax.validate import check_int
+
+    unknown = sorted(k for k in config if k not in _SUPERVISED_KEYS and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown} for a supervised plan; expected some of {list(_SUPERVISED_KEYS)}")
+    task = config["task"]
+    if task not in SUPERVISED_TASKS:
+        raise ValueError(f"{source}: task={task!r} is not one of {list(SUPERVISED_TASKS)}")
+    if "model" not in config:
+        raise ValueError(f"{source}: model: missing (\"smollm2\", \"tiny\" or an HF folder; with model_shape)")
+    name = config.get("preset", "paper")
+    if name not in PRESETS[task]:
+        raise ValueError(f"{source}: preset={name!r} is not one of {sorted(PRESETS[task])}")
+    base = preset(task, name)
+    optim = _build(OptimConfig, {**dataclasses.asdict(base.optim), **config.get("optim", {})}, f"{source}: optim")
+    fields = {k: v for k, v in dataclasses.asdict(base).items() if k != "optim"}
+    train = _build(TrainConfig, {**fields, **config.get("train", {}), "optim": optim}, f"{source}: train")
+    bt = _build(BTConfig, config.get("bt", {}), f"{source}: bt")
+    max_length = config.get("max_length", 512)
+    try:
+        check_int("max_length", max_length, low=2)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+    return SupervisedRecipe(task, config["model"], config.get("model_shape"), parse_model_settings(config, source),
+                            train, bt, max_length, source)
+
+
+def _plan_supervised(recipe: SupervisedRecipe, pool, *, device_memory_gb, platform, fake: bool) -> Plan:
+    from rubrax.rl.recipe import model_config_without_weights
+    from rubrax.sharding import make_mesh
+
+    cfg = recipe.train
+    here = pool[0].platform
+    target = platform or ("gpu" if fake and here == "cpu" else here)
+    spread = (cfg.fsdp or cfg.data_parallel) and len(pool) > 1  # else the trainer uses one device
+    mesh = make_mesh(pool, fsdp_axis_size=cfg.fsdp_axis_size) if spread else make_mesh(pool[:1])
+    if cfg.micro_batch_size % mesh.size:
+        raise ValueError(f"{recipe.source}: micro-batch of {cfg.micro_batch_size} (train.batch_size / grad_accum_steps) "
+                         f"does not divide over {mesh.size} devices")
+    if recipe.model == "tiny":
+        from rubrax.models import ModelConfig
+
+        model = ModelConfig.tiny(**recipe.model_settings)
+    else:
+        model = model_config_without_weights(recipe.model, recipe.model_settings, model_shape=recipe.model_shape,
+                                             source=recipe.source)
+    config, settings = planned_config(model, target=target, platform=here, T=recipe.max_length)
+    per_device = cfg.micro_batch_size // mesh.size
+    settings |= {"task": recipe.task, "rows_per_device": per_device, "grad_accum": cfg.grad_accum_steps,
+                 "fsdp": cfg.fsdp, "T": recipe.max_length}
+    step = plan_supervised_step(recipe.task, config, cfg, recipe.bt, max_length=recipe.max_length, mesh=mesh,
+                                platform=here)
+    return Plan(recipe.source, mesh.size, here, target, _device_memory(pool, device_memory_gb), settings, (step,))
 
 
 def _plan_in_subprocess(config: dict, *, devices: int, device_memory_gb, platform, source) -> Plan:
@@ -376,7 +517,8 @@ def check_fits(config: dict, *, source: str, device_memory_gb: float | None = No
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="RL recipe JSON (see rubrax.rl.recipe), or - for stdin")
+    p.add_argument("config", help="RL recipe JSON (see rubrax.rl.recipe), a supervised one ({\"task\": \"sft\" | "
+                                  "\"reward-model\", ...}: rubrax.plan.parse_supervised), or - for stdin")
     p.add_argument("--devices", type=int, default=None,
                    help="plan for N devices (fake CPU devices when this machine has fewer)")
     p.add_argument("--device-memory", type=float, default=None, metavar="GB",
@@ -399,9 +541,9 @@ def run(args: argparse.Namespace) -> int:
         print(plan.to_json())
         return 0
     print(plan.table())
-    update, sampler = plan.programs
-    print(f"fits={'yes' if plan.fits else 'no'} update_peak_gb={update.peak / GB:.2f} "
-          f"sampler_peak_gb={sampler.peak / GB:.2f} update_model_tflop={update.model_flops / 1e12:.2f}")
+    figures = " ".join(f"{p.name}_peak_gb={p.peak / GB:.2f}" for p in plan.programs)
+    first = plan.programs[0]
+    print(f"fits={'yes' if plan.fits else 'no'} {figures} {first.name}_model_tflop={first.model_flops / 1e12:.2f}")
     return 0 if plan.fits else 1
 
 

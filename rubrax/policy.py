@@ -30,14 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from rubrax.models import llama
+from rubrax.models.head import LinearHead, Options, chunked_stats, row_shards
 from rubrax.models.config import ModelConfig
 from rubrax.sharding import params_mesh, row_axes
 
 
-def lm_head_fn(params, config: ModelConfig):
+def lm_head_fn(params, config: ModelConfig) -> LinearHead:
     """h_NxD -> float32 logits_NxV of a rubrax.models LM (the head alone, for
-    `head_logprobs_and_entropy`)."""
-    return lambda h_NxD: llama.lm_logits(params, h_NxD[None], config=config)[0]
+    `head_logprobs_and_entropy`): its LM head kernel, or the tied embedding, as a
+    `rubrax.models.head.LinearHead` (same values as `llama.lm_logits`)."""
+    if config.tie_word_embeddings:
+        return LinearHead(params["embed_tokens"]["embedding"], vd=True)
+    return LinearHead(params["lm_head"]["kernel"])
 
 
 def default_chunk_tokens(vocab_size: int, platform: str | None = None) -> int:
@@ -70,9 +74,12 @@ def head_logprobs_and_entropy(head_fn, h_BxTxD: jax.Array, tokens_BxT: jax.Array
     never runs on prompt positions, which the loss masks out anyway.
 
     The B * (T - start) positions run through the head about `chunk_tokens` at a time
-    (default `default_chunk_tokens(V)`; chunks of ceil(chunk_tokens / B) time steps of
-    every row, so a batch split over devices stays split) under `jax.checkpoint`, so neither pass holds [B, T, V]
-    logits: each chunk's logits stay in cache and are recomputed in the backward pass.
+    (default `default_chunk_tokens(V)`, per device; chunks of ceil(chunk_tokens / rows per
+    device) time steps of every row, so a batch split over devices stays split), so
+    neither pass holds [B, T, V] logits: each chunk's logits stay in cache and are
+    recomputed in the backward pass (a rubrax model's head, `lm_head_fn`, by the
+    hand-written backward of `rubrax.models.head`, per device under a mesh; any other
+    head_fn by autodiff under `jax.checkpoint`).
     On CPU this is ~2x faster than the unfused log-softmax for a 49k vocabulary, and it
     is what makes a 150k-vocabulary model trainable on long sequences at all.
     entropy_grad=False stops the entropy's gradient (when it is only a metric), so the
@@ -98,18 +105,22 @@ def head_logprobs_and_entropy(head_fn, h_BxTxD: jax.Array, tokens_BxT: jax.Array
         return chosen - lse, ent
 
     c = chunk_tokens or default_chunk_tokens(int(jax.eval_shape(head_fn, h_BxUxD[0, :1]).shape[-1]))
-    if N <= c:
+    if N <= c and not isinstance(head_fn, LinearHead):
         logp_BxU, ent_BxU = (x.reshape(B, U) for x in stats(h_BxUxD.reshape(N, D), y_BxU.reshape(N)))
     else:
         # Chunks cut along time, every row in each: a chunk is [B, u] positions, so rows
         # split over devices stay split (a chunk of the flattened B * U positions would
-        # span devices and be gathered onto each of them).
-        u = -(-c // B)
+        # span devices and be gathered onto each of them). The budget c is per device:
+        # with the rows split over a mesh in context, each device holds B / n of them.
+        u = -(-c // max(B // row_shards(B), 1))
         n = -(-U // u)
         h = jnp.pad(h_BxUxD, ((0, 0), (0, n * u - U), (0, 0))).reshape(B, n, u, D).swapaxes(0, 1)
         y = jnp.pad(y_BxU, ((0, 0), (0, n * u - U))).reshape(B, n, u).swapaxes(0, 1)
-        chunk = lambda xs: tuple(r.reshape(B, u) for r in stats(xs[0].reshape(B * u, D), xs[1].reshape(B * u)))
-        logp_n, ent_n = jax.lax.map(jax.checkpoint(chunk), (h, y))
+        if isinstance(head_fn, LinearHead):  # hand-written backward, per-device sums (rubrax.models.head)
+            logp_n, ent_n = chunked_stats(head_fn.w, h, y, Options(float(temperature), entropy, entropy_grad, head_fn.vd))
+        else:
+            chunk = lambda xs: tuple(r.reshape(B, u) for r in stats(xs[0].reshape(B * u, D), xs[1].reshape(B * u)))
+            logp_n, ent_n = jax.lax.map(jax.checkpoint(chunk), (h, y))
         logp_BxU, ent_BxU = (x.swapaxes(0, 1).reshape(B, n * u)[:, :U] for x in (logp_n, ent_n))
     unflat = lambda x: jnp.pad(x, ((0, 0), (start, 0)))
     return unflat(logp_BxU), unflat(ent_BxU)

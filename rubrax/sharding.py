@@ -20,6 +20,8 @@ own shards (`put_global`); each process feeds its own rows of a batch (`local_ro
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any
 
@@ -29,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
+ROW_AXES = (DATA_AXIS, FSDP_AXIS)  # the axes a batch's rows are split over, where the mesh has them
 
 
 def make_mesh(devices: Any = None, *, fsdp_axis_size: int | None = None) -> Mesh:
@@ -63,25 +66,69 @@ def fsdp_axis(mesh: Mesh) -> str:
     return FSDP_AXIS if FSDP_AXIS in mesh.axis_names else mesh.axis_names[0]
 
 
-def param_sharding(params: Any, mesh: Mesh, *, fsdp: bool = False) -> Any:
-    """Replicated params, or (fsdp) each leaf split over `fsdp_axis(mesh)` along its
-    largest dimension divisible by that axis' size (replicated over the other axis).
-    Works on arrays and on jax.ShapeDtypeStructs alike."""
+def fsdp_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The FSDP rule for one leaf: split over `fsdp_axis(mesh)` along its largest dimension
+    divisible by that axis' size (the first such, on ties), else replicated."""
     axis = fsdp_axis(mesh)
     size = mesh.shape[axis]
+    if size > 1:
+        for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[d] % size == 0:
+                return P(*[axis if i == d else None for i in range(len(shape))])
+    return P()
 
-    def one(x):
-        if not fsdp or size == 1:
-            return NamedSharding(mesh, P())
-        dims = sorted(range(x.ndim), key=lambda d: -x.shape[d])
-        for d in dims:
-            if x.shape[d] % size == 0:
-                spec = [None] * x.ndim
-                spec[d] = axis
-                return NamedSharding(mesh, P(*spec))
-        return NamedSharding(mesh, P())
 
-    return jax.tree.map(one, params)
+def param_sharding(params: Any, mesh: Mesh, *, fsdp: bool = False) -> Any:
+    """Replicated params, or (fsdp) each leaf split over `fsdp_axis(mesh)` along its
+    largest dimension divisible by that axis' size (replicated over the other axis;
+    `fsdp_spec`). Works on arrays and on jax.ShapeDtypeStructs alike."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, mesh) if fsdp else P()), params)
+
+
+def sharded_mesh(shardings: Any) -> Mesh | None:
+    """The mesh of a PyTree of NamedShardings when some leaf is split (FSDP), else None."""
+    for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
+        if isinstance(s, NamedSharding) and any(a is not None for a in s.spec):
+            return s.mesh
+    return None
+
+
+_FSDP_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("rubrax_fsdp_mesh", default=None)
+
+
+@contextlib.contextmanager
+def fsdp_params(mesh: Mesh | None):
+    """While a step is traced: its params are FSDP-sharded over `mesh` (param_sharding with
+    fsdp=True; None: they are not). The models' `compute_copy` reads it."""
+    token = _FSDP_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _FSDP_MESH.reset(token)
+
+
+def fsdp_mesh_in_context() -> Mesh | None:
+    """The mesh of `fsdp_params` in context (the params being traced are split over it)."""
+    return _FSDP_MESH.get()
+
+
+def compute_copy(w: jax.Array, dtype: Any) -> jax.Array:
+    """`w.astype(dtype)`, and under `fsdp_params` pinned to the FSDP rule's sharding, so the
+    conversion runs on each device's own shard and what XLA gathers for the matmul is the
+    compute-dtype copy (bf16 over float32 master weights: half the bytes, no full float32
+    copy). XLA's partitioner mostly chooses this order by itself (the compiled update of
+    the paper recipe is the same with and without the pin); the pin keeps it so. Same
+    values: conversion and gathering commute. Note that XLA:CPU runs bf16 collectives in
+    float32, so CPU-compiled plans still show float32 gathers that accelerators do not do.
+    The vocabulary-sized weights go further (rubrax.models.head: never gathered at all)."""
+    w_c = w.astype(dtype)
+    mesh = _FSDP_MESH.get()
+    if mesh is None or w.dtype == w_c.dtype or w.ndim == 0:
+        return w_c
+    spec = fsdp_spec(w.shape, mesh)
+    if spec == P():
+        return w_c
+    return jax.lax.with_sharding_constraint(w_c, NamedSharding(mesh, spec))
 
 
 def state_sharding(state: Any, mesh: Mesh, *, fsdp: bool = False) -> Any:

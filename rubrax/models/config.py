@@ -177,6 +177,13 @@ SHAPES: dict[str, dict[str, Any]] = {
                      num_attention_heads=32, tie_word_embeddings=True),
     "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                        num_attention_heads=16, tie_word_embeddings=True),
+    # the paper's Bradley-Terry baseline backbone (Llama-3.1-8B-Instruct)
+    "llama3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                        rms_norm_eps=1e-5, rope_theta=5e5, tie_word_embeddings=False, max_position_embeddings=131072,
+                        rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                                      ("original_max_position_embeddings", 8192), ("rope_type", "llama3")),
+                        bos_token_id=128000, eos_token_id=128009, pad_token_id=128009),
     "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          rms_norm_eps=1e-5, rope_theta=1e5, tie_word_embeddings=True,

@@ -52,7 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from rubrax.models import attention as attn_lib
+from rubrax.models import head as head_lib
 from rubrax.models.config import ModelConfig
+from rubrax.sharding import ROW_AXES, compute_copy
 
 Params = dict[str, Any]
 _DTYPE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -98,20 +100,20 @@ def _apply_rope(x_BxTxHxD, cos_BxTxD, sin_BxTxD):
     return (x_BxTxHxD * cos.astype(x_BxTxHxD.dtype) + rotated * sin.astype(x_BxTxHxD.dtype))
 
 
-BATCH_AXIS = "data"  # the mesh axis rows are split over (rubrax.rl.step / rubrax.sharding)
-
-
 def constrain_batch(h_BxTxD):
-    """Pins activations to rows split over the "data" axis of the mesh in context
-    (`jax.sharding.use_mesh`, set by the trainers' jitted steps), so that under FSDP XLA
+    """Pins activations to rows split over the row axes of the mesh in context
+    (`jax.sharding.use_abstract_mesh`, set by the trainers' jitted steps): "data", and
+    "fsdp" too on the hybrid 2-D mesh, every device its own rows. So under FSDP XLA
     gathers the weights, not the batch, and reduce-scatters the weight gradients. A no-op
     without such a mesh, or when the rows do not divide over it."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or BATCH_AXIS not in mesh.axis_names:
+    axes = () if mesh.empty else tuple(a for a in mesh.axis_names if a in ROW_AXES)
+    if not axes:
         return h_BxTxD
-    if h_BxTxD.shape[0] % mesh.shape[BATCH_AXIS]:
+    if h_BxTxD.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return h_BxTxD
-    return jax.lax.with_sharding_constraint(h_BxTxD, jax.sharding.PartitionSpec(BATCH_AXIS))
+    spec = axes[0] if len(axes) == 1 else axes
+    return jax.lax.with_sharding_constraint(h_BxTxD, jax.sharding.PartitionSpec(spec))
 
 
 class RMSNorm(nn.Module):
@@ -137,7 +139,7 @@ class Dense(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.normal(0.02),
                             (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.einsum("...d,df->...f", x.astype(self.dtype), compute_copy(kernel, self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
@@ -263,7 +265,8 @@ class CausalLM(nn.Module):
     def __call__(self, tokens_BxT, positions_BxT, kv_mask_BxS, cache_index, cache):
         """Returns (h_BxTxD after the final norm, updated cache or None). kv_mask_BxS
         None: causal self-attention over all T tokens (no padding)."""
-        h = self.embed_tokens(tokens_BxT)
+        # = self.embed_tokens(tokens_BxT); vocabulary-parallel under FSDP (rubrax.models.head)
+        h = head_lib.embed(self.embed_tokens.embedding, tokens_BxT, self.embed_tokens.dtype)
         cos, sin = rope_cos_sin(positions_BxT, self.config)
         layer_ids = jnp.arange(self.config.num_hidden_layers)
         (h, cache), _ = self.layers((h, cache), cos, sin, kv_mask_BxS, cache_index, layer_ids)
@@ -272,9 +275,9 @@ class CausalLM(nn.Module):
     def logits(self, h_BxTxD):
         """float32 logits; the matmul accumulates in float32 even for bf16 compute."""
         if self.config.tie_word_embeddings:
-            w_VxD = self.embed_tokens.embedding.astype(h_BxTxD.dtype)
+            w_VxD = compute_copy(self.embed_tokens.embedding, h_BxTxD.dtype)
             return jnp.einsum("btd,vd->btv", h_BxTxD, w_VxD, preferred_element_type=jnp.float32)
-        w_DxV = self.lm_head.variables["params"]["kernel"].astype(h_BxTxD.dtype)
+        w_DxV = compute_copy(self.lm_head.variables["params"]["kernel"], h_BxTxD.dtype)
         return jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV, preferred_element_type=jnp.float32)
 
     def init_all(self, tokens_BxT):

@@ -60,6 +60,26 @@ _TOP_KEYS = ("model", "tiny_model", "model_settings", "model_shape", "train", "d
              "reward", "rewards", "rl", "sample", "optim", "loop", "eval_sample", "gold")
 
 
+def parse_model_settings(config: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A config's checked "model_settings" (and "model_shape"): errors name the file and key."""
+    settings = config.get("model_settings", {})
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"{source}: model_settings: must be an object, got {settings!r}")
+    settings = {k: v for k, v in settings.items() if not k.startswith("_")}
+    unknown = sorted(set(settings) - set(MODEL_SETTINGS))
+    if unknown:
+        raise ValueError(f"{source}: model_settings: unknown key(s) {unknown}; expected some of {list(MODEL_SETTINGS)}")
+    from rubrax.models.config import SHAPES, ModelConfig
+
+    try:
+        ModelConfig.tiny(**settings)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: model_settings: {err}") from None
+    if config.get("model_shape") is not None and config["model_shape"] not in SHAPES:
+        raise ValueError(f"{source}: model_shape={config['model_shape']!r} is not one of {sorted(SHAPES)}")
+    return settings
+
+
 def _build(cls, section: Mapping[str, Any], where: str, **defaults):
     if not isinstance(section, Mapping):
         raise ValueError(f"{where}: must be an object of {cls.__name__} fields, got {section!r}")
@@ -140,18 +160,7 @@ def parse_recipe(config: Mapping[str, Any], source: str = "<config>") -> GRPORec
     if "eval_sample" in config:
         eval_sample = _build(SampleConfig, config["eval_sample"], f"{source}: eval_sample", max_new_tokens=sample.max_new_tokens)
     reward = parse_reward_section(config, source)
-    settings = {k: v for k, v in config.get("model_settings", {}).items() if not k.startswith("_")}
-    unknown = sorted(set(settings) - set(MODEL_SETTINGS))
-    if unknown:
-        raise ValueError(f"{source}: model_settings: unknown key(s) {unknown}; expected some of {list(MODEL_SETTINGS)}")
-    from rubrax.models.config import SHAPES, ModelConfig
-
-    try:
-        ModelConfig.tiny(**settings)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{source}: model_settings: {err}") from None
-    if config.get("model_shape") is not None and config["model_shape"] not in SHAPES:
-        raise ValueError(f"{source}: model_shape={config['model_shape']!r} is not one of {sorted(SHAPES)}")
+    settings = parse_model_settings(config, source)
     top = {k: config[k] for k in ("model_shape", "tiny_model", "train", "dataset", "split", "eval", "toy_prompts", "epochs") if k in config}
     gold = _parse_gold(config["gold"], sample, source) if "gold" in config else None
     return GRPORecipe(model=config["model"], model_settings=settings, rl=rl, sample=sample, optim=optim, loop=loop, reward=reward,
@@ -217,25 +226,34 @@ def _tiny_config(recipe: GRPORecipe):
 def recipe_model_config(recipe: GRPORecipe):
     """The run's ModelConfig (model_settings applied) without reading any weights: from
     the folder's config.json, the bundled SmolLM2 metadata, or `model_shape`."""
+    if recipe.model == "tiny":
+        return _tiny_config(recipe)[0]
+    return model_config_without_weights(recipe.model, recipe.model_settings, model_shape=recipe.model_shape,
+                                        source=recipe.source)
+
+
+def model_config_without_weights(model: str, model_settings: Mapping[str, Any], *, model_shape: str | None = None,
+                                 source: str = "<config>"):
+    """The ModelConfig of `model` ("smollm2" or an HF folder; else `model_shape`) with
+    model_settings applied, read from metadata only (no weights): what `rubrax plan` and
+    the training CLIs' fit check compile. Shared by RL recipes and supervised plans."""
     import json as json_lib
     from pathlib import Path
 
     from rubrax.models import checkpoint
     from rubrax.models.config import shape_config
 
-    if recipe.model == "tiny":
-        return _tiny_config(recipe)[0]
-    settings = dict(recipe.model_settings)
+    settings = dict(model_settings)
     dtypes = {k: settings.pop(k) for k in ("dtype", "param_dtype") if k in settings}
-    if recipe.model == "smollm2":
+    if model == "smollm2":
         return shape_config("smollm2-135m", **dtypes, **settings)
-    config_file = Path(recipe.model) / "config.json"
+    config_file = Path(model) / "config.json"
     if config_file.exists():
         config = checkpoint.config_from_hf(json_lib.loads(config_file.read_text()), source=str(config_file), **dtypes)
         return config.replace(**settings)
-    if recipe.model_shape is not None:
-        return shape_config(recipe.model_shape, **dtypes, **settings)
-    raise ValueError(f"{recipe.source}: model={recipe.model!r} has no config.json; give model_shape "
+    if model_shape is not None:
+        return shape_config(model_shape, **dtypes, **settings)
+    raise ValueError(f"{source}: model={model!r} has no config.json; give model_shape "
                      f"(e.g. \"qwen3-8b\") to plan without the checkpoint")
 
 

@@ -48,7 +48,8 @@ from rubrax.rl import advantages as adv_lib
 from rubrax.rl import losses
 from rubrax.rl.batch import RolloutBatch
 from rubrax.rl.state import UPDATE_STREAM, TrainState, stream_key
-from rubrax.sharding import batch_sharding, make_mesh, param_sharding, put_global, shard_batch, state_sharding
+from rubrax.sharding import (batch_sharding, fsdp_params, make_mesh, param_sharding, put_global, shard_batch,
+                             sharded_mesh, state_sharding)
 
 LogitsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -293,8 +294,10 @@ def update(
     logits_fn: LogitsFn,
     tx: optax.GradientTransformation,
     mesh: Mesh | None = None,
+    fsdp: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One RL iteration (see module docstring). Pure; jit it once with `make_update`."""
+    """One RL iteration (see module docstring). Pure; jit it once with `make_update`.
+    fsdp: the params are split over `mesh` (rubrax.sharding.param_sharding, fsdp=True)."""
     B = batch.rewards_B.shape[0]
     if B % cfg.group_size or B % (cfg.num_minibatches * cfg.grad_accum):
         raise ValueError(
@@ -304,8 +307,9 @@ def update(
     if mesh is None:
         return _update(state, batch, ref_params, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=None)
     # The mesh in context lets the model pin its activations to the data axis at every
-    # layer boundary (rubrax.models.llama.constrain_batch).
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    # layer boundary (rubrax.models.llama.constrain_batch); with FSDP params it casts each
+    # weight on its own shard before it is gathered (rubrax.sharding.compute_copy).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), fsdp_params(mesh if fsdp else None):
         return _update(state, batch, ref_params, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=mesh)
 
 
@@ -468,7 +472,8 @@ def make_update(
 ) -> Callable[[TrainState, RolloutBatch, Any], tuple[TrainState, dict]]:
     """`update` jitted once: state donated, batch split over the mesh, outputs pinned to
     the input shardings (so the next call reuses the same executable)."""
-    fn = functools.partial(update, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=mesh)
+    fsdp = sharded_mesh(state_shardings.params) is not None
+    fn = functools.partial(update, cfg=cfg, logits_fn=logits_fn, tx=tx, mesh=mesh, fsdp=fsdp)
     return jax.jit(
         fn,
         in_shardings=(state_shardings, batch_sharding(mesh), ref_shardings),

@@ -54,6 +54,17 @@ def add_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--fsdp", action="store_true", help="shard params and optimizer state over all devices (FSDP)")
     p.add_argument("--fsdp-axis-size", type=pos_int, default=None,
                    help="with --fsdp: hybrid sharding, params split within groups of this many devices (one node)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype (default float32; bfloat16 on accelerators, over float32 --param-dtype)")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="master-weight (and Adam state) dtype (default float32)")
+    p.add_argument("--remat", choices=("auto", "none", "full", "dots"), default=None,
+                   help="what each decoder layer keeps for the backward pass (rubrax.models.config; default auto)")
+    p.add_argument("--attention", choices=("auto", "einsum", "blockwise", "cudnn", "xla", "tpu_flash"), default=None,
+                   help="attention implementation (default auto: per platform and length)")
+    p.add_argument("--device-memory", type=float, default=None, metavar="GB",
+                   help="memory per device for the fit check that runs before any weights load (`rubrax plan`; "
+                        "default: the accelerators' own; on CPU the check runs only with this flag)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to --out/tb")
     if task == "reward-model":
@@ -118,11 +129,32 @@ def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [items[i] for i in order[n_eval:]], [items[i] for i in order[:n_eval]]
 
 
-def load_model(model: str, texts: Sequence[str], seed: int, cfg: Any = None):
-    """(params, config, tokenizer, tokenizer path or None) for --model; with cfg.fsdp a
+_MODEL_FLAGS = ("dtype", "param_dtype", "remat", "attention")
+
+
+def model_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The model settings the flags give (recipe "model_settings" keys; unset ones absent)."""
+    return {k: getattr(args, k) for k in _MODEL_FLAGS if getattr(args, k, None) is not None}
+
+
+def plan_config(task: str, args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+    """The supervised plan config (rubrax.plan.parse_supervised) of this command line:
+    what the fit check compiles, exactly the run's model, settings and batch shapes."""
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("optim", "progress")}
+    config = {"task": task, "model": args.model, "model_settings": model_settings(args), "preset": args.preset,
+              "train": train, "optim": dataclasses.asdict(cfg.optim), "max_length": args.max_length}
+    if task == "reward-model":
+        config["bt"] = {"margin": args.margin, "center_coef": args.center_coef, "freeze_backbone": args.freeze_backbone}
+    return config
+
+
+def load_model(model: str, texts: Sequence[str], seed: int, cfg: Any = None, settings: dict | None = None):
+    """(params, config, tokenizer, tokenizer path or None) for --model, with `settings`
+    (model_settings: dtype, param_dtype, remat, attention) applied; with cfg.fsdp a
     checkpoint's weights are read straight into their FSDP shards."""
     import jax
 
+    settings = dict(settings or {})
     if model == "tiny":
         from rubrax.models import ModelConfig, init_params
         from rubrax.models.tokenizer import WordTokenizer
@@ -130,7 +162,8 @@ def load_model(model: str, texts: Sequence[str], seed: int, cfg: Any = None):
         words = sorted({w for t in texts for w in t.split()})
         tok = WordTokenizer(words)
         config = ModelConfig.tiny(
-            vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+            vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            **settings,
         )
         return init_params(config, jax.random.key(seed)), config, tok, None
     from rubrax import models
@@ -142,8 +175,9 @@ def load_model(model: str, texts: Sequence[str], seed: int, cfg: Any = None):
 
         mesh = sharding.make_mesh(fsdp_axis_size=cfg.fsdp_axis_size)
         shardings = lambda abstract: sharding.param_sharding(abstract, mesh, fsdp=True)
-    params, config = models.load_pretrained(path, shardings=shardings)
-    return params, config, models.load_tokenizer(path), os.fspath(path)
+    dtypes = {k: settings.pop(k) for k in ("dtype", "param_dtype") if k in settings}
+    params, config = models.load_pretrained(path, shardings=shardings, **dtypes)
+    return params, config.replace(**settings), models.load_tokenizer(path), os.fspath(path)
 
 
 _SAFE_ON_RESUME = ("train.log_every", "train.eval_every", "train.eval_batch_size", "train.checkpoint_every",
@@ -155,7 +189,8 @@ def open_out(task: str, args: argparse.Namespace, cfg: Any) -> Any:
     from rubrax.runs import fingerprint, open_run
 
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "out", "no_progress", "restart", "allow_changed",
-                                                                  "train", "eval", "model")}
+                                                                  "train", "eval", "model", "device_memory")
+                and not (k in _MODEL_FLAGS and v is None)}  # unset model flags: as before they existed
     config = {"task": task, "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"},
               "args": settings, "model": args.model}
     files = {} if args.dataset else {name: path for name, path in (("train", args.train), ("eval", args.eval)) if path}
@@ -196,7 +231,12 @@ def _run_locked(task: str, args: argparse.Namespace, cfg: Any) -> int:
     else:
         train_items, eval_items = _split(train_items, args.eval_fraction, cfg.seed)
     texts = [getattr(x, f) for x in train_items + eval_items for f in ("prompt", "chosen", "rejected", "response") if hasattr(x, f)]
-    params, config, tok, tok_path = load_model(args.model, texts, cfg.seed, cfg)
+    from rubrax.plan import check_fits
+
+    if args.model != "tiny":  # before any weights load (a tiny model's vocabulary comes from the data)
+        check_fits(plan_config(task, args, cfg), source=f"rubrax train {task} --model {args.model}",
+                   device_memory_gb=args.device_memory)
+    params, config, tok, tok_path = load_model(args.model, texts, cfg.seed, cfg, model_settings(args))
     common = dict(
         ckpt_dir=os.path.join(os.path.abspath(args.out), "checkpoints"),
         metrics_path=os.path.join(args.out, "metrics.jsonl"),

@@ -177,8 +177,19 @@ def make_train_step(
 
     if state_shardings is None:
         return jax.jit(step, donate_argnums=0)
-    replicated = jax.sharding.NamedSharding(state_shardings.step.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
+    mesh = state_shardings.step.mesh
+    fsdp_mesh = sharding.sharded_mesh(state_shardings.params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def step_on_mesh(state, batch_AxM):
+        # The mesh in context lets the model pin its activations' rows to the mesh at every
+        # layer boundary (rubrax.models.llama.constrain_batch), as in the RL update.
+        # With FSDP params each weight is cast on its own shard before it is gathered
+        # (rubrax.sharding.compute_copy).
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.fsdp_params(fsdp_mesh):
+            return step(state, batch_AxM)
+
+    return jax.jit(step_on_mesh, donate_argnums=0, out_shardings=(state_shardings, replicated))
 
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> SupervisedState:
