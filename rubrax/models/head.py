@@ -59,20 +59,27 @@ def _logits(h, w_c, vd: bool):
     return jnp.einsum("...d,vd->...v" if vd else "...d,dv->...v", h, w_c, preferred_element_type=jnp.float32)
 
 
+def _softmax_stats(z):
+    """(lse, p) with one exp over the chunk's logits."""
+    m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    e = jnp.exp(z - m)
+    s = jnp.sum(e, axis=-1, keepdims=True)
+    return (m + jnp.log(s))[..., 0], e / s
+
+
 def _chunk_stats(w_c, h, y, o: Options):
     z = _logits(h, w_c, o.vd) / o.temperature
-    lse = jax.nn.logsumexp(z, axis=-1)
+    lse, p = _softmax_stats(z)
     logp = jnp.take_along_axis(z, y[..., None], axis=-1)[..., 0] - lse
     if not o.entropy:
         return logp, jnp.zeros_like(lse)
-    return logp, lse - jnp.sum(jnp.exp(z - lse[..., None]) * z, axis=-1)
+    return logp, lse - jnp.sum(p * z, axis=-1)
 
 
 def _chunk_grads(w_c, h, y, g_logp, g_ent, o: Options):
     """(dh in h's dtype, dw in float32) of sum(g_logp * logp + g_ent * H) over one chunk."""
     z = _logits(h, w_c, o.vd) / o.temperature
-    lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
-    p = jnp.exp(z - lse)
+    _, p = _softmax_stats(z)
     onehot = jnp.arange(z.shape[-1], dtype=y.dtype) == y[..., None]
     dz = g_logp[..., None] * (onehot.astype(jnp.float32) - p)
     if o.entropy and o.entropy_grad:
