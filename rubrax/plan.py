@@ -14,12 +14,16 @@ sampler), then XLA's own accounting is read: `compiled.memory_analysis()` for me
 `compiled.cost_analysis()` for FLOPs (which counts a loop body once, so the table shows
 `model_flops`, the analytic count, and the JSON both). Per device:
 
-    params / optimizer / reference   this device's shards of the state (exact)
+    params / optimizer / reference   this device's shards of the state (exact); for the
+                                     sampler, the state that stays on the device meanwhile
+    gathered                         the sampler's replicated compute-dtype copy of the
+                                     weights (`policy.decode_params`, one per sample() call)
     kv cache                         the sampler's [L, R, K, S, Dh] cache shard (exact; it is
                                      created inside the program, so part of temporaries)
     batch + outputs                  arguments and outputs besides the above, minus donation
     temporaries                      XLA's temp buffers: activations, gradients, gathers
     peak                             arguments + outputs - aliased (donated) + temporaries
+                                     (+ for the sampler the resident state)
 
 `devices=N` plans for N devices: on the real ones when there are that many, else on N
 fake CPU devices (in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N
@@ -85,6 +89,7 @@ class ProgramPlan:
     model_flops: float  # per device, `model_flops`
     tokens: int
     compile_s: float
+    gathered: int = 0  # the sampler's replicated compute-dtype copy of the weights (decode_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +107,7 @@ class Plan:
         return all(p.peak <= self.device_memory for p in self.programs)
 
     def table(self) -> str:
-        cols = ("params", "optimizer", "reference", "kv_cache", "other_io", "temporaries", "peak")
+        cols = ("params", "optimizer", "reference", "gathered", "kv_cache", "other_io", "temporaries", "peak")
         head = f"{'program':<10}" + "".join(f"{c:>13}" for c in cols) + f"{'fits':>6}{'model TFLOP':>13}{'tokens':>9}"
         rows = [head]
         for p in self.programs:
@@ -244,10 +249,16 @@ def plan_update(config, rl, optim, *, rows: int, width: int, completion: int, me
                     model_flops=model_flops(config, tokens=rows * T, T=T, backward=True) / mesh.size)
 
 
-def plan_sampler(config, sample, *, prompts: int, width: int, mesh, fsdp: bool, platform: str) -> ProgramPlan:
-    """The rollout sampler (`rubrax.policy`'s jitted decoder, stacked layers) for `prompts`
-    prompts x sample.n samples, sampling from the trainer's (FSDP-sharded) params, as the
-    RL loop does. Rows are padded to a multiple of the mesh like `policy.sample` does."""
+def plan_sampler(config, sample, *, prompts: int, width: int, mesh, fsdp: bool, platform: str,
+                 resident: tuple[int, int, int] = (0, 0, 0)) -> ProgramPlan:
+    """The rollout sampler as `rubrax.policy.sample` runs it from the trainer's params: the
+    one compute-dtype, replicated copy of the weights that `decode_params` makes per call
+    (when the params are FSDP-sharded or stored in another dtype), then the jitted decoder
+    (`_sample_rows`, stacked layers) on it, for `prompts` prompts x sample.n samples, rows
+    padded to a multiple of the mesh as `sample` does. `resident`: per-device bytes of the
+    training state that stays on the devices while the rollouts are drawn (params,
+    optimizer state, reference params; the RL loop samples between updates), added to the
+    peak and shown in their columns."""
     import jax
     import jax.numpy as jnp
 
@@ -255,22 +266,50 @@ def plan_sampler(config, sample, *, prompts: int, width: int, mesh, fsdp: bool, 
     from rubrax.models import init_params
     from rubrax.sharding import batch_sharding, param_sharding
 
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from rubrax.sharding import fsdp_spec
+
     params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-    params = _abstract(params, param_sharding(params, mesh, fsdp=fsdp))
+    placed = _abstract(params, param_sharding(params, mesh, fsdp=fsdp))
+    cfg = dataclasses.replace(sample, layer_loop="scan")
+    dt = jnp.dtype(config.dtype)
+    cast = any(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt for x in jax.tree.leaves(params))
+    copied = cast or (fsdp and mesh.size > 1)
+    vocab_split = policy._vocab_split(placed, config, mesh, cfg)
+    if copied:  # decode_params' output: cast floats, replicated (vocab-sized leaves split, see SampleConfig)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        kind = lambda x: dt if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        dec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, kind(x), sharding=replicated), params)
+        if vocab_split:
+            for mod, name in policy.VOCAB_LEAVES:
+                if name in dec.get(mod, {}):
+                    x = dec[mod][name]
+                    dec[mod][name] = jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                          sharding=NamedSharding(mesh, fsdp_spec(x.shape, mesh)))
+    else:  # sampled from the trainer's params as they are
+        dec = placed
     R = -(-prompts * sample.n // mesh.size) * mesh.size
     rowwise = batch_sharding(mesh)
     tokens = jax.ShapeDtypeStruct((R, width), jnp.int32, sharding=rowwise)
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    cfg = dataclasses.replace(sample, layer_loop="scan")
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
     t0 = time.perf_counter()
-    lowered = policy._sample_rows.lower(params, tokens, tokens, key, cfg=cfg, config=config, mesh=mesh)
+    lowered = policy._sample_rows.lower(dec, tokens, tokens, key, cfg=cfg, config=config, mesh=mesh,
+                                        vocab_parallel=vocab_split)
     compiled = _compile(lowered, platform)
     S = width + sample.max_new_tokens
     kv = 2 * config.num_hidden_layers * (R // mesh.size) * config.num_key_value_heads * S * config.head_dim \
         * jnp.dtype(config.dtype).itemsize
-    return _program("sampler", compiled, params=_shard_bytes(params), kv_cache=int(kv),
-                    tokens=R * sample.max_new_tokens, compile_s=time.perf_counter() - t0,
-                    model_flops=model_flops(config, tokens=R * S, T=S, backward=False) / mesh.size)
+    m = compiled.memory_analysis()
+    args = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    dec_bytes = _shard_bytes(dec)
+    params_b, opt_b, ref_b = resident
+    gathered = dec_bytes if copied else 0
+    held = params_b if copied else max(params_b, dec_bytes)  # not copied: the args are the params
+    return ProgramPlan("sampler", held, opt_b, ref_b, int(kv), args - dec_bytes, m.temp_size_in_bytes,
+                       held + opt_b + ref_b + gathered + args - dec_bytes + m.temp_size_in_bytes,
+                       _flops(compiled), model_flops(config, tokens=R * S, T=S, backward=False) / mesh.size,
+                       R * sample.max_new_tokens, time.perf_counter() - t0, gathered=gathered)
 
 
 def plan_supervised_step(task: str, config, cfg, bt_cfg, *, max_length: int, mesh, platform: str) -> ProgramPlan:
@@ -391,7 +430,7 @@ def _plan_parsed(recipe, pool, *, device_memory_gb, platform, fake: bool) -> Pla
     update = plan_update(config, recipe.rl, recipe.optim, rows=rows, width=width, completion=completion,
                          mesh=mesh, fsdp=loop.fsdp, total_steps=loop.total_steps, platform=here)
     sampler = plan_sampler(config, recipe.sample, prompts=loop.prompts_per_step, width=width, mesh=mesh,
-                           fsdp=loop.fsdp, platform=here)
+                           fsdp=loop.fsdp, platform=here, resident=(update.params, update.optimizer, update.reference))
     return Plan(recipe.source, mesh.size, here, target, _device_memory(pool, device_memory_gb), settings,
                 (update, sampler))
 

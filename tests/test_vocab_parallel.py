@@ -139,3 +139,44 @@ def test_fsdp_update_builds_no_whole_head_or_table():
     offenders = [line.strip()[:160] for line in text.splitlines() if whole.search(line.split("=")[1] if "=" in line else "")]
     assert not offenders, offenders[:5]
     assert re.search(r"\[(125,64|64,125)\]", text)  # the shards are there
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_sampler_keeps_vocabulary_split_same_samples(tie):
+    """sample() from FSDP params with the scan layer loop keeps the embedding / LM head
+    split along the vocabulary (SampleConfig.vocab_parallel): the decode copy holds an
+    eighth of each, the compiled sampler gathers no vocabulary-sized array (only the
+    rows' hidden states), and the samples and logprobs equal one device's and those of
+    the fully gathered copy (1-D and hybrid 2 x 4 meshes)."""
+    import dataclasses
+
+    from rubrax import policy
+    from rubrax.models import ModelConfig, init_params
+
+    config = ModelConfig.tiny(vocab_size=128, tie_word_embeddings=tie)
+    params = init_params(config, jax.random.PRNGKey(0))
+    tokens = np.random.default_rng(0).integers(3, 128, (4, 6)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    cfg = policy.SampleConfig(max_new_tokens=12, n=4, layer_loop="scan", stop_token_ids=(), temperature=0.8, top_k=20)
+    key = jax.random.PRNGKey(1)
+    one = policy.sample(params, tokens, mask, key, cfg, config=config)
+    for fsdp_size in (None, 4):
+        mesh = sharding.make_mesh(jax.devices()[:8], fsdp_axis_size=fsdp_size)
+        placed = jax.device_put(params, sharding.param_sharding(params, mesh, fsdp=True))
+        assert policy._vocab_split(placed, config, mesh, cfg)
+        dec = policy.decode_params(placed, config=config, mesh=mesh, layer_loop="scan", vocab_split=True)
+        name = ("embed_tokens", "embedding") if tie else ("lm_head", "kernel")
+        w = dec[name[0]][name[1]]
+        split = 8 if fsdp_size is None else 4
+        assert w.addressable_shards[0].data.size * split == w.size
+        assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(dec["layers"]))
+        for c in (cfg, dataclasses.replace(cfg, vocab_parallel=False)):
+            out = policy.sample(placed, tokens, mask, key, c, config=config)
+            np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(one.tokens))
+            np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(one.logprobs), atol=1e-5)
+        rows = jax.device_put(jnp.ones((16, 8), jnp.int32), sharding.batch_sharding(mesh))
+        text = policy._sample_rows.lower(dec, rows, rows, jax.random.key(0), cfg=cfg, config=config, mesh=mesh,
+                                         vocab_parallel=True).compile().as_text()
+        gathers = [line for line in text.splitlines() if re.search(r"all-gather(-start)?\(", line)]
+        assert gathers  # the hidden rows are gathered ...
+        assert not [g for g in gathers if "128" in g.split("all-gather")[0]], gathers  # ... never the vocabulary

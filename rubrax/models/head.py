@@ -363,3 +363,28 @@ def _embed_bwd(o: _EmbedOptions, tokens, g):
 
 
 embed_sharded.defvjp(_embed_fwd, _embed_bwd)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def vocab_parallel_logits_VxR(w: jax.Array, h_RxD: jax.Array, *, vd: bool) -> jax.Array | None:
+    """Decode-step logits [V, R] (float32, vocabulary-major like the sampler's) from a head
+    whose vocabulary FSDP splits over one of the rows' axes, without gathering it: each
+    device gathers its group's hidden rows ([R_group, D], small), multiplies them by its
+    vocabulary slice and an all-to-all hands every device all V logits of its own rows
+    (exact: a permutation of values). None when the mesh and params in context do not
+    call for it (then the caller uses the whole head)."""
+    mesh, axes = _row_mesh(h_RxD.shape[0])
+    axis = None if mesh is None else _vocab_axis(w.shape, vd, axes)
+    if axis is None:
+        return None
+    spec = fsdp_spec(w.shape, fsdp_mesh_in_context())
+
+    def local(w_local, h):
+        hg = _gather_rows(h, axis)
+        z = jnp.einsum("vd,rd->vr" if vd else "dv,rd->vr", w_local, hg, preferred_element_type=jnp.float32)
+        return jax.lax.all_to_all(z, axis, split_axis=1, concat_axis=0, tiled=True)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, P(axes)), out_specs=P(None, axes),
+                         check_vma=False)(compute_copy(w, h_RxD.dtype), h_RxD)
