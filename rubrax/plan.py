@@ -514,7 +514,8 @@ def _plan_supervised(recipe: SupervisedRecipe, pool, *, device_memory_gb, platfo
                                              source=recipe.source)
     config, settings = planned_config(model, target=target, platform=here, T=recipe.max_length)
     per_device = cfg.micro_batch_size // mesh.size
-    settings |= {"task": recipe.task, "rows_per_device": per_device, "grad_accum": cfg.grad_accum_steps,
+    rows_key = "rows_per_device" if recipe.task == "sft" else "pairs_per_device"  # a BT pair: 2 sequences
+    settings |= {"task": recipe.task, rows_key: per_device, "grad_accum": cfg.grad_accum_steps,
                  "fsdp": cfg.fsdp, "T": recipe.max_length}
     step = plan_supervised_step(recipe.task, config, cfg, recipe.bt, max_length=recipe.max_length, mesh=mesh,
                                 platform=here)

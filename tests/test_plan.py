@@ -119,7 +119,8 @@ def test_supervised_plan_equals_the_compiled_run(task):
               "train": {"batch_size": 16, "grad_accum_steps": 2, "fsdp": True, "max_steps": 3}}
     p = plan.plan_recipe(config, devices=8, source="sup")
     (step_plan,) = p.programs
-    assert p.devices == 8 and p.settings["task"] == task and p.settings["rows_per_device"] == 1
+    assert p.devices == 8 and p.settings["task"] == task
+    assert p.settings["rows_per_device" if task == "sft" else "pairs_per_device"] == 1
 
     recipe = plan.parse_supervised(config, "sup")
     cfg, model = recipe.train, ModelConfig.tiny(remat="full", attention="blockwise", attention_block=32)
