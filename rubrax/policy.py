@@ -32,7 +32,7 @@ import numpy as np
 from rubrax.models import llama
 from rubrax.models.head import LinearHead, Options, chunked_stats, row_shards, vocab_parallel_logits_VxR
 from rubrax.models.config import ModelConfig
-from rubrax.sharding import fsdp_params, fsdp_spec, params_mesh, row_axes
+from rubrax.sharding import fsdp_params, fsdp_spec, jit_keyed_by_fsdp, params_mesh, row_axes
 
 
 def lm_head_fn(params, config: ModelConfig) -> LinearHead:
@@ -126,7 +126,7 @@ def head_logprobs_and_entropy(head_fn, h_BxTxD: jax.Array, tokens_BxT: jax.Array
     return unflat(logp_BxU), unflat(ent_BxU)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "chunk_size"))
+@jit_keyed_by_fsdp(("config", "chunk_size"))
 def logprobs(params, tokens_BxT: jax.Array, mask_BxT: jax.Array, *,
              config: ModelConfig, chunk_size: int | None = None) -> jax.Array:
     """Per-token log-probabilities logp[:, t] = log p(tokens[:, t] | tokens[:, :t]), float32.

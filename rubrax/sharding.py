@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -105,6 +106,28 @@ def fsdp_params(mesh: Mesh | None):
         yield
     finally:
         _FSDP_MESH.reset(token)
+
+
+def jit_keyed_by_fsdp(static_argnames: tuple[str, ...] = ()):
+    """`jax.jit(fun, static_argnames=...)` whose compilation cache also keys on the
+    `fsdp_params` mesh in context, for functions whose trace reads it (the models' weight
+    casts, vocabulary-parallel lookup and head). jit's own cache keys on the abstract mesh
+    in context but not on this flag, so a function traced for a data-parallel step would
+    be reused, unchanged, inside an FSDP step on the same mesh."""
+
+    def decorate(fun):
+        def impl(*args, _fsdp_mesh=None, **kwargs):
+            return fun(*args, **kwargs)
+
+        jitted = jax.jit(impl, static_argnames=tuple(static_argnames) + ("_fsdp_mesh",))
+
+        @functools.wraps(fun)
+        def call(*args, **kwargs):
+            return jitted(*args, _fsdp_mesh=_FSDP_MESH.get(), **kwargs)
+
+        return call
+
+    return decorate
 
 
 def fsdp_mesh_in_context() -> Mesh | None:

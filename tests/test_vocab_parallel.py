@@ -180,3 +180,23 @@ def test_sampler_keeps_vocabulary_split_same_samples(tie):
         gathers = [line for line in text.splitlines() if re.search(r"all-gather(-start)?\(", line)]
         assert gathers  # the hidden rows are gathered ...
         assert not [g for g in gathers if "128" in g.split("all-gather")[0]], gathers  # ... never the vocabulary
+
+
+def test_model_jits_key_on_the_fsdp_context():
+    """llama.hidden_states traced inside a data-parallel step and then inside an FSDP step
+    on the same mesh (same abstract mesh, same shapes) is traced again for FSDP (its
+    vocabulary-parallel lookup appears: a reduce-scatter), and back: jit's own cache would
+    have handed the FSDP step the data-parallel trace."""
+    from rubrax.models import ModelConfig, init_params, llama
+
+    config = ModelConfig.tiny(vocab_size=128)
+    params = init_params(config, jax.random.PRNGKey(0))
+    mesh = sharding.make_mesh(jax.devices()[:8])
+    placed = jax.device_put(params, sharding.param_sharding(params, mesh, fsdp=True))
+    tokens = jax.device_put(jnp.ones((8, 16), jnp.int32), sharding.batch_sharding(mesh))
+
+    def scatters(fsdp: bool) -> int:
+        step = _on_mesh(lambda p, t: llama.hidden_states(p, t, config=config).sum(), mesh, fsdp)
+        return step.lower(placed, tokens).compile().as_text().count("reduce-scatter(")
+
+    assert [scatters(False) > 0, scatters(True) > 0, scatters(False) > 0] == [False, True, False]

@@ -54,7 +54,7 @@ import numpy as np
 from rubrax.models import attention as attn_lib
 from rubrax.models import head as head_lib
 from rubrax.models.config import ModelConfig
-from rubrax.sharding import ROW_AXES, compute_copy
+from rubrax.sharding import ROW_AXES, compute_copy, jit_keyed_by_fsdp
 
 Params = dict[str, Any]
 _DTYPE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -333,7 +333,7 @@ def _gather_rows(x_BxT, perm_BxT):
     return jnp.take_along_axis(x_BxT, idx, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames="config")
+@jit_keyed_by_fsdp(("config",))
 def hidden_states(params: Params, tokens_BxT: jax.Array, *, config: ModelConfig,
                   mask_BxT: jax.Array | None = None,
                   positions_BxT: jax.Array | None = None) -> jax.Array:
@@ -365,7 +365,7 @@ def hidden_states(params: Params, tokens_BxT: jax.Array, *, config: ModelConfig,
     return h if perm is None else _gather_rows(h, jnp.argsort(perm, axis=-1))
 
 
-@functools.partial(jax.jit, static_argnames="config")
+@jit_keyed_by_fsdp(("config",))
 def forward(params: Params, tokens_BxT: jax.Array, *, config: ModelConfig,
             mask_BxT: jax.Array | None = None,
             positions_BxT: jax.Array | None = None) -> jax.Array:

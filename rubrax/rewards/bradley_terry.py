@@ -36,6 +36,7 @@ from rubrax.models import ModelConfig, hidden_states
 from rubrax.models import init_params as init_lm_params
 from rubrax.rewards.base import RewardBatch, RewardFnBase, _check_lengths
 from rubrax.train import checkpoint
+from rubrax.sharding import jit_keyed_by_fsdp
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -198,7 +199,7 @@ def _config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
     return ModelConfig(**d)
 
 
-@functools.partial(jax.jit, static_argnames="config")
+@jit_keyed_by_fsdp(("config",))
 def _score_jit(params, tokens_BxT, mask_BxT, *, config):
     return score(params, tokens_BxT, mask_BxT, config=config)
 
