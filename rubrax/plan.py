@@ -268,8 +268,6 @@ def plan_sampler(config, sample, *, prompts: int, width: int, mesh, fsdp: bool, 
 
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from rubrax.sharding import fsdp_spec
-
     params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
     placed = _abstract(params, param_sharding(params, mesh, fsdp=fsdp))
     cfg = dataclasses.replace(sample, layer_loop="scan")
@@ -278,15 +276,10 @@ def plan_sampler(config, sample, *, prompts: int, width: int, mesh, fsdp: bool, 
     copied = cast or (fsdp and mesh.size > 1)
     vocab_split = policy._vocab_split(placed, config, mesh, cfg)
     if copied:  # decode_params' output: cast floats, replicated (vocab-sized leaves split, see SampleConfig)
-        replicated = NamedSharding(mesh, PartitionSpec())
+        layout = policy.decode_layout(params, mesh) if vocab_split else \
+            jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
         kind = lambda x: dt if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-        dec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, kind(x), sharding=replicated), params)
-        if vocab_split:
-            for mod, name in policy.VOCAB_LEAVES:
-                if name in dec.get(mod, {}):
-                    x = dec[mod][name]
-                    dec[mod][name] = jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                          sharding=NamedSharding(mesh, fsdp_spec(x.shape, mesh)))
+        dec = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, kind(x), sharding=s), params, layout)
     else:  # sampled from the trainer's params as they are
         dec = placed
     R = -(-prompts * sample.n // mesh.size) * mesh.size

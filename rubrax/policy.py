@@ -599,6 +599,18 @@ def decode_params(params, *, config: ModelConfig, mesh=None, layer_loop: str = "
     return _gather_cast_fn(dt.name, unstack, _replicated(mesh), mesh if vocab_split else None)(params)
 
 
+def decode_layout(params, mesh):
+    """The shardings of `decode_params(vocab_split=True)`'s copy: every leaf replicated on
+    `mesh` but the vocabulary-sized ones (VOCAB_LEAVES), split by the FSDP rule."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    layout = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
+    for mod, name in VOCAB_LEAVES:
+        if name in params.get(mod, {}):
+            layout[mod] = {**layout[mod], name: NamedSharding(mesh, fsdp_spec(params[mod][name].shape, mesh))}
+    return layout
+
+
 def _replicated(mesh):
     if mesh is None:
         return None
@@ -615,15 +627,7 @@ def _gather_cast_fn(dtype: str, unstack: bool, sharding, vocab_mesh=None):
         cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
         params = jax.tree.map(cast, params)
         if vocab_mesh is not None:
-            from jax.sharding import NamedSharding
-
-            pin = lambda x, s: jax.lax.with_sharding_constraint(x, s)
-            params = jax.tree.map(lambda x: pin(x, sharding), params)
-            for mod, name in VOCAB_LEAVES:
-                if mod in params and name in params[mod]:
-                    x = params[mod][name]
-                    params[mod] = {**params[mod], name: pin(x, NamedSharding(vocab_mesh, fsdp_spec(x.shape, vocab_mesh)))}
-            return params
+            return jax.tree.map(jax.lax.with_sharding_constraint, params, decode_layout(params, vocab_mesh))
         return llama.unstack_layers(params) if unstack else params
 
     return jax.jit(fn, out_shardings=None if vocab_mesh is not None else sharding)

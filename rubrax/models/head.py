@@ -104,7 +104,7 @@ def _bwd_local(w_c, h_n, y_n, gl_n, ge_n, o: Options, reduce=None):
     return (dw if reduce is None else reduce(dw)), dh_n
 
 
-def _row_mesh(rows: int):
+def row_mesh(rows: int):
     """(abstract mesh, its row axes) when a mesh in context splits `rows` over >1 devices."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -118,7 +118,7 @@ def _row_mesh(rows: int):
 
 def row_shards(rows: int) -> int:
     """How many ways the mesh in context splits `rows` (1 without one)."""
-    mesh, axes = _row_mesh(rows)
+    mesh, axes = row_mesh(rows)
     return 1 if mesh is None else math.prod(mesh.shape[a] for a in axes)
 
 
@@ -221,7 +221,7 @@ def chunked_stats(w, h_nxBxuxD, y_nxBxu, o: Options):
 
 def _stats_fwd(w, h_n, y_n, o: Options):
     w_c = compute_copy(w, h_n.dtype)
-    mesh, axes = _row_mesh(h_n.shape[1])
+    mesh, axes = row_mesh(h_n.shape[1])
     if mesh is None:
         out = _fwd_local(w_c, h_n, y_n, o)
     else:
@@ -241,7 +241,7 @@ def _stats_bwd(o: Options, res, g):
     w, h_n, y_n = res
     g_logp, g_ent = (x.astype(jnp.float32) for x in g)
     w_c = compute_copy(w, h_n.dtype)
-    mesh, axes = _row_mesh(h_n.shape[1])
+    mesh, axes = row_mesh(h_n.shape[1])
     if mesh is None:
         dw, dh = _bwd_local(w_c, h_n, y_n, g_logp, g_ent, o)
     else:
@@ -271,10 +271,9 @@ def embed(table_VxD: jax.Array, tokens_BxT: jax.Array, dtype: Any) -> jax.Array:
     vocabulary-parallel lookup (`embed_sharded`): no device ever holds the whole table or
     a whole-table gradient (Qwen3-8B's: 2.5 GB in float32), where the SPMD partitioner
     would gather the table and all-reduce a float32 table-sized scatter-add."""
-    mesh, axes = _row_mesh(tokens_BxT.shape[0])
-    fsdp = fsdp_mesh_in_context()
-    axis = None if mesh is None or fsdp is None else fsdp_spec(table_VxD.shape, fsdp)[0]
-    if axis is None or axis not in axes:
+    mesh, axes = row_mesh(tokens_BxT.shape[0])
+    axis = None if mesh is None else _vocab_axis(table_VxD.shape, True, axes)
+    if axis is None:
         return jnp.take(compute_copy(table_VxD, dtype), tokens_BxT, axis=0)
     o = _EmbedOptions(jnp.dtype(dtype).name, axis, axes, tuple(table_VxD.shape), jnp.dtype(table_VxD.dtype).name)
     return embed_sharded(table_VxD, tokens_BxT, o)
@@ -375,7 +374,7 @@ def vocab_parallel_logits_VxR(w: jax.Array, h_RxD: jax.Array, *, vd: bool) -> ja
     vocabulary slice and an all-to-all hands every device all V logits of its own rows
     (exact: a permutation of values). None when the mesh and params in context do not
     call for it (then the caller uses the whole head)."""
-    mesh, axes = _row_mesh(h_RxD.shape[0])
+    mesh, axes = row_mesh(h_RxD.shape[0])
     axis = None if mesh is None else _vocab_axis(w.shape, vd, axes)
     if axis is None:
         return None

@@ -54,7 +54,7 @@ import numpy as np
 from rubrax.models import attention as attn_lib
 from rubrax.models import head as head_lib
 from rubrax.models.config import ModelConfig
-from rubrax.sharding import ROW_AXES, compute_copy, jit_keyed_by_fsdp
+from rubrax.sharding import compute_copy, jit_keyed_by_fsdp
 
 Params = dict[str, Any]
 _DTYPE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -106,11 +106,8 @@ def constrain_batch(h_BxTxD):
     "fsdp" too on the hybrid 2-D mesh, every device its own rows. So under FSDP XLA
     gathers the weights, not the batch, and reduce-scatters the weight gradients. A no-op
     without such a mesh, or when the rows do not divide over it."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else tuple(a for a in mesh.axis_names if a in ROW_AXES)
-    if not axes:
-        return h_BxTxD
-    if h_BxTxD.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    mesh, axes = head_lib.row_mesh(h_BxTxD.shape[0])
+    if mesh is None:
         return h_BxTxD
     spec = axes[0] if len(axes) == 1 else axes
     return jax.lax.with_sharding_constraint(h_BxTxD, jax.sharding.PartitionSpec(spec))
