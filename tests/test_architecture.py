@@ -29,7 +29,7 @@ ROOT = Path(rubrax.__file__).parent
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("leaves", (
         "rubrax", "rubrax.rubric", "rubrax.data.*", "rubrax.theory.*", "rubrax.hostmem", "rubrax.jaxcache", "rubrax.runs",
-        "rubrax.validate",
+        "rubrax.validate", "rubrax.pytree",
     )),
     ("device core", (
         "rubrax.policy", "rubrax.models.*", "rubrax.sharding", "rubrax.rl.step", "rubrax.rl.batch", "rubrax.rl.losses",

@@ -10,10 +10,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import struct
 
+from rubrax import pytree
 
-@struct.dataclass
+@pytree.dataclass
 class RolloutBatch:
     """One batch of rollouts, B = P * G rows (prompt-major), T = prompt + completion.
 
@@ -31,7 +31,7 @@ class RolloutBatch:
     behaviour_logp_BxT: jax.Array
     rewards_B: jax.Array
     valid_B: jax.Array
-    prompt_width: int = struct.field(pytree_node=False, default=0)
+    prompt_width: int = pytree.field(static=True, default=0)
 
 
 def make_batch(

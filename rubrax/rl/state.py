@@ -17,10 +17,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
+from rubrax import pytree
 
-@struct.dataclass
+@pytree.dataclass
 class TrainState:
     """params: policy PyTree; opt_state: optax state; step: int32 scalar (RL iterations
     done); key: uint32[2] root key (raw key data, so orbax can save it)."""

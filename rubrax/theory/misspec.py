@@ -32,13 +32,13 @@ Host checks: parameters outside their domain raise ValueError when concrete.
 from __future__ import annotations
 
 import builtins
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rubrax import pytree
 from rubrax.theory._checks import check_open_unit, is_concrete
 
 __all__ = [
@@ -47,12 +47,11 @@ __all__ = [
 ]
 
 
-def _pytree(cls):
-    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+_pytree = pytree.dataclass  # the class is part of the tree structure (see rubrax.pytree)
 
 
 def _static(**kw: Any) -> Any:
-    return dataclasses.field(metadata={"static": True}, **kw)
+    return pytree.field(static=True, **kw)
 
 
 def _user_value(x: Any) -> bool:

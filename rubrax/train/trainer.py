@@ -38,9 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
 
-from rubrax import sharding
+from rubrax import pytree, sharding
 from rubrax.train import checkpoint
 from rubrax.train.metrics import MetricsWriter
 from rubrax.train.optim import OptimConfig, make_optimizer, make_schedule
@@ -117,7 +116,7 @@ class TrainConfig:
         return total if self.max_steps is None else min(total, self.max_steps)
 
 
-@struct.dataclass
+@pytree.dataclass
 class SupervisedState:
     """The supervised trainer's state (RL has its own, rubrax.rl.state.TrainState, which
     also holds the run's root key)."""
