@@ -186,7 +186,9 @@ def _uniform_impl(f, n_K, kinks, panels):
     return reward, kl
 
 
-_uniform_jit = jax.jit(_uniform_impl, static_argnames=("panels",))
+# The Map's class is static as well as its tree structure (see _tilted_jit in tilted.py).
+_uniform_jit = jax.jit(lambda f, n_K, kinks, *, panels, map_class: _uniform_impl(f, n_K, kinks, panels),
+                       static_argnames=("panels", "map_class"))
 _uniform_static_jit = jax.jit(_uniform_impl, static_argnames=("f", "panels"))
 
 
@@ -206,7 +208,7 @@ def best_of_n_uniform(f: Callable[[jnp.ndarray], jnp.ndarray], n: Any, *, kinks:
     n = jnp.asarray(n, float_dtype(n))
     kinks = _kinks_of(f, kinks)
     if isinstance(f, Map):
-        run = lambda x: _uniform_jit(f, x, kinks, panels=panels)  # noqa: E731
+        run = lambda x: _uniform_jit(f, x, kinks, panels=panels, map_class=type(f))  # noqa: E731
     else:
         run = lambda x: _uniform_static_jit(f=f, n_K=x, kinks=kinks, panels=panels)  # noqa: E731
     reward, kl = padded_call(run, n)

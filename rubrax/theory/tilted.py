@@ -257,7 +257,12 @@ def _tilted_impl(f: Callable, beta: jnp.ndarray, kinks: jnp.ndarray | None, pane
     return TiltedStats(win_rate=reward, expected_reward=reward, kl=kl_K.reshape(beta.shape))
 
 
-_tilted_jit = jax.jit(_tilted_impl, static_argnames=("panels",))
+# A Map is a pytree argument (its parameters are leaves: one compile per class and shape).
+# Its class is also a static argument: with jaxlib's register_dataclass the tree structures of
+# two classes can compare equal, and the class keeps a user's own Map subclasses apart too
+# (rubrax.pytree says why).
+_tilted_jit = jax.jit(lambda f, beta, kinks, *, panels, map_class: _tilted_impl(f, beta, kinks, panels),
+                      static_argnames=("panels", "map_class"))
 # A plain callable f is a static argument (hashed by identity): one compile per function.
 _tilted_static_jit = jax.jit(_tilted_impl, static_argnames=("f", "panels"))
 
@@ -282,7 +287,7 @@ def tilted(f: Callable[[jnp.ndarray], jnp.ndarray], beta: Any, *, kinks: Any = N
     beta = jnp.asarray(beta, float_dtype(beta))
     kinks = _kinks_of(f, kinks)
     if isinstance(f, Map):
-        run = lambda b: _tilted_jit(f, b, kinks, panels=panels)  # noqa: E731
+        run = lambda b: _tilted_jit(f, b, kinks, panels=panels, map_class=type(f))  # noqa: E731
     else:
         run = lambda b: _tilted_static_jit(f=f, beta=b, kinks=kinks, panels=panels)  # noqa: E731
     out = TiltedStats(*padded_call(run, beta))
